@@ -1,0 +1,306 @@
+"""Pure-function normalizations with PyTorch's semantics: batch, group and layer norm.
+
+Each function validates shapes at trace time (shapes are static in JAX) with PyTorch's error
+wording, computes in float32 (float64 stays float64), returns the input's dtype, and
+differentiates through :func:`jaxbn.standardize.standardize`'s hand-written rule.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from jaxbn import functional as F
+    >>> x = jnp.arange(8.0).reshape(4, 2)                  # [N, C]
+    >>> y, rm, rv = F.batch_norm(x, jnp.zeros(2), jnp.ones(2), training=True)
+    >>> rm                                                   # 0.9·0 + 0.1·[3, 4]
+    Array([0.3, 0.4], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxbn.standardize import standardize
+
+__all__ = ["batch_norm", "group_norm", "layer_norm"]
+
+
+def batch_norm(
+    x: jax.Array,
+    running_mean: jax.Array | None,
+    running_var: jax.Array | None,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    training: bool = False,
+    momentum: float | jax.Array = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = -1,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Batch normalization, ``torch.nn.functional.batch_norm`` with a return value.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` per feature. In training, ``mean`` and
+    ``var`` are the batch's mean and **biased** variance over every axis but ``axis``, and the
+    running statistics are updated as ``(1 - momentum) * old + momentum * new`` with the
+    **unbiased** variance ``var * n / (n - 1)``. In eval the running statistics are used and
+    returned unchanged.
+
+    Args:
+      x: [N, ..., C] with the feature axis at ``axis`` (default last; ``axis=1`` for NCHW).
+      running_mean: [C] or None (no tracking: then ``training`` must be True).
+      running_var: [C] or None, together with ``running_mean``.
+      weight: [C] scale γ, or None for ones.
+      bias: [C] shift β, or None for zeros.
+      training: use batch statistics and update the running ones.
+      momentum: weight of the new batch in the running average (PyTorch's meaning; Flax's
+        ``momentum`` is ``1 - momentum``). May be a traced scalar, e.g. ``1/num_batches_tracked``.
+      eps: added to the variance.
+      axis: the feature axis.
+      axis_name: mapped axis (pmap / shard_map) to sync statistics over, count-weighted.
+      axis_index_groups: device groups within ``axis_name`` (pmap only).
+      mask: boolean, broadcastable to ``x``; False elements do not count in the statistics,
+        may hold anything (NaN included) and get output 0.
+
+    Returns:
+      ``(y, new_running_mean, new_running_var)``: ``y`` like ``x`` (in ``x``'s dtype), the
+      stats [C] float (None where given as None). Statistics of a channel with no selected
+      element are not updated, nor is the running variance of a channel with one.
+
+    Raises:
+      ValueError / RuntimeError / TypeError with PyTorch's wording, at trace time.
+    """
+    x = jnp.asarray(x)
+    ax = _feature_axis(axis, x.ndim)
+    channels = x.shape[ax]
+    _check_numel(
+        channels,
+        running_mean=running_mean,
+        running_var=running_var,
+        weight=weight,
+        bias=bias,
+    )
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if not training and running_mean is None:
+        raise RuntimeError("running_mean must be defined in evaluation mode")
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs num_batches_tracked: use jaxbn.BatchNorm, "
+            "or pass momentum=1/num_batches_tracked"
+        )
+    _check_eps(eps, training)
+    mask = _broadcast_mask(mask, x.shape)
+    stat_shape = tuple(channels if i == ax else 1 for i in range(x.ndim))
+    compute_dtype = _compute_dtype(x.dtype)
+    x32 = x.astype(compute_dtype)
+
+    if not training:
+        mean = jnp.reshape(running_mean, stat_shape).astype(compute_dtype)
+        var = jnp.reshape(running_var, stat_shape).astype(compute_dtype)
+        xhat = (x32 - mean) * jax.lax.rsqrt(var + eps)
+        y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
+        return y, running_mean, running_var
+
+    reduce_axes = tuple(i for i in range(x.ndim) if i != ax)
+    groups = _groups(axis_index_groups)
+    values = int(np.prod([x.shape[i] for i in reduce_axes], dtype=np.int64))
+    if values * _num_devices(axis_name, groups) == 1:
+        raise ValueError(
+            "Expected more than 1 value per channel when training, "
+            f"got input size {tuple(x.shape)}"
+        )
+    xhat, count, mean, var = standardize(x32, mask, reduce_axes, eps, axis_name, groups)
+    y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
+    if running_mean is None:
+        return y, None, None
+    new_mean, new_var = _update_running(
+        running_mean, running_var, count, mean, var, momentum, channels
+    )
+    return y, new_mean, new_var
+
+
+def group_norm(
+    x: jax.Array,
+    num_groups: int,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    eps: float = 1e-5,
+    *,
+    axis: int = -1,
+) -> jax.Array:
+    """Group normalization, ``torch.nn.functional.group_norm`` on a channels-``axis`` layout.
+
+    Channels are split into ``num_groups`` groups of ``C / num_groups``; each example is
+    normalized per group over its channels and spatial positions (biased variance), then
+    scaled and shifted per channel. Independent of the batch, the same in train and eval.
+
+    Args:
+      x: [N, ..., C] (feature axis ``axis``; batch axis 0).
+      num_groups: number of groups; must divide C.
+      weight: [C] or None (ones). bias: [C] or None (zeros).
+      eps: added to the variance.
+      axis: the channel axis.
+
+    Returns:
+      y: like ``x``, in ``x``'s dtype.
+    """
+    x = jnp.asarray(x)
+    if x.ndim < 2:
+        raise RuntimeError(
+            f"Expected at least 2 dimensions for input tensor but received {x.ndim}"
+        )
+    ax = _feature_axis(axis, x.ndim)
+    if ax == 0:
+        raise ValueError("group_norm: axis 0 is the batch axis, the channel axis must differ")
+    channels = x.shape[ax]
+    if channels % num_groups != 0:
+        raise ValueError(
+            f"num_channels ({channels}) must be divisible by num_groups ({num_groups})"
+        )
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and jnp.size(value) != channels:
+            raise RuntimeError(
+                f"Expected {name} to be a vector of size equal to the number of channels in "
+                f"input, but got {name} of shape {list(jnp.shape(value))} and input of shape "
+                f"{list(x.shape)}"
+            )
+    spatial = int(np.prod([d for i, d in enumerate(x.shape) if i not in (0, ax)]))
+    if spatial * (channels // num_groups) == 1:
+        raise ValueError(
+            f"Expected more than 1 value per group, got input size {list(x.shape)} "
+            f"with num_groups={num_groups}"
+        )
+    # [N, S..., C] -> [N, S..., G, C/G]; reduce over everything but N and G.
+    moved = jnp.moveaxis(x.astype(_compute_dtype(x.dtype)), ax, -1)
+    grouped = moved.reshape((*moved.shape[:-1], num_groups, channels // num_groups))
+    reduce_axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)
+    xhat = standardize(grouped, None, reduce_axes, eps)[0]
+    xhat = jnp.moveaxis(xhat.reshape(moved.shape), -1, ax)
+    stat_shape = tuple(channels if i == ax else 1 for i in range(x.ndim))
+    return _affine(xhat, weight, bias, stat_shape, None, _output_dtype(x.dtype))
+
+
+def layer_norm(
+    x: jax.Array,
+    normalized_shape: int | Sequence[int],
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    eps: float = 1e-5,
+) -> jax.Array:
+    """Layer normalization over the trailing dims, ``torch.nn.functional.layer_norm``.
+
+    Args:
+      x: [*, *normalized_shape].
+      normalized_shape: the trailing shape to normalize over.
+      weight: normalized_shape-shaped scale or None. bias: same, shift or None.
+      eps: added to the (biased) variance.
+
+    Returns:
+      y: like ``x``, in ``x``'s dtype.
+    """
+    x = jnp.asarray(x)
+    shape = _as_shape(normalized_shape)
+    k = len(shape)
+    if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
+        raise RuntimeError(
+            f"Given normalized_shape={list(shape)}, expected input with shape "
+            f"[*, {', '.join(map(str, shape))}], but got input of size{list(x.shape)}"
+        )
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is not None and tuple(jnp.shape(value)) != shape:
+            raise RuntimeError(
+                f"Expected {name} of shape {list(shape)}, but got {list(jnp.shape(value))}"
+            )
+    reduce_axes = tuple(range(x.ndim - k, x.ndim))
+    xhat = standardize(x.astype(_compute_dtype(x.dtype)), None, reduce_axes, eps)[0]
+    stat_shape = (1,) * (x.ndim - k) + shape
+    return _affine(xhat, weight, bias, stat_shape, None, _output_dtype(x.dtype))
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _feature_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {ndim}D input")
+    return axis % ndim
+
+
+def _check_numel(channels: int, **arrays: jax.Array | None) -> None:
+    for name, value in arrays.items():
+        if value is not None and jnp.size(value) != channels:
+            raise RuntimeError(f"{name} should contain {channels} elements not {jnp.size(value)}")
+
+
+def _check_eps(eps: float, training: bool) -> None:
+    if isinstance(eps, jax.core.Tracer):
+        return  # a traced eps cannot be checked at trace time
+    if training and eps <= 0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if eps < 0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+
+
+def _broadcast_mask(mask: jax.Array | None, shape: tuple[int, ...]) -> jax.Array | None:
+    if mask is None:
+        return None
+    mask = jnp.asarray(mask)
+    if mask.dtype != jnp.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+    try:
+        return jnp.broadcast_to(mask, shape)
+    except ValueError as err:
+        raise ValueError(
+            f"mask of shape {mask.shape} is not broadcastable to the input shape {shape}"
+        ) from err
+
+
+def _groups(groups: Sequence[Sequence[int]] | None) -> tuple[tuple[int, ...], ...] | None:
+    return None if groups is None else tuple(tuple(int(i) for i in g) for g in groups)
+
+
+def _num_devices(axis_name, groups) -> int:
+    if axis_name is None:
+        return 1
+    if groups is not None:
+        return len(groups[0])
+    return int(jax.lax.axis_size(axis_name))
+
+
+def _compute_dtype(dtype) -> jnp.dtype:
+    # Half precision is normalized in float32 (as PyTorch does); float64 stays float64.
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def _output_dtype(dtype) -> jnp.dtype:
+    return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
+
+
+def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    return (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
+
+
+def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:
+    y = xhat
+    if weight is not None:
+        y = y * jnp.reshape(weight, stat_shape).astype(xhat.dtype)
+    if bias is not None:
+        y = y + jnp.reshape(bias, stat_shape).astype(xhat.dtype)
+    if mask is not None:
+        y = jnp.where(mask, y, 0)
+    return y.astype(out_dtype)
+
+
+def _update_running(running_mean, running_var, count, mean, var, momentum, channels):
+    count, mean, var = (jnp.reshape(jax.lax.stop_gradient(a), (channels,)) for a in (count, mean, var))
+    unbiased = var * count / jnp.maximum(count - 1, 1)
+    new_mean = (1 - momentum) * running_mean + momentum * mean
+    new_var = (1 - momentum) * running_var + momentum * unbiased
+    # No element: nothing to average in. One element: no unbiased variance exists.
+    new_mean = jnp.where(count > 0, new_mean, running_mean).astype(running_mean.dtype)
+    new_var = jnp.where(count > 1, new_var, running_var).astype(running_var.dtype)
+    return new_mean, new_var

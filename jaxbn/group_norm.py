@@ -1,0 +1,66 @@
+"""Flax module ``GroupNorm``: the small-batch alternative to batch norm (``torch.nn.GroupNorm``).
+
+Per example, channels are split into ``num_groups`` groups and each group is normalized over its
+channels and spatial positions::
+
+    y = (x - mean_group) / sqrt(var_group + eps) * scale_c + bias_c
+
+No batch statistics, so it behaves the same in train and eval and works with a batch of one.
+``GroupNorm(1, C)`` normalizes each example over all of (H, W, C); ``GroupNorm(C, C)`` is
+instance norm. Relation to ``flax.linen.GroupNorm``: same computation, but PyTorch's argument
+order and defaults (``eps=1e-5``, ``num_groups`` required).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> gn = jaxbn.GroupNorm(num_groups=4, num_channels=16)
+    >>> x = jnp.ones((1, 8, 8, 16))                            # [N, H, W, C]
+    >>> y = gn.apply(gn.init(jax.random.key(0), x), x)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn import functional
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nn.Module):
+    """Group normalization over [N, ..., C] inputs (channel axis ``axis``, batch axis 0).
+
+    Attributes:
+      num_groups: number of channel groups; must divide C.
+      num_channels: C; inferred from the input when None, checked when given.
+      eps: added to the variance.
+      affine: learn per-channel ``scale`` and ``bias``.
+      axis: the channel axis.
+      param_dtype: dtype of ``scale`` and ``bias``.
+    """
+
+    num_groups: int
+    num_channels: int | None = None
+    eps: float = 1e-5
+    affine: bool = True
+    axis: int = -1
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
+        """``x``: [N, ..., C] → y like ``x``. ``train`` is accepted and ignored."""
+        del train  # same in train and eval; accepted so model code can pass it uniformly
+        x = jnp.asarray(x)
+        channels = self.num_channels
+        if channels is None:
+            channels = x.shape[functional._feature_axis(self.axis, max(x.ndim, 1))]
+        weight = bias = None
+        if self.affine:
+            weight = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
+            bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+        elif x.ndim >= 2 and x.shape[self.axis] != channels:
+            raise ValueError(f"expected {channels} channels, got input of shape {x.shape}")
+        return functional.group_norm(x, self.num_groups, weight, bias, self.eps, axis=self.axis)

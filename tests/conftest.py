@@ -1,0 +1,21 @@
+"""Test setup: 8 simulated CPU devices, set before JAX is first imported."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import torch  # noqa: E402
+
+torch.manual_seed(0)
+
+
+def pytest_terminal_summary(terminalreporter):
+    from tests.parity_report import LARGEST
+
+    if LARGEST:
+        terminalreporter.section("largest |jaxbn - torch| per case group")
+        for group, value in sorted(LARGEST.items()):
+            terminalreporter.write_line(f"{group:<48} {value:.3e}")
