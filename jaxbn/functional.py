@@ -110,8 +110,7 @@ def batch_norm(
     values = int(np.prod([x.shape[i] for i in reduce_axes], dtype=np.int64))
     if values * _num_devices(axis_name, groups) == 1:
         raise ValueError(
-            "Expected more than 1 value per channel when training, "
-            f"got input size {tuple(x.shape)}"
+            f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
     xhat, count, mean, var = standardize(x32, mask, reduce_axes, eps, axis_name, groups)
     y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
@@ -150,9 +149,7 @@ def group_norm(
     """
     x = jnp.asarray(x)
     if x.ndim < 2:
-        raise RuntimeError(
-            f"Expected at least 2 dimensions for input tensor but received {x.ndim}"
-        )
+        raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
     ax = _feature_axis(axis, x.ndim)
     if ax == 0:
         raise ValueError("group_norm: axis 0 is the batch axis, the channel axis must differ")
@@ -296,7 +293,9 @@ def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:
 
 
 def _update_running(running_mean, running_var, count, mean, var, momentum, channels):
-    count, mean, var = (jnp.reshape(jax.lax.stop_gradient(a), (channels,)) for a in (count, mean, var))
+    count, mean, var = (
+        jnp.reshape(jax.lax.stop_gradient(a), (channels,)) for a in (count, mean, var)
+    )
     unbiased = var * count / jnp.maximum(count - 1, 1)
     new_mean = (1 - momentum) * running_mean + momentum * mean
     new_var = (1 - momentum) * running_var + momentum * unbiased

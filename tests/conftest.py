@@ -7,7 +7,7 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import torch  # noqa: E402
+import torch
 
 torch.manual_seed(0)
 

@@ -82,8 +82,9 @@ def run_against_torch(name, channels_last, momentum, affine, track, dtype, steps
 
     tm.eval()
     x_t = torch.randn(shape, generator=gen).to(torch_dtype)
-    y_eval = jm.apply({"params": params, "batch_stats": stats}, to_jax(x_t, channels_last),
-                      train=False)
+    y_eval = jm.apply(
+        {"params": params, "batch_stats": stats}, to_jax(x_t, channels_last), train=False
+    )
     with torch.no_grad():
         assert_close(f"{group} eval y", to_numpy(y_eval, channels_last), tm(x_t), tol, tol)
 
@@ -96,7 +97,14 @@ def test_float32_training_and_eval_match_torch_batchnorm(
     name, channels_last, momentum, affine, track
 ):
     run_against_torch(
-        name, channels_last, momentum, affine, track, jnp.float32, steps=10, tol=2e-5,
+        name,
+        channels_last,
+        momentum,
+        affine,
+        track,
+        jnp.float32,
+        steps=10,
+        tol=2e-5,
         group=f"bn float32 {name}",
     )
 
@@ -106,7 +114,14 @@ def test_float32_training_and_eval_match_torch_batchnorm(
 def test_float64_training_and_eval_match_torch_batchnorm_tightly(name, momentum):
     with jax.enable_x64(True):
         run_against_torch(
-            name, True, momentum, True, True, jnp.float64, steps=10, tol=1e-11,
+            name,
+            True,
+            momentum,
+            True,
+            True,
+            jnp.float64,
+            steps=10,
+            tol=1e-11,
             group=f"bn float64 {name}",
         )
 

@@ -12,8 +12,11 @@ import torch
 
 def to_jax(t: torch.Tensor, channels_last: bool) -> jnp.ndarray:
     """A torch (N, C, ...) tensor as a jax array, moved to (N, ..., C) when channels_last."""
-    a = t.detach().cpu().numpy()
-    return jnp.asarray(np.moveaxis(a, 1, -1) if channels_last else a)
+    t = t.detach().cpu()
+    bf16 = t.dtype == torch.bfloat16  # numpy has no bfloat16: go through float32 (exact)
+    a = (t.float() if bf16 else t).numpy()
+    a = jnp.asarray(np.moveaxis(a, 1, -1) if channels_last else a)
+    return a.astype(jnp.bfloat16) if bf16 else a
 
 
 def to_numpy(a, channels_last: bool) -> np.ndarray:
