@@ -1,9 +1,10 @@
 """jaxbn: batch normalization for JAX/Flax with PyTorch's exact semantics."""
 
-from jaxbn import functional
+from jaxbn import functional, multihost
 from jaxbn.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from jaxbn.group_norm import GroupNorm
 from jaxbn.layer_norm import LayerNorm
+from jaxbn.sync import sync_batch_norm
 
 __all__ = [
     "BatchNorm",
@@ -13,4 +14,6 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "functional",
+    "multihost",
+    "sync_batch_norm",
 ]

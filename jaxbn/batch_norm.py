@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
+from jaxbn.sync import current_sync
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -61,7 +62,8 @@ class BatchNorm(nn.Module):
       affine: learn ``scale`` (init 1) and ``bias`` (init 0).
       track_running_stats: keep ``batch_stats``; if False, eval uses batch statistics too.
       axis: the feature axis (-1 channels-last; 1 for PyTorch's NC... layout).
-      axis_name: mapped axis (pmap / shard_map) to sync statistics over, count-weighted.
+      axis_name: mapped axis (pmap / shard_map) to sync statistics over, count-weighted
+        (training only; eval needs no collective). Unset: ``jaxbn.sync_batch_norm`` decides.
       axis_index_groups: device groups within ``axis_name`` (pmap only).
       dtype: output dtype (default: the input's).
       param_dtype: dtype of ``scale``, ``bias`` and the running ``mean``/``var`` (float32
@@ -128,6 +130,9 @@ class BatchNorm(nn.Module):
         elif momentum is None:
             momentum = 0.0  # unused: nothing is updated
 
+        axis_name, axis_index_groups = self.axis_name, self.axis_index_groups
+        if axis_name is None and current_sync() is not None:
+            axis_name, axis_index_groups = current_sync()
         y, new_mean, new_var = functional.batch_norm(
             x,
             running_mean,
@@ -139,8 +144,8 @@ class BatchNorm(nn.Module):
             eps=self.eps,
             axis=self.axis,
             # Like SyncBatchNorm: only training syncs, so eval never needs a mapped axis.
-            axis_name=self.axis_name if train else None,
-            axis_index_groups=self.axis_index_groups,
+            axis_name=axis_name if train else None,
+            axis_index_groups=axis_index_groups,
             mask=mask,
         )
         if updating:

@@ -60,7 +60,11 @@ def merge_moments(
     count of zero contribute nothing.
     """
     stacked = jnp.stack([count, mean, m2])
-    gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
+    if axis_index_groups is None:
+        # Invariant result: shard_map can then return the merged statistics replicated.
+        gathered = jax.lax.all_gather(stacked, axis_name, to="invarying")
+    else:
+        gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
     counts, means, m2s = gathered[:, 0], gathered[:, 1], gathered[:, 2]
     total = jnp.sum(counts, axis=0)
     merged_mean = jnp.sum(counts * means, axis=0) / jnp.maximum(total, 1)

@@ -1,0 +1,101 @@
+"""One process of the multi-host test: ``python -m tests.multihost_worker PORT RANK OUT [MODE]``.
+
+Joins a 2-process cluster (2 CPU devices each), runs 3 synced BatchNorm2d training steps over
+the 4 devices on its half of a fixed global batch, and saves its outputs to OUT (.npz).
+MODE ``die-after-init`` exits abruptly after joining (to test that the peer does not hang);
+``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator).
+The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment (not
+done here, so importing this module from the tests changes nothing).
+"""
+
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jaxbn
+from jaxbn.multihost import initialize_multihost
+
+C, ROWS, STEPS = 4, 16, 3
+
+
+def global_batches():
+    """The fixed global batches: [(x, g)] each [ROWS, 3, 3, C]; the parent recomputes them."""
+    rng = np.random.default_rng(0)
+    return [
+        (
+            rng.standard_normal((ROWS, 3, 3, C)).astype(np.float32) * 2 + 1,
+            rng.standard_normal((ROWS, 3, 3, C)).astype(np.float32),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def initial_variables(model):
+    variables = model.init(jax.random.key(0), jnp.zeros((2, 3, 3, C)), train=False)
+    variables["params"]["scale"] = jnp.linspace(0.5, 2.0, C)
+    variables["params"]["bias"] = jnp.linspace(-1.0, 1.0, C)
+    return variables
+
+
+def train_step(model, variables, x, g):
+    def loss(params, x):
+        y, updates = model.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
+        )
+        return jnp.sum(y * g), (y, updates["batch_stats"])
+
+    (dparams, dx), (y, stats) = jax.grad(loss, (0, 1), has_aux=True)(variables["params"], x)
+    return y, dx, dparams, stats
+
+
+def local_rows(a: jax.Array) -> np.ndarray:
+    """This process's per-device results of a pmap output, stacked: [local devices, ...]."""
+    return np.stack([np.asarray(s.data).reshape(s.data.shape[1:]) for s in a.addressable_shards])
+
+
+def main(port: str, rank: str, out: str, mode: str = "") -> None:
+    timeout = 3 if mode == "short-timeout" else 30
+    initialize_multihost(
+        f"127.0.0.1:{port}", 2, int(rank), timeout_seconds=timeout, heartbeat_seconds=5
+    )
+    if mode == "die-after-init":
+        os._exit(3)
+    assert jax.device_count() == 4 and jax.local_device_count() == 2
+    model = jaxbn.BatchNorm2d(C)
+
+    @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0, 0))
+    @jaxbn.sync_batch_norm("batch")
+    def step(variables, x, g):
+        y, dx, dparams, stats = train_step(model, variables, x, g)
+        return y, dx, jax.lax.psum(dparams, "batch"), stats
+
+    variables = initial_variables(model)
+    local = slice(int(rank) * ROWS // 2, (int(rank) + 1) * ROWS // 2)
+    saved = {}
+    for i, (x, g) in enumerate(global_batches()):
+        xs = x[local].reshape(2, ROWS // 4, 3, 3, C)
+        gs = g[local].reshape(2, ROWS // 4, 3, 3, C)
+        y, dx, dparams, stats = step(variables, xs, gs)
+        y, dx, dparams, stats = jax.tree.map(local_rows, (y, dx, dparams, stats))
+        variables = {**variables, "batch_stats": jax.tree.map(lambda a: a[0], stats)}
+        saved.update(
+            {
+                f"y{i}": y.reshape(-1, 3, 3, C),
+                f"dx{i}": dx.reshape(-1, 3, 3, C),
+                f"dscale{i}": dparams["scale"],
+                f"dbias{i}": dparams["bias"],
+                f"mean{i}": stats["mean"],
+                f"var{i}": stats["var"],
+                f"count{i}": stats["num_batches_tracked"],
+            }
+        )
+    np.savez(out, **saved)
+    jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
