@@ -48,6 +48,7 @@ import jax.numpy as jnp
 
 from jaxbn import functional
 from jaxbn.sync import current_sync
+from jaxbn.update_bn import cumulative_average_active
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
@@ -124,7 +125,7 @@ class BatchNorm(nn.Module):
         # As in PyTorch: without running statistics, batch statistics are used in eval too.
         use_batch_stats = train or not self.track_running_stats
         updating = train and self.track_running_stats and not self.is_initializing()
-        momentum = self.momentum
+        momentum = None if cumulative_average_active() else self.momentum
         if updating and momentum is None:
             momentum = 1.0 / (count_v.value + 1).astype(running_mean.dtype)
         elif momentum is None:

@@ -1,0 +1,108 @@
+"""``inspect_batchnorm``: a readable table of every batch norm layer, with trouble flagged.
+
+The tutorial's "Problem 3" (print running mean/var, num_batches_tracked, γ, β per layer) for a
+Flax variables tree, plus the checks one does by eye:
+
+* statistics never updated — ``num_batches_tracked == 0``: trained with ``train=False``, or
+  loaded without ``batch_stats``;
+* NaN/Inf in any statistic or parameter;
+* collapsed variance — running variance below ``1e-6`` (a dead input channel);
+* dead channels — ``|scale|`` below ``1e-3`` (the layer outputs only its bias there).
+
+Example:
+    >>> report = jaxbn.inspect_batchnorm(variables)
+    >>> print(report)                 # the table; report.layers / report.problems for code
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from jaxbn.tree_paths import batch_norm_layers
+
+__all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
+
+COLLAPSED_VAR = 1e-6
+DEAD_SCALE = 1e-3
+
+
+@dataclass
+class LayerSummary:
+    """One batch norm layer: statistics summaries and the problems found."""
+
+    path: str
+    channels: int
+    num_batches_tracked: int
+    mean: np.ndarray
+    var: np.ndarray
+    scale: np.ndarray | None
+    bias: np.ndarray | None
+    problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class BatchNormReport:
+    """All batch norm layers of a variables tree; ``str()`` is the table."""
+
+    layers: list[LayerSummary]
+
+    @property
+    def problems(self) -> list[str]:
+        return [f"{layer.path}: {p}" for layer in self.layers for p in layer.problems]
+
+    def __str__(self) -> str:
+        if not self.layers:
+            return "no batch norm layers with running statistics"
+        header = (
+            f"{'layer':<28} {'C':>5} {'steps':>6} {'mean (avg, range)':>22} "
+            f"{'var (avg, range)':>24} {'scale avg':>9} {'bias avg':>9}  flags"
+        )
+        rows = [header, "-" * len(header)]
+        for layer in self.layers:
+            rows.append(
+                f"{layer.path:<28} {layer.channels:>5} {layer.num_batches_tracked:>6} "
+                f"{_summary(layer.mean):>22} {_summary(layer.var):>24} "
+                f"{_avg(layer.scale):>9} {_avg(layer.bias):>9}  {'; '.join(layer.problems) or 'ok'}"
+            )
+        return "\n".join(rows)
+
+
+def inspect_batchnorm(variables: Mapping[str, Any]) -> BatchNormReport:
+    """Summarises every jaxbn batch norm in ``variables`` (``params`` + ``batch_stats``)."""
+    layers = []
+    for path, stats, params in batch_norm_layers(variables):
+        mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
+        scale = np.asarray(params["scale"], np.float64) if "scale" in params else None
+        bias = np.asarray(params["bias"], np.float64) if "bias" in params else None
+        summary = LayerSummary(
+            "/".join(path), mean.size, int(stats["num_batches_tracked"]), mean, var, scale, bias
+        )
+        if summary.num_batches_tracked == 0:
+            summary.problems.append(
+                "statistics never updated (trained with train=False, or loaded without "
+                "batch_stats?)"
+            )
+        arrays = [a for a in (mean, var, scale, bias) if a is not None]
+        if not all(np.all(np.isfinite(a)) for a in arrays):
+            summary.problems.append("NaN/Inf in statistics or parameters")
+        collapsed = int(np.sum(var < COLLAPSED_VAR))
+        if collapsed:
+            summary.problems.append(f"{collapsed} channel(s) with collapsed variance (< 1e-6)")
+        if scale is not None:
+            dead = int(np.sum(np.abs(scale) < DEAD_SCALE))
+            if dead:
+                summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
+        layers.append(summary)
+    return BatchNormReport(layers)
+
+
+def _summary(a: np.ndarray) -> str:
+    return f"{np.mean(a):+.3g} [{np.min(a):+.2g}, {np.max(a):+.2g}]"
+
+
+def _avg(a: np.ndarray | None) -> str:
+    return "-" if a is None else f"{np.mean(a):+.3g}"
