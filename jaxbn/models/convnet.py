@@ -23,6 +23,7 @@ class ConvNet(nn.Module):
       widths: channels of the three conv blocks (tutorial: 64, 128, 256).
       hidden: width of the classifier's hidden layer (tutorial: 512).
       num_classes: number of outputs.
+      bn_momentum: batch norm momentum (PyTorch meaning: weight of the new batch).
       norm: "batch" (tutorial), "group", "layer", "none".
 
     Call: ``x`` [N, H, W, C_in] (H, W divisible by 4), ``train`` → logits [N, K].
@@ -32,6 +33,7 @@ class ConvNet(nn.Module):
     hidden: int = 512
     num_classes: int = 10
     norm: NormKind = "batch"
+    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -39,7 +41,13 @@ class ConvNet(nn.Module):
         index = 0  # position in the PyTorch twin's `features` nn.Sequential
         for block, width in enumerate(self.widths):
             x = nn.Conv(width, (3, 3), padding=1, name=f"features_{index}")(x)
-            x = norm(self.norm, x, train=train, name=f"features_{index + 1}")
+            x = norm(
+                self.norm,
+                x,
+                train=train,
+                name=f"features_{index + 1}",
+                bn_momentum=self.bn_momentum,
+            )
             x = nn.relu(x)
             index += 3
             if block < len(self.widths) - 1:
@@ -47,7 +55,7 @@ class ConvNet(nn.Module):
                 index += 1
         x = jnp.reshape(x, (x.shape[0], -1))
         x = nn.Dense(self.hidden, name="classifier_0")(x)
-        x = norm(self.norm, x, train=train, name="classifier_1")
+        x = norm(self.norm, x, train=train, name="classifier_1", bn_momentum=self.bn_momentum)
         x = nn.relu(x)
         return nn.Dense(self.num_classes, name="classifier_3")(x)
 

@@ -21,6 +21,7 @@ class MLP(nn.Module):
     Attributes:
       hidden: widths of the hidden layers (tutorial: 256, 128).
       num_classes: number of outputs.
+      bn_momentum: batch norm momentum (PyTorch meaning: weight of the new batch).
       norm: "batch" (tutorial's NetWithBN), "none" (NetWithoutBN), "group", "layer".
 
     Call: ``x`` [N, ...] (flattened to [N, D]; D taken from the data), ``train`` → logits [N, K].
@@ -29,6 +30,7 @@ class MLP(nn.Module):
     hidden: Sequence[int] = (256, 128)
     num_classes: int = 10
     norm: NormKind = "batch"
+    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -37,7 +39,9 @@ class MLP(nn.Module):
         index = 0  # the position the layer has in the PyTorch twin's nn.Sequential
         for width in self.hidden:
             x = nn.Dense(width, name=f"layers_{index}")(x)
-            x = norm(self.norm, x, train=train, name=f"layers_{index + 1}")
+            x = norm(
+                self.norm, x, train=train, name=f"layers_{index + 1}", bn_momentum=self.bn_momentum
+            )
             x = nn.relu(x)
             index += 3
         return nn.Dense(self.num_classes, name=f"layers_{index}")(x)

@@ -23,18 +23,21 @@ def check_norm(kind: str) -> None:
         raise ValueError(f"norm must be one of {NORM_KINDS}, got {kind!r}")
 
 
-def norm(kind: NormKind, x: jax.Array, *, train: bool, name: str) -> jax.Array:
+def norm(
+    kind: NormKind, x: jax.Array, *, train: bool, name: str, bn_momentum: float | None = 0.1
+) -> jax.Array:
     """Applies the chosen normalization to ``x`` ([N, C] or [N, H, W, C]) inside a compact module.
 
     Batch norm is ``BatchNorm1d`` for [N, C] and ``BatchNorm2d`` for [N, H, W, C]; group norm uses
     the largest group count ≤ 32 that divides C; layer norm normalizes each example over all of
-    its features (the tutorial's ``nn.LayerNorm([C, H, W])``).
+    its features (the tutorial's ``nn.LayerNorm([C, H, W])``). ``bn_momentum`` is batch norm's
+    (PyTorch meaning).
     """
     check_norm(kind)
     channels = x.shape[-1]
     if kind == "batch":
         cls: type[BatchNorm] = BatchNorm1d if x.ndim == 2 else BatchNorm2d
-        return cls(channels, name=name)(x, train=train)
+        return cls(channels, momentum=bn_momentum, name=name)(x, train=train)
     if kind == "group":
         groups = max(g for g in range(1, min(32, channels) + 1) if channels % g == 0)
         return GroupNorm(groups, channels, name=name)(x)

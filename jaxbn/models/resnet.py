@@ -23,6 +23,7 @@ class ResidualBlock(nn.Module):
     out_channels: int
     stride: int = 1
     norm: NormKind = "batch"
+    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -31,11 +32,13 @@ class ResidualBlock(nn.Module):
             identity = nn.Conv(
                 self.out_channels, (1, 1), strides=self.stride, padding=0, name="shortcut_0"
             )(x)
-            identity = norm(self.norm, identity, train=train, name="shortcut_1")
+            identity = norm(
+                self.norm, identity, train=train, name="shortcut_1", bn_momentum=self.bn_momentum
+            )
         out = nn.Conv(self.out_channels, (3, 3), strides=self.stride, padding=1, name="conv1")(x)
-        out = nn.relu(norm(self.norm, out, train=train, name="bn1"))
+        out = nn.relu(norm(self.norm, out, train=train, name="bn1", bn_momentum=self.bn_momentum))
         out = nn.Conv(self.out_channels, (3, 3), padding=1, name="conv2")(out)
-        out = norm(self.norm, out, train=train, name="bn2")
+        out = norm(self.norm, out, train=train, name="bn2", bn_momentum=self.bn_momentum)
         return nn.relu(out + identity)
 
 
@@ -47,6 +50,7 @@ class ResNet(nn.Module):
       widths: channels per stage (ResNet-18: 64, 128, 256, 512); stages after the first
         halve the resolution.
       num_classes: number of outputs.
+      bn_momentum: batch norm momentum (PyTorch meaning: weight of the new batch).
       norm: "batch", "group", "layer", "none".
 
     Call: ``x`` [N, H, W, C_in], ``train`` → logits [N, K].
@@ -56,18 +60,19 @@ class ResNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256, 512)
     num_classes: int = 10
     norm: NormKind = "batch"
+    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         check_norm(self.norm)
         x = nn.Conv(self.widths[0], (3, 3), padding=1, name="conv1")(x)
-        x = nn.relu(norm(self.norm, x, train=train, name="bn1"))
+        x = nn.relu(norm(self.norm, x, train=train, name="bn1", bn_momentum=self.bn_momentum))
         for stage, (blocks, width) in enumerate(zip(self.stage_sizes, self.widths, strict=True)):
             for block in range(blocks):
                 stride = 2 if stage > 0 and block == 0 else 1
-                x = ResidualBlock(width, stride, self.norm, name=f"layer{stage + 1}_{block}")(
-                    x, train=train
-                )
+                x = ResidualBlock(
+                    width, stride, self.norm, self.bn_momentum, name=f"layer{stage + 1}_{block}"
+                )(x, train=train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="fc")(x)
 

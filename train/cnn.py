@@ -1,0 +1,35 @@
+"""Train the tutorial's ConvNet (conv 64/128/256 + BatchNorm2d, classifier 512 + BatchNorm1d).
+
+Usage:
+    python -m train.cnn --use-bn                    # bundled digits, about a minute on 2 cores
+    python -m train.cnn --use-bn --devices 4        # data-parallel, BN synced across devices
+    python -m train.cnn --norm group                # GroupNorm instead (small batches)
+
+Prints one line per epoch (train/test loss and accuracy). On digits with the defaults
+(10 epochs, batch 64, lr 0.05) the BN model reaches about 98-99% test accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from train.cli import Defaults, parse_args
+
+DEFAULTS = Defaults(epochs=10, batch_size=64, lr=0.05)
+
+
+def make_model(args, data):
+    from jaxbn.models import ConvNet
+
+    return ConvNet(num_classes=data.num_classes, norm=args.norm, bn_momentum=args.bn_momentum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("python -m train.cnn", __doc__, DEFAULTS, argv)
+    from train.loop import run_script  # after parse_args: JAX starts with the right devices
+
+    return run_script(args, make_model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""Train the tutorial's MLP (Dense 256 → 128 → 10, BatchNorm1d before each ReLU with --use-bn).
+
+Usage:
+    python -m train.mlp --use-bn            # bundled digits, ~10 s on 2 CPU cores
+    python -m train.mlp                     # the same network without normalization
+
+Prints one line per epoch (train/test loss and accuracy). On digits with the defaults
+(20 epochs, batch 64, lr 0.1) the BN model reaches about 97-98% test accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from train.cli import Defaults, parse_args
+
+DEFAULTS = Defaults(epochs=20, batch_size=64, lr=0.1)
+
+
+def make_model(args, data):
+    from jaxbn.models import MLP
+
+    return MLP(
+        hidden=(256, 128),
+        num_classes=data.num_classes,
+        norm=args.norm,
+        bn_momentum=args.bn_momentum,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("python -m train.mlp", __doc__, DEFAULTS, argv)
+    from train.loop import run_script  # after parse_args: JAX starts with the right devices
+
+    return run_script(args, make_model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The compare experiment's figure: loss and accuracy curves, BN vs no BN, per learning rate."""
+
+from __future__ import annotations
+
+import pathlib
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+import matplotlib.pyplot as plt
+
+
+def plot_comparison(results: list[dict], path: str | pathlib.Path, title: str) -> pathlib.Path:
+    """Writes a PNG with train loss (log scale) and test accuracy per epoch.
+
+    ``results``: one dict per run with ``lr``, ``norm``, ``history`` (metrics rows) and
+    ``diverged`` (epoch or None). Colour = learning rate, solid = batch norm, dashed = none;
+    a cross marks where a run diverged.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lrs = sorted({r["lr"] for r in results})
+    colors = {lr: plt.cm.viridis(i / max(len(lrs) - 1, 1)) for i, lr in enumerate(lrs)}
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for r in results:
+        style = "-" if r["norm"] == "batch" else "--"
+        label = f"lr={r['lr']:g} {'BN' if r['norm'] == 'batch' else 'no BN'}"
+        epochs = [row["epoch"] for row in r["history"]]
+        ax_loss.plot(
+            epochs,
+            [row["train_loss"] for row in r["history"]],
+            style,
+            color=colors[r["lr"]],
+            label=label,
+        )
+        ax_acc.plot(
+            epochs,
+            [row["test_accuracy"] for row in r["history"]],
+            style,
+            color=colors[r["lr"]],
+            label=label,
+        )
+        if r["diverged"] is not None:
+            for ax in (ax_loss, ax_acc):
+                ax.axvline(r["diverged"], color=colors[r["lr"]], linestyle=":", alpha=0.6)
+            ax_acc.plot([r["diverged"]], [0.1], "x", color=colors[r["lr"]], markersize=10)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", yscale="log", title="training loss")
+    ax_loss.set_ylim(top=10)  # a diverging run would flatten every other curve
+    ax_acc.set(xlabel="epoch", ylabel="test accuracy", ylim=(0, 1.02), title="test accuracy")
+    ax_acc.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

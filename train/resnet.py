@@ -1,0 +1,40 @@
+"""Train a CIFAR-style ResNet-18 built from the tutorial's ResidualBlock.
+
+Usage:
+    python -m train.resnet --use-bn                          # bundled digits
+    python -m train.resnet --use-bn --dataset cifar10        # CIFAR-10 from --data-dir
+
+Prints one line per epoch (train/test loss and accuracy). On digits with the defaults
+(5 epochs, batch 64, lr 0.05) the BN model reaches about 97-99% test accuracy.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from train.cli import Defaults, parse_args
+
+DEFAULTS = Defaults(epochs=5, batch_size=64, lr=0.05)
+
+
+def make_model(args, data):
+    from jaxbn.models import ResNet
+
+    return ResNet(
+        (2, 2, 2, 2),
+        (64, 128, 256, 512),
+        num_classes=data.num_classes,
+        norm=args.norm,
+        bn_momentum=args.bn_momentum,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args("python -m train.resnet", __doc__, DEFAULTS, argv)
+    from train.loop import run_script  # after parse_args: JAX starts with the right devices
+
+    return run_script(args, make_model)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
