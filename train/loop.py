@@ -152,9 +152,11 @@ def run(
             f"  test loss {test_loss:.4f} acc {test_accuracy:.4f}  {row['seconds']:.1f}s"
         )
         if checkpoints:
-            checkpoints.save(epoch, state)
+            # Metrics first: a crash between the two leaves a row without a checkpoint, which
+            # --resume drops and recomputes; the other order would lose the row for good.
             if main_process:
                 metrics.append(row)
+            checkpoints.save(epoch, state)
         history.append(row)
     if checkpoints:
         checkpoints.close()

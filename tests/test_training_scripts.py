@@ -1,0 +1,226 @@
+"""The training scripts end to end on tiny data: finite metrics, falling loss, resume identity,
+exact evaluation counts on any device count, clear errors, the compare plot."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from train import cnn, compare, mlp, resnet
+from train.checkpoint import Checkpoints
+from train.cli import parse_args
+from train.datasets import Dataset, load_dataset
+from train.loop import TrainingDivergedError, evaluate, run
+from train.parallel import DataParallel
+
+DIGITS = load_dataset("digits")
+
+
+def tiny(n_train=96, n_test=37) -> Dataset:
+    return Dataset(
+        "digits-tiny",
+        DIGITS.x_train[:n_train].copy(),
+        DIGITS.y_train[:n_train].copy(),
+        DIGITS.x_test[:n_test].copy(),
+        DIGITS.y_test[:n_test].copy(),
+        10,
+    )
+
+
+def args_for(script, *flags):
+    return parse_args("test", "", script.DEFAULTS, list(flags))
+
+
+def without_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+@pytest.mark.parametrize("script", [mlp, cnn], ids=["mlp", "cnn"])
+@pytest.mark.parametrize("norm", ["batch", "none"])
+@pytest.mark.parametrize("devices", [1, 4])
+def test_scripts_train_with_finite_metrics(script, norm, devices):
+    args = args_for(
+        script, "--norm", norm, "--devices", str(devices), "--epochs", "2", "--batch-size", "32"
+    )
+    result = run(args, script.make_model, data=tiny(), log=lambda _: None)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    for row in result.history:
+        assert all(np.isfinite(v) for v in row.values())
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert bool(result.variables["batch_stats"]) == (norm == "batch")
+
+
+def test_resnet_script_trains_with_batch_norm_on_four_devices():
+    args = args_for(resnet, "--use-bn", "--devices", "4", "--epochs", "1", "--batch-size", "32")
+    result = run(args, resnet.make_model, data=tiny(64, 16), log=lambda _: None)
+    assert np.isfinite(result.history[0]["train_loss"])
+    bn = result.variables["batch_stats"]["layer4_1"]["bn2"]
+    assert int(bn["num_batches_tracked"]) == 2
+
+
+def test_the_cnn_command_runs_on_the_bundled_data_and_writes_metrics(tmp_path, capsys):
+    code = cnn.main(["--use-bn", "--epochs", "1", "--workdir", str(tmp_path), "--inspect"])
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["test_accuracy"] > 0.5
+    out = capsys.readouterr().out
+    assert "epoch   1  train loss" in out
+    assert "features_1" in out and "classifier_1" in out  # the --inspect table
+
+
+def test_the_loss_falls_on_a_fixed_batch():
+    args = args_for(mlp, "--use-bn", "--schedule", "constant")
+    data = tiny()
+    model = mlp.make_model(args, data)
+    parallel = DataParallel(1)
+    from train.loop import make_optimizer
+
+    tx = make_optimizer(args, 100)
+    variables = model.init(jax.random.key(0), data.x_train[:2], train=False)
+    state = parallel.replicate({**variables, "opt_state": tx.init(variables["params"])})
+    step = parallel.train_step(model, tx, 32)
+    x, y = parallel.shard(data.x_train[:32], data.y_train[:32])
+    losses = []
+    for _ in range(20):
+        state, metrics = step(state, x, y)
+        losses.append(float(metrics["loss"]))
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_four_devices_train_like_one_with_synced_batch_norm():
+    results = [
+        run(
+            args_for(mlp, "--use-bn", "--devices", str(d), "--epochs", "1", "--batch-size", "32"),
+            mlp.make_model,
+            data=tiny(),
+            log=lambda _: None,
+        )
+        for d in (1, 4)
+    ]
+    one, four = results
+    for a, b in zip(jax.tree.leaves(one.variables), jax.tree.leaves(four.variables), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    for key in ("train_loss", "test_loss", "test_accuracy"):
+        np.testing.assert_allclose(one.history[0][key], four.history[0][key], rtol=1e-5)
+
+
+def test_runs_are_deterministic_given_the_seed():
+    args = args_for(cnn, "--use-bn", "--epochs", "1", "--batch-size", "32", "--seed", "3")
+    first, second = (run(args, cnn.make_model, data=tiny(), log=lambda _: None) for _ in range(2))
+    assert without_time(first.history) == without_time(second.history)
+    for a, b in zip(
+        jax.tree.leaves(first.variables), jax.tree.leaves(second.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+
+
+class Interrupt(Exception):
+    pass
+
+
+def stop_after_first_checkpoint(monkeypatch, then=None):
+    real_save = Checkpoints.save
+
+    def save(self, epoch, state):
+        real_save(self, epoch, state)
+        if epoch == 1:
+            if then:
+                then()
+            else:
+                raise Interrupt
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+
+
+def test_two_epochs_equal_one_epoch_then_resume_bit_for_bit(tmp_path, monkeypatch):
+    flags = ["--use-bn", "--epochs", "2", "--batch-size", "32"]
+    straight = run(
+        args_for(mlp, *flags, "--workdir", str(tmp_path / "a")),
+        mlp.make_model,
+        data=tiny(),
+        log=lambda _: None,
+    )
+    with monkeypatch.context() as patch:
+        stop_after_first_checkpoint(patch)
+        with pytest.raises(Interrupt):
+            run(
+                args_for(mlp, *flags, "--workdir", str(tmp_path / "b")),
+                mlp.make_model,
+                data=tiny(),
+                log=lambda _: None,
+            )
+    resumed = run(
+        args_for(mlp, *flags, "--workdir", str(tmp_path / "b"), "--resume"),
+        mlp.make_model,
+        data=tiny(),
+        log=lambda _: None,
+    )
+    for a, b in zip(
+        jax.tree.leaves(straight.variables), jax.tree.leaves(resumed.variables), strict=True
+    ):
+        np.testing.assert_array_equal(a, b)
+    assert without_time(straight.history) == without_time(resumed.history)
+    logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert without_time(logged) == without_time(straight.history)
+
+
+def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    data = tiny()
+    poison = lambda: data.x_train.fill(np.nan)  # from epoch 2 on, every batch is NaN
+    stop_after_first_checkpoint(monkeypatch, then=poison)
+    args = args_for(
+        mlp, "--use-bn", "--epochs", "3", "--batch-size", "32", "--workdir", str(tmp_path)
+    )
+    with pytest.raises(
+        TrainingDivergedError, match="loss became nan at epoch 2, step 1.*epoch 1 is intact"
+    ):
+        run(args, mlp.make_model, data=data, log=lambda _: None)
+    checkpoints = Checkpoints(tmp_path)
+    assert checkpoints.latest_epoch() == 1
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("devices,batch", [(1, 24), (3, 24), (8, 16)])
+def test_evaluation_counts_every_test_example_exactly_once(devices, batch):
+    data = tiny(n_test=37)  # 37 is prime: the last batch is always partial
+    args = args_for(
+        cnn, "--use-bn", "--devices", str(devices), "--epochs", "1", "--batch-size", str(batch)
+    )
+    result = run(args, cnn.make_model, data=data, log=lambda _: None)
+    model = cnn.make_model(args, data)
+    logits = model.apply(result.variables, data.x_test, train=False)
+    correct = int(np.sum(np.argmax(logits, -1) == data.y_test))
+    log_probs = jax.nn.log_softmax(logits)
+    expected_loss = float(-np.mean(np.take_along_axis(log_probs, data.y_test[:, None], 1)))
+    assert result.history[0]["test_accuracy"] == correct / 37
+    assert result.history[0]["test_loss"] == pytest.approx(expected_loss, rel=1e-5)
+
+
+def test_a_batch_that_does_not_divide_across_devices_is_a_clear_error(capsys):
+    assert mlp.main(["--use-bn", "--devices", "3", "--batch-size", "64", "--epochs", "1"]) == 2
+    assert "--batch-size 64 does not divide across 3 devices" in capsys.readouterr().err
+
+
+def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path):
+    flags = ["--use-bn", "--epochs", "1", "--batch-size", "32", "--workdir", str(tmp_path)]
+    run(args_for(mlp, *flags), mlp.make_model, data=tiny(), log=lambda _: None)
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        run(args_for(mlp, *flags), mlp.make_model, data=tiny(), log=lambda _: None)
+
+
+def test_the_bare_momentum_flag_is_refused_as_ambiguous(capsys):
+    with pytest.raises(SystemExit):
+        args_for(mlp, "--momentum", "0.9")
+    assert "use --sgd-momentum (optimizer) or --bn-momentum" in capsys.readouterr().err
+
+
+def test_compare_prints_the_table_and_writes_the_plot(tmp_path, capsys):
+    plot = tmp_path / "compare.png"
+    assert compare.main(["--epochs", "2", "--lrs", "0.1,1", "--plot", str(plot)]) == 0
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    table = out[out.index("test acc") :]
+    assert table.count("none") == 2 and table.count("batch") == 2
