@@ -13,7 +13,7 @@ from train import cnn, compare, mlp, resnet
 from train.checkpoint import Checkpoints
 from train.cli import parse_args
 from train.datasets import Dataset, load_dataset
-from train.loop import TrainingDivergedError, evaluate, run
+from train.loop import TrainingDivergedError, run
 from train.parallel import DataParallel
 
 DIGITS = load_dataset("digits")
@@ -117,7 +117,7 @@ def test_runs_are_deterministic_given_the_seed():
         np.testing.assert_array_equal(a, b)
 
 
-class Interrupt(Exception):
+class SimulatedCrashError(Exception):
     pass
 
 
@@ -130,7 +130,7 @@ def stop_after_first_checkpoint(monkeypatch, then=None):
             if then:
                 then()
             else:
-                raise Interrupt
+                raise SimulatedCrashError
 
     monkeypatch.setattr(Checkpoints, "save", save)
 
@@ -145,7 +145,7 @@ def test_two_epochs_equal_one_epoch_then_resume_bit_for_bit(tmp_path, monkeypatc
     )
     with monkeypatch.context() as patch:
         stop_after_first_checkpoint(patch)
-        with pytest.raises(Interrupt):
+        with pytest.raises(SimulatedCrashError):
             run(
                 args_for(mlp, *flags, "--workdir", str(tmp_path / "b")),
                 mlp.make_model,
@@ -175,7 +175,7 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
         mlp, "--use-bn", "--epochs", "3", "--batch-size", "32", "--workdir", str(tmp_path)
     )
     with pytest.raises(
-        TrainingDivergedError, match="loss became nan at epoch 2, step 1.*epoch 1 is intact"
+        TrainingDivergedError, match=r"loss became nan at epoch 2, step 1.*epoch 1 is intact"
     ):
         run(args, mlp.make_model, data=data, log=lambda _: None)
     checkpoints = Checkpoints(tmp_path)
