@@ -2,7 +2,7 @@
 
 Each function validates shapes at trace time (shapes are static in JAX) with PyTorch's error
 wording, computes in float32 (float64 stays float64), returns the input's dtype, and
-differentiates through :func:`jaxbn.standardize.standardize`'s hand-written rule.
+differentiates through :func:`jaxbn.normalize.normalize`'s hand-written rule.
 
 Example:
     >>> import jax.numpy as jnp
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.standardize import standardize
+from jaxbn.normalize import normalize
 
 __all__ = ["batch_norm", "group_norm", "layer_norm"]
 
@@ -112,8 +112,17 @@ def batch_norm(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
-    xhat, count, mean, var = standardize(x32, mask, reduce_axes, eps, axis_name, groups)
-    y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
+    y, count, mean, var = normalize(
+        x32,
+        _as_stat(weight, stat_shape, compute_dtype),
+        _as_stat(bias, stat_shape, compute_dtype),
+        mask,
+        reduce_axes,
+        eps,
+        axis_name,
+        groups,
+    )
+    y = y.astype(_output_dtype(x.dtype))
     if running_mean is None:
         return y, None, None
     new_mean, new_var = _update_running(
@@ -175,10 +184,16 @@ def group_norm(
     moved = jnp.moveaxis(x.astype(_compute_dtype(x.dtype)), ax, -1)
     grouped = moved.reshape((*moved.shape[:-1], num_groups, channels // num_groups))
     reduce_axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)
-    xhat = standardize(grouped, None, reduce_axes, eps)[0]
-    xhat = jnp.moveaxis(xhat.reshape(moved.shape), -1, ax)
-    stat_shape = tuple(channels if i == ax else 1 for i in range(x.ndim))
-    return _affine(xhat, weight, bias, stat_shape, None, _output_dtype(x.dtype))
+    param_shape = (1,) * (grouped.ndim - 2) + grouped.shape[-2:]  # [1, ..., G, C/G]
+    y = normalize(
+        grouped,
+        _as_stat(weight, param_shape, grouped.dtype),
+        _as_stat(bias, param_shape, grouped.dtype),
+        None,
+        reduce_axes,
+        eps,
+    )[0]
+    return jnp.moveaxis(y.reshape(moved.shape), -1, ax).astype(_output_dtype(x.dtype))
 
 
 def layer_norm(
@@ -213,9 +228,17 @@ def layer_norm(
                 f"Expected {name} of shape {list(shape)}, but got {list(jnp.shape(value))}"
             )
     reduce_axes = tuple(range(x.ndim - k, x.ndim))
-    xhat = standardize(x.astype(_compute_dtype(x.dtype)), None, reduce_axes, eps)[0]
+    compute_dtype = _compute_dtype(x.dtype)
     stat_shape = (1,) * (x.ndim - k) + shape
-    return _affine(xhat, weight, bias, stat_shape, None, _output_dtype(x.dtype))
+    y = normalize(
+        x.astype(compute_dtype),
+        _as_stat(weight, stat_shape, compute_dtype),
+        _as_stat(bias, stat_shape, compute_dtype),
+        None,
+        reduce_axes,
+        eps,
+    )[0]
+    return y.astype(_output_dtype(x.dtype))
 
 
 # --- helpers -------------------------------------------------------------------------------
@@ -279,6 +302,10 @@ def _output_dtype(dtype) -> jnp.dtype:
 
 def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
     return (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
+
+
+def _as_stat(value, shape, dtype) -> jax.Array | None:
+    return None if value is None else jnp.reshape(value, shape).astype(dtype)
 
 
 def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:

@@ -4,7 +4,8 @@ Every normalization in jaxbn reduces to one question: over a set of elements (th
 axes, a mask, and possibly the devices of a mapped axis), what are the count, the mean and the
 sum of squared deviations (M2)? This module answers it without cancellation:
 
-* locally two passes — mean first, then Σ(x-mean)² — so ``randn + 1e4`` in float32 has var ≈ 1;
+* locally two passes — mean first, then Σ(x-mean)² — so ``randn + 1e4`` in float32 has var ≈ 1
+  (the centered array is returned too: normalization and its derivative reuse it);
 * across devices Chan's parallel merge of (count, mean, M2) — exact for uneven shards and
   empty devices — using a single ``all_gather`` of a ``[3, ...]`` array.
 """
@@ -18,33 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 AxisIndexGroups = tuple[tuple[int, ...], ...] | None
-
-
-def local_moments(
-    x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...]
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Count, mean and M2 of ``x`` over ``reduce_axes`` (kept as size-1 dims).
-
-    Args:
-      x: [...] floating array (float32 or float64).
-      mask: None or a boolean array of ``x.shape``; False elements are ignored, even NaN.
-      reduce_axes: axes to reduce over.
-
-    Returns:
-      ``(count, mean, m2)``, each of ``x.shape`` with ``reduce_axes`` set to 1. ``count`` is
-      float; the mean of an empty set is 0 and its M2 is 0.
-    """
-    if mask is None:
-        n = float(np.prod([x.shape[a] for a in reduce_axes], dtype=np.int64))
-        count = jnp.full(_kept_shape(x.shape, reduce_axes), n, x.dtype)
-        mean = jnp.sum(x, reduce_axes, keepdims=True) / max(n, 1.0)
-        m2 = jnp.sum(jnp.square(x - mean), reduce_axes, keepdims=True)
-        return count, mean, m2
-    count = jnp.sum(mask, reduce_axes, keepdims=True, dtype=x.dtype)
-    # where, not multiply: a masked NaN times zero is still NaN.
-    mean = jnp.sum(jnp.where(mask, x, 0), reduce_axes, keepdims=True) / jnp.maximum(count, 1)
-    m2 = jnp.sum(jnp.where(mask, jnp.square(x - mean), 0), reduce_axes, keepdims=True)
-    return count, mean, m2
 
 
 def merge_moments(
@@ -72,19 +46,44 @@ def merge_moments(
     return total, merged_mean, merged_m2
 
 
-def moments(
+def _kept_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
+
+
+def centered_moments(
     x: jax.Array,
     mask: jax.Array | None,
     reduce_axes: tuple[int, ...],
     axis_name: str | Sequence[str] | None = None,
     axis_index_groups: AxisIndexGroups = None,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Count, mean and M2 over ``reduce_axes`` and, with ``axis_name``, over the devices."""
-    count, mean, m2 = local_moments(x, mask, reduce_axes)
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(count, mean, biased var, x − mean)``; the centered array is 0 where masked.
+
+    The centered array is what the variance is computed from (two-pass), so callers that also
+    need it (the normalization itself, its derivative) get it without another pass. Synced
+    over ``axis_name``, it is centered on the global mean.
+    """
+    count, mean, m2, centered = _local_centered(x, mask, reduce_axes)
     if axis_name is not None:
         count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
-    return count, mean, m2
+        centered = _center(x, mean, mask)
+    return count, mean, m2 / jnp.maximum(count, 1), centered
 
 
-def _kept_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
+def _center(x, mean, mask):
+    centered = x - mean
+    # where, not multiply: a masked NaN times zero is still NaN.
+    return centered if mask is None else jnp.where(mask, centered, 0)
+
+
+def _local_centered(x, mask, reduce_axes):
+    if mask is None:
+        n = float(np.prod([x.shape[a] for a in reduce_axes], dtype=np.int64))
+        count = jnp.full(_kept_shape(x.shape, reduce_axes), n, x.dtype)
+        mean = jnp.sum(x, reduce_axes, keepdims=True) / max(n, 1.0)
+    else:
+        count = jnp.sum(mask, reduce_axes, keepdims=True, dtype=x.dtype)
+        total = jnp.sum(jnp.where(mask, x, 0), reduce_axes, keepdims=True)
+        mean = total / jnp.maximum(count, 1)
+    centered = _center(x, mean, mask)
+    return count, mean, jnp.sum(jnp.square(centered), reduce_axes, keepdims=True), centered

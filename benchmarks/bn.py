@@ -1,0 +1,154 @@
+"""Batch norm layer speed: jaxbn vs flax.linen.BatchNorm vs torch.nn.BatchNorm* (eager).
+
+Usage:
+    python -m benchmarks.bn                  # the full table (a few minutes on 2 cores)
+    python -m benchmarks.bn --quick          # tiny shapes, a smoke run
+
+One process, same inputs, all cores for both XLA and PyTorch, warm-up then the median of
+repeats. Training mode throughout (batch statistics + running-statistics update). Ratios < 1
+mean jaxbn is faster. "bound" is the memory-bandwidth bound: a fwd+bwd must move at least 8
+tensor-sized passes (forward: 2 reads for the statistics and normalization + 1 write; backward:
+2 reads for Σdy and Σdy·x̂, 2 reads + 1 write for dx), timed at the measured copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import flax.linen as fnn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import jaxbn
+from benchmarks.timing import block, copy_bandwidth, median_seconds, same_threads
+
+FULL_SHAPES = [(128, 32, 32, 64), (64, 16, 16, 256), (4096, 1024)]
+QUICK_SHAPES = [(8, 4, 4, 8), (32, 16)]
+PASSES_FWD_BWD, PASSES_FWD = 8, 3
+
+
+def jax_layer(kind: str, channels: int):
+    if kind == "jaxbn":
+        return jaxbn.BatchNorm(channels)
+    return fnn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+
+
+def jax_fns(kind, x, g):
+    """Jitted (fwd+bwd, fwd) of one training call of the layer."""
+    layer = jax_layer(kind, x.shape[-1])
+    variables = (
+        layer.init(jax.random.key(0), x[:2])
+        if kind == "flax"
+        else layer.init(jax.random.key(0), x[:2], train=False)
+    )
+    kwargs = {} if kind == "flax" else {"train": True}
+
+    def forward(params, x):
+        y, updates = layer.apply(
+            {**variables, "params": params}, x, mutable=["batch_stats"], **kwargs
+        )
+        return y, updates
+
+    @jax.jit
+    def fwd_bwd(params, x, g):
+        (y, updates), vjp = jax.vjp(lambda p, x: forward(p, x), params, x)
+        zeros = jax.tree.map(jnp.zeros_like, updates)
+        return vjp((g.astype(y.dtype), zeros)), updates
+
+    fwd = jax.jit(forward)
+    params = variables["params"]
+    return (lambda: block(fwd_bwd(params, x, g))), (lambda: block(fwd(params, x)))
+
+
+def torch_fns(x_np, g_np, dtype):
+    channels = x_np.shape[-1]
+    cls = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[x_np.ndim]
+    bn = cls(channels).train()
+    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
+    x = to_torch(x_np).to(dtype).requires_grad_()
+    g = to_torch(g_np).to(dtype)
+
+    def fwd_bwd():
+        x.grad = None
+        bn.weight.grad = bn.bias.grad = None
+        bn(x).backward(g)
+
+    def fwd():
+        with torch.no_grad():
+            bn(x)
+
+    return fwd_bwd, fwd
+
+
+def run(shapes, dtypes, repeats: int) -> list[dict]:
+    rows = []
+    for dtype_name in dtypes:
+        jdtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype_name]
+        tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+        for shape in shapes:
+            rng = np.random.default_rng(0)
+            x_np = rng.standard_normal(shape, np.float32) * 2 + 1
+            g_np = rng.standard_normal(shape, np.float32)
+            x, g = jnp.asarray(x_np, jdtype), jnp.asarray(g_np, jdtype)
+            bandwidth = copy_bandwidth(shape, jdtype, repeats)
+            tensor_bytes = x.size * x.dtype.itemsize
+            timings = {}
+            for kind in ("jaxbn", "flax"):
+                fb, f = jax_fns(kind, x, g)
+                timings[kind] = (median_seconds(fb, repeats), median_seconds(f, repeats))
+            fb, f = torch_fns(x_np, g_np, tdtype)
+            timings["torch"] = (median_seconds(fb, repeats), median_seconds(f, repeats))
+            for mode, index, passes in (("fwd+bwd", 0, PASSES_FWD_BWD), ("fwd", 1, PASSES_FWD)):
+                bound = passes * tensor_bytes / bandwidth
+                mine = timings["jaxbn"][index]
+                rows.append(
+                    {
+                        "shape": "x".join(map(str, shape)),
+                        "dtype": dtype_name,
+                        "mode": mode,
+                        "jaxbn_ms": mine * 1e3,
+                        "flax_ms": timings["flax"][index] * 1e3,
+                        "torch_ms": timings["torch"][index] * 1e3,
+                        "vs_flax": mine / timings["flax"][index],
+                        "vs_torch": mine / timings["torch"][index],
+                        "bound_ms": bound * 1e3,
+                        "vs_bound": mine / bound,
+                    }
+                )
+    return rows
+
+
+def format_rows(rows: list[dict]) -> str:
+    header = (
+        f"{'shape':<16} {'dtype':<8} {'mode':<7} {'jaxbn ms':>9} {'flax ms':>8} {'torch ms':>9}"
+        f" {'/flax':>6} {'/torch':>7} {'bound ms':>9} {'/bound':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(
+            f"{r['shape']:<16} {r['dtype']:<8} {r['mode']:<7} {r['jaxbn_ms']:>9.2f}"
+            f" {r['flax_ms']:>8.2f} {r['torch_ms']:>9.2f} {r['vs_flax']:>6.2f}"
+            f" {r['vs_torch']:>7.2f} {r['bound_ms']:>9.2f} {r['vs_bound']:>7.2f}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bn", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
+    parser.add_argument("--repeats", type=int, default=15)
+    args = parser.parse_args(argv)
+    threads = same_threads()
+    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    repeats = 3 if args.quick else args.repeats
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of {repeats}"
+    )
+    print(format_rows(run(shapes, ["float32", "bfloat16"], repeats)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

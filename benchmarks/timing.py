@@ -1,0 +1,43 @@
+"""Timing helpers shared by the benchmarks: warm-up, medians of repeats, copy bandwidth."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import torch
+
+
+def same_threads() -> int:
+    """PyTorch gets as many threads as XLA's CPU client uses (all cores)."""
+    threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
+    return threads
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` (which must block until its result is ready)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def block(tree):
+    return jax.block_until_ready(tree)
+
+
+def copy_bandwidth(shape, dtype, repeats: int) -> float:
+    """Bytes per second of an XLA elementwise pass (read + write) over an array of ``shape``."""
+    x = jnp.ones(shape, dtype)
+    scale = jax.jit(lambda a: a * 2)
+    seconds = median_seconds(lambda: block(scale(x)), repeats)
+    return 2 * x.size * x.dtype.itemsize / seconds
