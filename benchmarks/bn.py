@@ -13,8 +13,6 @@ tensor-sized passes (forward: 2 reads for the statistics and normalization + 1 w
 
 from __future__ import annotations
 
-import argparse
-
 import flax.linen as fnn
 import jax
 import jax.numpy as jnp
@@ -22,7 +20,7 @@ import numpy as np
 import torch
 
 import jaxbn
-from benchmarks.timing import block, copy_bandwidth, median_seconds, same_threads
+from benchmarks.timing import benchmark_main, block, copy_bandwidth, median_seconds
 
 FULL_SHAPES = [(128, 32, 32, 64), (64, 16, 16, 256), (4096, 1024)]
 QUICK_SHAPES = [(8, 4, 4, 8), (32, 16)]
@@ -135,19 +133,12 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def measure(quick: bool, repeats: int) -> list[dict]:
+    return run(QUICK_SHAPES if quick else FULL_SHAPES, ["float32", "bfloat16"], repeats)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bn", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats")
-    parser.add_argument("--repeats", type=int, default=15)
-    args = parser.parse_args(argv)
-    threads = same_threads()
-    shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    repeats = 3 if args.quick else args.repeats
-    print(
-        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of {repeats}"
-    )
-    print(format_rows(run(shapes, ["float32", "bfloat16"], repeats)))
-    return 0
+    return benchmark_main("python -m benchmarks.bn", __doc__, measure, format_rows, argv)
 
 
 if __name__ == "__main__":

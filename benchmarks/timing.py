@@ -49,3 +49,23 @@ def copy_bandwidth(shape, dtype, repeats: int) -> float:
 
     seconds = median_seconds(one_pass, repeats)
     return 2 * holder[0].size * holder[0].dtype.itemsize / seconds
+
+
+def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> int:
+    """Shared ``main`` of the benchmark scripts: ``--quick``/``--repeats``, a header, the table.
+
+    ``run(quick, repeats)`` measures and returns rows; ``format_rows(rows)`` makes the table.
+    """
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
+    args = parser.parse_args(argv)
+    threads = same_threads()
+    repeats = 3 if args.quick else args.repeats
+    print(
+        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of {repeats}"
+    )
+    print(format_rows(run(args.quick, repeats)))
+    return 0

@@ -12,7 +12,6 @@ time over the same model without normalization.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 
 import flax.linen as fnn
@@ -22,7 +21,7 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks.timing import block, median_seconds, same_threads
+from benchmarks.timing import benchmark_main, block, median_seconds
 from jaxbn import models
 from jaxbn.models import norms
 from tests import torch_models
@@ -182,17 +181,7 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.train_step", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="tiny models, few repeats")
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args(argv)
-    threads = same_threads()
-    repeats = 3 if args.quick else args.repeats
-    print(
-        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of {repeats}"
-    )
-    print(format_rows(run(args.quick, repeats)))
-    return 0
+    return benchmark_main("python -m benchmarks.train_step", __doc__, run, format_rows, argv)
 
 
 if __name__ == "__main__":

@@ -116,3 +116,17 @@ def request_cpu_devices(count: int) -> None:
         flags = os.environ.get("XLA_FLAGS", "")
         if "xla_force_host_platform_device_count" not in flags:
             os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
+
+
+def run_cli(
+    prog: str, description: str, defaults: Defaults, make_model, argv: list[str] | None = None
+) -> int:
+    """A script's whole ``main``: parse the flags, then start JAX and train.
+
+    ``train.loop`` (and with it JAX) is imported only after parsing, so ``--devices`` can still
+    choose the number of simulated CPU devices.
+    """
+    args = parse_args(prog, description, defaults, argv)
+    from train.loop import run_script
+
+    return run_script(args, make_model)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from train.cli import Defaults, parse_args
+from train.cli import Defaults, run_cli
 
 DEFAULTS = Defaults(epochs=10, batch_size=64, lr=0.05)
 
@@ -25,10 +25,7 @@ def make_model(args, data):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args("python -m train.cnn", __doc__, DEFAULTS, argv)
-    from train.loop import run_script  # after parse_args: JAX starts with the right devices
-
-    return run_script(args, make_model)
+    return run_cli("python -m train.cnn", __doc__, DEFAULTS, make_model, argv)
 
 
 if __name__ == "__main__":

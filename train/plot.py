@@ -26,20 +26,9 @@ def plot_comparison(results: list[dict], path: str | pathlib.Path, title: str) -
         style = "-" if r["norm"] == "batch" else "--"
         label = f"lr={r['lr']:g} {'BN' if r['norm'] == 'batch' else 'no BN'}"
         epochs = [row["epoch"] for row in r["history"]]
-        ax_loss.plot(
-            epochs,
-            [row["train_loss"] for row in r["history"]],
-            style,
-            color=colors[r["lr"]],
-            label=label,
-        )
-        ax_acc.plot(
-            epochs,
-            [row["test_accuracy"] for row in r["history"]],
-            style,
-            color=colors[r["lr"]],
-            label=label,
-        )
+        for ax, key in ((ax_loss, "train_loss"), (ax_acc, "test_accuracy")):
+            values = [row[key] for row in r["history"]]
+            ax.plot(epochs, values, style, color=colors[r["lr"]], label=label)
         if r["diverged"] is not None:
             for ax in (ax_loss, ax_acc):
                 ax.axvline(r["diverged"], color=colors[r["lr"]], linestyle=":", alpha=0.6)
