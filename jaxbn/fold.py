@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -107,7 +108,7 @@ def fold_batch_norm_variables(
                 "tracked (num_batches_tracked == 0); train it or run jaxbn.update_bn first"
             )
     pairs = _find_producers(model, variables, x)
-    params = jax.tree.map(lambda a: a, dict(variables["params"]))
+    params = flax.core.unfreeze(variables["params"])  # a mutable copy, also of a FrozenDict
     for bn_path, (producer, eps) in pairs.items():
         stats, bn_params = layers.get(bn_path, (None, None))
         if stats is None:

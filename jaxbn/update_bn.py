@@ -17,6 +17,7 @@ import contextvars
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
+import flax.core
 import jax
 import jax.numpy as jnp
 
@@ -63,10 +64,10 @@ def update_bn(
       New variables: the same ``params``, fresh ``batch_stats``. With no batch norm in the
       model, the variables unchanged.
     """
-    variables = dict(variables)
+    variables = flax.core.unfreeze(variables)  # a mutable copy, also of a FrozenDict
     if not any(True for _ in batch_norm_layers(variables)):
         return variables
-    stats = jax.tree.map(lambda a: a, dict(variables["batch_stats"]))
+    stats = variables["batch_stats"]
     for path, layer, _ in batch_norm_layers(variables):
         set_path(stats, (*path, "mean"), jnp.zeros_like(layer["mean"]))
         set_path(stats, (*path, "var"), jnp.ones_like(layer["var"]))

@@ -3,6 +3,7 @@ their eval outputs, and statistics that were never tracked are refused."""
 
 from __future__ import annotations
 
+import flax.core
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -105,3 +106,20 @@ def test_a_batch_norm_not_fed_by_a_conv_or_dense_is_refused():
     variables = {**variables, **updates}
     with pytest.raises(ValueError, match="does not come straight from a Conv or Dense"):
         jaxbn.fold_batch_norm_variables(model, variables, jnp.ones((1, 3)))
+
+
+def test_folding_accepts_frozen_variables():
+    pair = make_pairs(seed=6)["mlp-bn"]
+    pair.torch_model.train()
+    with torch.no_grad():
+        pair.torch_model(torch.randn(pair.input_shape))
+    variables = flax.core.freeze(pair.load_into_jax())
+    x = pair.to_jax_input(torch.randn(pair.input_shape))
+    folded_model, folded = jaxbn.fold_batch_norm(pair.model, variables, x[:1])
+    assert_close(
+        "fold frozen eval logits",
+        folded_model.apply(folded, x, train=False),
+        pair.model.apply(variables, x, train=False),
+        1e-5,
+        1e-5,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import flax.core
 import jax
 import jax.numpy as jnp
 import torch
@@ -50,3 +51,12 @@ def test_update_bn_leaves_a_model_without_batch_norm_alone():
     model = jaxbn.models.MLP(hidden=(4,), norm="none")
     variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
     assert jaxbn.update_bn(model.apply, variables, [jnp.ones((2, 3))]) == variables
+
+
+def test_update_bn_accepts_frozen_variables_and_leaves_them_untouched():
+    model = jaxbn.BatchNorm1d(3)
+    batch = jax.random.normal(jax.random.key(0), (6, 3)) + 2
+    variables = flax.core.freeze(model.init(jax.random.key(0), batch, train=False))
+    updated = jaxbn.update_bn(model.apply, variables, [batch])
+    assert_close("update_bn frozen mean", updated["batch_stats"]["mean"], batch.mean(0), 1e-6, 1e-6)
+    assert int(variables["batch_stats"]["num_batches_tracked"]) == 0
