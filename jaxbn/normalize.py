@@ -13,10 +13,13 @@ mode comes from JAX transposing it — which gives exactly the classic batch-nor
 (``dbias = Σg``, ``dweight = Σg·x̂``, ``dx = weight·rstd·(g − mean(g) − x̂·mean(g·x̂))``). It is
 made of ordinary JAX ops, so it can be differentiated again (``grad`` of ``grad``).
 
-Memory traffic is the cost of batch norm. The forward computes the centered input
-``x − mean`` once (the two-pass variance needs it) and derives both the output and the saved
-state from it: the backward reads only the cotangent and that centered array — Σg, Σg·(x−mean)
-and one elementwise pass for ``dx`` — and ``x`` itself need not be kept.
+Memory traffic is the cost of batch norm. On the common path (per-channel weight and bias, no
+mask) the statistics and the tangent reductions are :mod:`jaxbn.channel_ops` primitives: the
+forward reads ``x`` once for the moments (one pass, native kernel on the CPU) and once for the
+output; the backward reads the cotangent and ``x`` once for Σg and Σg·(x − mean) together, and
+once more for the elementwise ``dx``. Nothing but ``x`` is kept for the backward. Masked
+inputs, and GroupNorm/LayerNorm (whose weight spans the reduced axes), share the centered
+array ``x − mean`` between the statistics, the output and the derivative instead.
 
 Across devices (``axis_name``) the statistics are merged with one all-gather (see
 :mod:`jaxbn.moments`) and the two tangent reductions are summed with one ``psum`` — in reverse
@@ -27,12 +30,14 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxbn.moments import AxisIndexGroups, centered_moments
+from jaxbn.channel_ops import channel_affine, channel_dot, channel_moments, reduced_count
+from jaxbn.moments import AxisIndexGroups, centered_moments, merge_moments
 
 NormalizeOut = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
@@ -64,45 +69,84 @@ def normalize(
       ``(y, count, mean, var)``: y has ``x.shape``; the others have ``x.shape`` with
       ``reduce_axes`` set to 1; ``var`` is the biased variance (M2 / count).
     """
-    count, mean, var, centered = centered_moments(
-        x, mask, reduce_axes, axis_name, axis_index_groups
-    )
-    rstd = jax.lax.rsqrt(var + eps)
-    return _output(centered, rstd, weight, bias, mask), count, mean, var
-
-
-def _output(centered, rstd, weight, bias, mask):
+    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups)
+    rstd = jax.lax.rsqrt(stats.var + eps)
     scale = rstd if weight is None else rstd * weight
-    y = centered * scale
-    y = y if bias is None else y + bias
-    return y if mask is None else jnp.where(mask, y, 0)
+    y = stats.affine(scale, jnp.zeros_like(stats.mean) if bias is None else bias)
+    return y, stats.count, stats.mean, stats.var
+
+
+class _Statistics(NamedTuple):
+    """The statistics of ``x``, and the two ways ``x − mean`` enters the output and tangent.
+
+    ``centered`` is None on the fast path (no mask, per-channel weight and bias): the
+    :mod:`jaxbn.channel_ops` primitives then read ``x`` itself. Otherwise it is the masked
+    ``x − mean``, shared by everything that needs it.
+    """
+
+    x: jax.Array
+    mask: jax.Array | None
+    reduce_axes: tuple[int, ...]
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
+    centered: jax.Array | None
+
+    @classmethod
+    def of(cls, x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups):
+        kept = tuple(1 if i in reduce_axes else d for i, d in enumerate(x.shape))
+        per_channel = all(p is None or tuple(p.shape) == kept for p in (weight, bias))
+        if mask is not None or not per_channel:
+            count, mean, var, centered = centered_moments(
+                x, mask, reduce_axes, axis_name, axis_index_groups
+            )
+            return cls(x, mask, reduce_axes, count, mean, var, centered)
+        mean, m2 = channel_moments(x, reduce_axes)
+        count = jnp.full(mean.shape, reduced_count(x.shape, reduce_axes), mean.dtype)
+        if axis_name is not None:
+            count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
+        var = m2 / jnp.maximum(count, 1)
+        return cls(x, None, reduce_axes, count, mean, var, None)
+
+    def affine(self, b: jax.Array, c: jax.Array) -> jax.Array:
+        """``(x − mean)·b + c``, 0 where masked."""
+        if self.centered is None:
+            return channel_affine(b, c, self.x, self.mean, self.reduce_axes)
+        y = self.centered * b + c
+        return y if self.mask is None else jnp.where(self.mask, y, 0)
+
+    def sums(self, dx: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(Σ dx, Σ (x − mean)·dx)`` over the unmasked elements."""
+        if self.centered is None:
+            sum_centered, sum_dx = channel_dot(dx, self.x, self.mean, self.reduce_axes)
+            return sum_dx, sum_centered
+        if self.mask is not None:
+            dx = jnp.where(self.mask, dx, 0)
+        return (
+            jnp.sum(dx, self.reduce_axes, keepdims=True),
+            jnp.sum(self.centered * dx, self.reduce_axes, keepdims=True),
+        )
 
 
 @functools.partial(normalize.defjvp, symbolic_zeros=True)
 def _normalize_jvp(reduce_axes, eps, axis_name, axis_index_groups, primals, tangents):
     x, weight, bias, mask = primals
     dx, dweight, dbias, _ = tangents
-    count, mean, var, centered = centered_moments(
-        x, mask, reduce_axes, axis_name, axis_index_groups
-    )
+    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups)
+    count, mean, var = stats.count, stats.mean, stats.var
     rstd = jax.lax.rsqrt(var + eps)
-    y = _output(centered, rstd, weight, bias, mask)
-    n = jnp.maximum(count, 1)
-    # dy = dx·a + centered·B + C with per-channel a, B, C. Written this way, the transpose (the
-    # backward pass) needs only Σg and Σg·centered — reductions of arrays that exist anyway —
-    # and one elementwise pass for dx.
     a = rstd if weight is None else rstd * weight
+    y = stats.affine(a, jnp.zeros_like(mean) if bias is None else bias)
+    n = jnp.maximum(count, 1)
+    # dy = dx·a + (x − mean)·B + C with per-channel a, B, C. Written this way, the transpose
+    # (the backward pass) needs only Σg and Σg·(x − mean) — one channel_dot — and one
+    # elementwise pass for dx.
     per_channel = jnp.zeros_like(mean)
     B, C = per_channel, per_channel
     dy = jnp.zeros_like(x)
     dmean = dvar = per_channel
     if not isinstance(dx, SymbolicZero):
-        if mask is not None:
-            dx = jnp.where(mask, dx, 0)
-        sums = (
-            jnp.sum(dx, reduce_axes, keepdims=True),
-            jnp.sum(centered * dx, reduce_axes, keepdims=True),
-        )
+        sums = stats.sums(dx)
         if axis_name is not None:
             sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
         dmean, proj = sums[0] / n, sums[1] / n  # proj = mean((x - mean) · dx)
@@ -114,7 +158,7 @@ def _normalize_jvp(reduce_axes, eps, axis_name, axis_index_groups, primals, tang
         B = B + rstd * dweight
     if bias is not None and not isinstance(dbias, SymbolicZero):
         C = C + dbias
-    dy = dy + centered * B + C
+    dy = dy + stats.affine(B, C)
     if mask is not None:
         dy = jnp.where(mask, dy, 0)
     return (y, count, mean, var), (dy, jnp.zeros_like(count), dmean, dvar)

@@ -1,0 +1,274 @@
+"""Per-channel reductions and their transpose, as JAX primitives with native CPU kernels.
+
+Batch norm's statistics and derivatives are made of three operations on an activation ``x``
+([...], reduced over ``reduce_axes``; per-channel values have ``x``'s rank with those axes 1):
+
+* ``channel_moments(x)`` → ``(mean, m2)``, ``m2 = Σ(x − mean)²``;
+* ``channel_dot(g, x, mean)`` → ``(Σg·(x − mean), Σg)`` — linear in ``g``;
+* ``channel_affine(b, c, x, mean)`` → ``(x − mean)·b + c`` — linear in ``(b, c)``.
+
+``channel_dot`` and ``channel_affine`` are each other's transpose, so reverse mode turns every
+reduction back into a ``channel_dot``. On the CPU the two reductions run as the single-pass
+C++ kernels of :mod:`jaxbn.native` when ``x`` is float32 and the kept axes are contiguous;
+everywhere else (float64, GPU, ``vmap``, no compiler) they lower to the plain-JAX reference
+below, which they must agree with. Each primitive has a JVP, so derivatives of any order work.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.extend.core import Primitive
+from jax.interpreters import ad, batching, mlir
+
+from jaxbn import native
+
+Axes = tuple[int, ...]
+
+
+def kept_shape(shape: tuple[int, ...], reduce_axes: Axes) -> tuple[int, ...]:
+    return tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
+
+
+def reduced_count(shape: tuple[int, ...], reduce_axes: Axes) -> int:
+    return int(np.prod([shape[a] for a in reduce_axes], dtype=np.int64))
+
+
+# --- the public operations -----------------------------------------------------------------
+
+
+def channel_moments(x: jax.Array, reduce_axes: Axes) -> tuple[jax.Array, jax.Array]:
+    """``(mean, Σ(x − mean)²)`` over ``reduce_axes``; both keep ``x``'s rank."""
+    return tuple(moments_p.bind(x, reduce_axes=reduce_axes))
+
+
+def channel_dot(
+    g: jax.Array, x: jax.Array, mean: jax.Array, reduce_axes: Axes
+) -> tuple[jax.Array, jax.Array]:
+    """``(Σ g·(x − mean), Σ g)`` over ``reduce_axes``; ``g`` and ``x`` have one shape."""
+    g, x, mean = _same_vma(g, x, mean)
+    return tuple(dot_p.bind(g, x, mean, reduce_axes=reduce_axes))
+
+
+def channel_affine(
+    b: jax.Array, c: jax.Array, x: jax.Array, mean: jax.Array, reduce_axes: Axes
+) -> jax.Array:
+    """``(x − mean)·b + c`` with per-channel ``b``, ``c``, ``mean``."""
+    b, c, x, mean = _same_vma(b, c, x, mean)
+    return affine_p.bind(b, c, x, mean, reduce_axes=reduce_axes)
+
+
+def _same_vma(*arrays):
+    # Inside shard_map a primitive's operands must vary over the same mesh axes; the merged
+    # statistics are replicated while activations vary, so cast the former to varying.
+    vmas = [getattr(jax.typeof(a), "vma", frozenset()) for a in arrays]
+    union = frozenset().union(*vmas)
+    return tuple(
+        a if vma == union else jax.lax.pcast(a, tuple(union - vma), to="varying")
+        for a, vma in zip(arrays, vmas, strict=True)
+    )
+
+
+# --- references (plain JAX; also the lowering off the fast path) -----------------------------
+
+
+def _compute_dtype(*arrays):
+    return jnp.result_type(jnp.float32, *arrays)
+
+
+def moments_reference(x, *, reduce_axes):
+    dtype = _compute_dtype(x)
+    x = x.astype(dtype)
+    n = max(reduced_count(x.shape, reduce_axes), 1)
+    mean = jnp.sum(x, reduce_axes, keepdims=True) / n
+    # Two passes: Σ(x − mean)² does not cancel the way Σx² − n·mean² does.
+    return mean, jnp.sum(jnp.square(x - mean), reduce_axes, keepdims=True)
+
+
+def dot_reference(g, x, mean, *, reduce_axes):
+    dtype = _compute_dtype(g, x, mean)
+    g = g.astype(dtype)
+    centered = x.astype(dtype) - mean.astype(dtype)
+    return (
+        jnp.sum(g * centered, reduce_axes, keepdims=True),
+        jnp.sum(g, reduce_axes, keepdims=True),
+    )
+
+
+def affine_reference(b, c, x, mean, *, reduce_axes):
+    del reduce_axes
+    dtype = _compute_dtype(b, c, x, mean)
+    return (x.astype(dtype) - mean.astype(dtype)) * b.astype(dtype) + c.astype(dtype)
+
+
+# --- native lowering -------------------------------------------------------------------------
+
+
+def _channel_view(shape: tuple[int, ...], reduce_axes: Axes) -> tuple[int, int, int] | None:
+    """``(outer, C, inner)`` when the kept axes are one contiguous block, else None."""
+    kept = [i for i in range(len(shape)) if i not in reduce_axes]
+    if not kept or kept != list(range(kept[0], kept[-1] + 1)):
+        return None
+    size = lambda axes: int(np.prod([shape[i] for i in axes], dtype=np.int64))
+    return size(range(kept[0])), size(kept), size(range(kept[-1] + 1, len(shape)))
+
+
+def _native_view(reduce_axes, *arrays):
+    """The kernel's 3-D view of the activations, or None when the kernels cannot take them."""
+    x = arrays[-1]
+    if any(a.dtype != jnp.float32 for a in arrays) or x.size == 0:
+        return None
+    view = _channel_view(x.shape, reduce_axes)
+    return view if view is not None and native.load() else None
+
+
+def _per_channel(view, shape, reduce_axes):
+    return jax.ShapeDtypeStruct((view[1],), jnp.float32), kept_shape(shape, reduce_axes)
+
+
+def moments_cpu(x, *, reduce_axes):
+    view = _native_view(reduce_axes, x)
+    if view is None:
+        return moments_reference(x, reduce_axes=reduce_axes)
+    result, kept = _per_channel(view, x.shape, reduce_axes)
+    mean, m2 = jax.ffi.ffi_call("jaxbn_channel_moments", (result, result))(x.reshape(view))
+    return mean.reshape(kept), m2.reshape(kept)
+
+
+def dot_cpu(g, x, mean, *, reduce_axes):
+    view = _native_view(reduce_axes, g, x)
+    if view is None or mean.dtype != jnp.float32:
+        return dot_reference(g, x, mean, reduce_axes=reduce_axes)
+    result, kept = _per_channel(view, x.shape, reduce_axes)
+    call = jax.ffi.ffi_call("jaxbn_channel_dot", (result, result))
+    sum_gx, sum_g = call(g.reshape(view), x.reshape(view), mean.reshape(-1))
+    return sum_gx.reshape(kept), sum_g.reshape(kept)
+
+
+# --- primitives ----------------------------------------------------------------------------
+
+
+def _per_channel_aval(x_aval, reduce_axes, *others):
+    dtype = _compute_dtype(x_aval.dtype, *(a.dtype for a in others))
+    return x_aval.update(shape=kept_shape(x_aval.shape, reduce_axes), dtype=dtype)
+
+
+def _primitive(name, reference, cpu, multiple_results, abstract_eval):
+    prim = Primitive(name)
+    prim.multiple_results = multiple_results
+    prim.def_abstract_eval(abstract_eval)
+    prim.def_impl(lambda *args, **params: _jitted(prim, **params)(*args))
+    mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results))
+    mlir.register_lowering(prim, mlir.lower_fun(cpu, multiple_results), platform="cpu")
+
+    def batch(args, dims, **params):
+        # vmap (jacfwd, jacrev, per-example work) takes the reference path.
+        out = jax.vmap(functools.partial(reference, **params), in_axes=dims)(*args)
+        return out, ((0,) * len(out) if multiple_results else 0)
+
+    batching.primitive_batchers[prim] = batch
+    return prim
+
+
+@functools.cache
+def _jitted(prim, **params):
+    return jax.jit(functools.partial(prim.bind, **params))
+
+
+moments_p = _primitive(
+    "jaxbn_channel_moments",
+    moments_reference,
+    moments_cpu,
+    True,
+    lambda x, *, reduce_axes: (_per_channel_aval(x, reduce_axes),) * 2,
+)
+dot_p = _primitive(
+    "jaxbn_channel_dot",
+    dot_reference,
+    dot_cpu,
+    True,
+    lambda g, x, mean, *, reduce_axes: (_per_channel_aval(x, reduce_axes, g, mean),) * 2,
+)
+affine_p = _primitive(
+    "jaxbn_channel_affine",
+    affine_reference,
+    affine_reference,
+    False,
+    lambda b, c, x, mean, *, reduce_axes: x.update(
+        dtype=_compute_dtype(b.dtype, c.dtype, x.dtype, mean.dtype)
+    ),
+)
+
+
+# --- derivatives ---------------------------------------------------------------------------
+
+
+def _nonzero(tangent) -> bool:
+    return type(tangent) is not ad.Zero
+
+
+def _moments_jvp(primals, tangents, *, reduce_axes):
+    (x,), (dx,) = primals, tangents
+    mean, m2 = channel_moments(x, reduce_axes)
+    if not _nonzero(dx):
+        return (mean, m2), (jnp.zeros_like(mean), jnp.zeros_like(m2))
+    # dmean = mean(dx); dm2 = 2·Σ(x − mean)·(dx − dmean) = 2·Σ(x − mean)·dx.
+    sum_dx_centered, sum_dx = channel_dot(dx, x, mean, reduce_axes)
+    n = max(reduced_count(x.shape, reduce_axes), 1)
+    return (mean, m2), (sum_dx / n, 2 * sum_dx_centered)
+
+
+def _dot_jvp(primals, tangents, *, reduce_axes):
+    (g, x, mean), (dg, dx, dmean) = primals, tangents
+    sum_gx, sum_g = channel_dot(g, x, mean, reduce_axes)
+    t_gx, t_g = jnp.zeros_like(sum_gx), jnp.zeros_like(sum_g)
+    if _nonzero(dg):
+        t_gx, t_g = channel_dot(dg, x, mean, reduce_axes)
+    if _nonzero(dx):  # Σ g·dx
+        t_gx = t_gx + channel_dot(dx, g, jnp.zeros_like(mean), reduce_axes)[0]
+    if _nonzero(dmean):
+        t_gx = t_gx - dmean * sum_g
+    return (sum_gx, sum_g), (t_gx, t_g)
+
+
+def _affine_jvp(primals, tangents, *, reduce_axes):
+    (b, c, x, mean), (db, dc, dx, dmean) = primals, tangents
+    y = channel_affine(b, c, x, mean, reduce_axes)
+    dy = jnp.zeros_like(y)
+    if _nonzero(db) or _nonzero(dc):
+        db, dc = ad.instantiate_zeros(db), ad.instantiate_zeros(dc)
+        dy = channel_affine(db, dc, x, mean, reduce_axes)
+    if _nonzero(dx):
+        dy = dy + dx.astype(y.dtype) * b
+    if _nonzero(dmean):
+        dy = dy - dmean * b
+    return y, dy
+
+
+def _dot_transpose(cts, g, x, mean, *, reduce_axes):
+    if not ad.is_undefined_primal(g) or ad.is_undefined_primal(x):
+        raise NotImplementedError("channel_dot is linear in its first operand only")
+    ct_gx, ct_g = (ad.instantiate_zeros(ct) for ct in cts)
+    ct = channel_affine(ct_gx, ct_g, x, mean, reduce_axes)
+    return ct.astype(g.aval.dtype), None, None
+
+
+def _affine_transpose(ct, b, c, x, mean, *, reduce_axes):
+    if ad.is_undefined_primal(x) or ad.is_undefined_primal(mean):
+        raise NotImplementedError("channel_affine is linear in its scale and shift only")
+    ct_b = ct_c = None
+    if type(ct) is not ad.Zero:
+        sum_gx, sum_g = channel_dot(ct, x, mean, reduce_axes)
+        ct_b = sum_gx.astype(b.aval.dtype) if ad.is_undefined_primal(b) else None
+        ct_c = sum_g.astype(c.aval.dtype) if ad.is_undefined_primal(c) else None
+    return ct_b, ct_c, None, None
+
+
+ad.primitive_jvps[moments_p] = _moments_jvp
+ad.primitive_jvps[dot_p] = _dot_jvp
+ad.primitive_jvps[affine_p] = _affine_jvp
+ad.primitive_transposes[dot_p] = _dot_transpose
+ad.primitive_transposes[affine_p] = _affine_transpose
