@@ -51,9 +51,10 @@ def jax_fns(kind, x, g):
 
     @jax.jit
     def fwd_bwd(params, x, g):
+        # y is returned too: a layer's output is always used, and PyTorch computes it as well.
         (y, updates), vjp = jax.vjp(lambda p, x: forward(p, x), params, x)
         zeros = jax.tree.map(jnp.zeros_like, updates)
-        return vjp((g.astype(y.dtype), zeros)), updates
+        return y, vjp((g.astype(y.dtype), zeros)), updates
 
     fwd = jax.jit(forward)
     params = variables["params"]

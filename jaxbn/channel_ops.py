@@ -64,12 +64,18 @@ def channel_affine(
 def _same_vma(*arrays):
     # Inside shard_map a primitive's operands must vary over the same mesh axes; the merged
     # statistics are replicated while activations vary, so cast the former to varying.
-    vmas = [getattr(jax.typeof(a), "vma", frozenset()) for a in arrays]
+    vmas = [_varying_axes(a) for a in arrays]
     union = frozenset().union(*vmas)
     return tuple(
         a if vma == union else jax.lax.pcast(a, tuple(union - vma), to="varying")
         for a, vma in zip(arrays, vmas, strict=True)
     )
+
+
+def _varying_axes(array) -> frozenset:
+    aval = jax.typeof(array)
+    manual = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
 
 
 # --- references (plain JAX; also the lowering off the fast path) -----------------------------

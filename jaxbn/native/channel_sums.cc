@@ -14,6 +14,7 @@
 // `randn + 1e4` in float32 still gives var ≈ 1 without a second pass over x.
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <thread>
@@ -131,7 +132,9 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   std::vector<float> shift(C, 0.0f);
   if (outer * inner > 0) {
-    for (int64_t c = 0; c < C; ++c) shift[c] = xp[c * inner];
+    // An infinite shift would turn x - shift into inf - inf: use 0 there instead, so an
+    // infinite value gives an infinite mean as the two-pass formula does.
+    for (int64_t c = 0; c < C; ++c) shift[c] = std::isfinite(xp[c * inner]) ? xp[c * inner] : 0.0f;
   }
   const float* sp = shift.data();
   std::vector<double> s1, s2;
@@ -149,7 +152,8 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
   for (int64_t c = 0; c < C; ++c) {
     const double offset = n > 0 ? s1[c] / n : 0.0;
     mean_out[c] = static_cast<float>(sp[c] + offset);
-    m2_out[c] = static_cast<float>(std::max(0.0, s2[c] - s1[c] * offset));
+    const double m2_value = s2[c] - s1[c] * offset;
+    m2_out[c] = static_cast<float>(m2_value < 0.0 ? 0.0 : m2_value);  // keeps NaN
   }
   return ffi::Error::Success();
 }
