@@ -5,11 +5,13 @@ Batch norm's statistics and derivatives are made of three operations on an activ
 
 * ``channel_moments(x)`` → ``(mean, m2)``, ``m2 = Σ(x − mean)²``;
 * ``channel_dot(g, x, mean)`` → ``(Σg·(x − mean), Σg)`` — linear in ``g``;
-* ``channel_affine(b, c, x, mean)`` → ``(x − mean)·b + c`` — linear in ``(b, c)``.
+* ``channel_affine(b, c, x, mean, addend)`` → ``(x − mean)·b + c + addend`` — linear in
+  ``(b, c, addend)``, computed in float32 (or float64) and rounded once to ``out_dtype``.
 
 ``channel_dot`` and ``channel_affine`` are each other's transpose, so reverse mode turns every
 reduction back into a ``channel_dot``. On the CPU the two reductions run as the single-pass
-C++ kernels of :mod:`jaxbn.native` when ``x`` is float32 and the kept axes are contiguous;
+C++ kernels of :mod:`jaxbn.native` when ``x`` (and ``g``) are float32, bfloat16 or float16 —
+read in their own dtype, no float32 copy — and the kept axes are contiguous;
 everywhere else (float64, GPU, ``vmap``, no compiler) they lower to the plain-JAX reference
 below, which they must agree with. Each primitive has a JVP, so derivatives of any order work.
 """
@@ -27,6 +29,7 @@ from jax.interpreters import ad, batching, mlir
 from jaxbn import native
 
 Axes = tuple[int, ...]
+NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def kept_shape(shape: tuple[int, ...], reduce_axes: Axes) -> tuple[int, ...]:
@@ -54,11 +57,22 @@ def channel_dot(
 
 
 def channel_affine(
-    b: jax.Array, c: jax.Array, x: jax.Array, mean: jax.Array, reduce_axes: Axes
+    b: jax.Array,
+    c: jax.Array,
+    x: jax.Array,
+    mean: jax.Array,
+    reduce_axes: Axes,
+    addend: jax.Array | None = None,
+    out_dtype=None,
 ) -> jax.Array:
-    """``(x − mean)·b + c`` with per-channel ``b``, ``c``, ``mean``."""
-    b, c, x, mean = _same_vma(b, c, x, mean)
-    return affine_p.bind(b, c, x, mean, reduce_axes=reduce_axes)
+    """``(x − mean)·b + c (+ addend)`` with per-channel ``b``, ``c``, ``mean``.
+
+    Computed in float32 (float64 if any operand is) and rounded once to ``out_dtype`` (default:
+    that compute dtype). ``addend`` has ``x``'s shape.
+    """
+    operands = (b, c, x, mean) if addend is None else (b, c, x, mean, addend)
+    out_dtype = np.dtype(out_dtype or _compute_dtype(*operands))
+    return affine_p.bind(*_same_vma(*operands), reduce_axes=reduce_axes, out_dtype=out_dtype)
 
 
 def _same_vma(*arrays):
@@ -104,10 +118,12 @@ def dot_reference(g, x, mean, *, reduce_axes):
     )
 
 
-def affine_reference(b, c, x, mean, *, reduce_axes):
+def affine_reference(b, c, x, mean, *addend, reduce_axes, out_dtype):
     del reduce_axes
-    dtype = _compute_dtype(b, c, x, mean)
-    return (x.astype(dtype) - mean.astype(dtype)) * b.astype(dtype) + c.astype(dtype)
+    dtype = _compute_dtype(b, c, x, mean, *addend)
+    y = (x.astype(dtype) - mean.astype(dtype)) * b.astype(dtype) + c.astype(dtype)
+    y = y + addend[0].astype(dtype) if addend else y
+    return y.astype(out_dtype)
 
 
 # --- native lowering -------------------------------------------------------------------------
@@ -125,7 +141,7 @@ def _channel_view(shape: tuple[int, ...], reduce_axes: Axes) -> tuple[int, int, 
 def _native_view(reduce_axes, *arrays):
     """The kernel's 3-D view of the activations, or None when the kernels cannot take them."""
     x = arrays[-1]
-    if any(a.dtype != jnp.float32 for a in arrays) or x.size == 0:
+    if x.dtype not in NATIVE_DTYPES or any(a.dtype != x.dtype for a in arrays) or x.size == 0:
         return None
     view = _channel_view(x.shape, reduce_axes)
     return view if view is not None and native.load() else None
@@ -203,9 +219,7 @@ affine_p = _primitive(
     affine_reference,
     affine_reference,
     False,
-    lambda b, c, x, mean, *, reduce_axes: x.update(
-        dtype=_compute_dtype(b.dtype, c.dtype, x.dtype, mean.dtype)
-    ),
+    lambda b, c, x, mean, *addend, reduce_axes, out_dtype: x.update(dtype=out_dtype),
 )
 
 
@@ -240,37 +254,43 @@ def _dot_jvp(primals, tangents, *, reduce_axes):
     return (sum_gx, sum_g), (t_gx, t_g)
 
 
-def _affine_jvp(primals, tangents, *, reduce_axes):
-    (b, c, x, mean), (db, dc, dx, dmean) = primals, tangents
-    y = channel_affine(b, c, x, mean, reduce_axes)
-    dy = jnp.zeros_like(y)
-    if _nonzero(db) or _nonzero(dc):
-        db, dc = ad.instantiate_zeros(db), ad.instantiate_zeros(dc)
-        dy = channel_affine(db, dc, x, mean, reduce_axes)
+def _affine_jvp(primals, tangents, *, reduce_axes, out_dtype):
+    (b, c, x, mean, *addend), (db, dc, dx, dmean, *daddend) = primals, tangents
+    y = channel_affine(b, c, x, mean, reduce_axes, *addend, out_dtype=out_dtype)
+    # Everything but db and dc goes into one addend, so the tangent is rounded once too.
+    dtype = _compute_dtype(b, c, x, mean, *addend)
+    extra = [t.astype(dtype) for t in daddend if _nonzero(t)]
     if _nonzero(dx):
-        dy = dy + dx.astype(y.dtype) * b
+        extra.append(dx.astype(dtype) * b)
     if _nonzero(dmean):
-        dy = dy - dmean * b
-    return y, dy
+        extra.append(jnp.broadcast_to(-dmean * b, x.shape))
+    if not (_nonzero(db) or _nonzero(dc) or extra):
+        return y, jnp.zeros_like(y)
+    db, dc = ad.instantiate_zeros(db), ad.instantiate_zeros(dc)
+    total = functools.reduce(jnp.add, extra) if extra else None
+    return y, channel_affine(db, dc, x, mean, reduce_axes, total, out_dtype)
 
 
 def _dot_transpose(cts, g, x, mean, *, reduce_axes):
     if not ad.is_undefined_primal(g) or ad.is_undefined_primal(x):
         raise NotImplementedError("channel_dot is linear in its first operand only")
     ct_gx, ct_g = (ad.instantiate_zeros(ct) for ct in cts)
-    ct = channel_affine(ct_gx, ct_g, x, mean, reduce_axes)
-    return ct.astype(g.aval.dtype), None, None
+    return channel_affine(ct_gx, ct_g, x, mean, reduce_axes, out_dtype=g.aval.dtype), None, None
 
 
-def _affine_transpose(ct, b, c, x, mean, *, reduce_axes):
+def _affine_transpose(ct, b, c, x, mean, *addend, reduce_axes, out_dtype):
     if ad.is_undefined_primal(x) or ad.is_undefined_primal(mean):
-        raise NotImplementedError("channel_affine is linear in its scale and shift only")
-    ct_b = ct_c = None
-    if type(ct) is not ad.Zero:
+        raise NotImplementedError("channel_affine is linear in its scale, shift and addend only")
+    cts = [None] * (4 + len(addend))
+    if type(ct) is ad.Zero:
+        return cts
+    if ad.is_undefined_primal(b) or ad.is_undefined_primal(c):
         sum_gx, sum_g = channel_dot(ct, x, mean, reduce_axes)
-        ct_b = sum_gx.astype(b.aval.dtype) if ad.is_undefined_primal(b) else None
-        ct_c = sum_g.astype(c.aval.dtype) if ad.is_undefined_primal(c) else None
-    return ct_b, ct_c, None, None
+        cts[0] = sum_gx.astype(b.aval.dtype) if ad.is_undefined_primal(b) else None
+        cts[1] = sum_g.astype(c.aval.dtype) if ad.is_undefined_primal(c) else None
+    if addend and ad.is_undefined_primal(addend[0]):
+        cts[4] = ct.astype(addend[0].aval.dtype)
+    return cts
 
 
 ad.primitive_jvps[moments_p] = _moments_jvp

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.normalize import normalize
+from jaxbn.normalize import compute_dtype, normalize
 
 __all__ = ["batch_norm", "group_norm", "layer_norm"]
 
@@ -95,12 +95,12 @@ def batch_norm(
     _check_eps(eps, training)
     mask = _broadcast_mask(mask, x.shape)
     stat_shape = tuple(channels if i == ax else 1 for i in range(x.ndim))
-    compute_dtype = _compute_dtype(x.dtype)
-    x32 = x.astype(compute_dtype)
+    dtype = compute_dtype(x.dtype)
+    x32 = x.astype(dtype)
 
     if not training:
-        mean = jnp.reshape(running_mean, stat_shape).astype(compute_dtype)
-        var = jnp.reshape(running_var, stat_shape).astype(compute_dtype)
+        mean = jnp.reshape(running_mean, stat_shape).astype(dtype)
+        var = jnp.reshape(running_var, stat_shape).astype(dtype)
         xhat = (x32 - mean) * jax.lax.rsqrt(var + eps)
         y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
         return y, running_mean, running_var
@@ -112,10 +112,11 @@ def batch_norm(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+    # Floating x goes in as it is: normalize reads half precision without a float32 copy.
     y, count, mean, var = normalize(
-        x32,
-        _as_stat(weight, stat_shape, compute_dtype),
-        _as_stat(bias, stat_shape, compute_dtype),
+        x if jnp.issubdtype(x.dtype, jnp.floating) else x32,
+        _as_stat(weight, stat_shape, dtype),
+        _as_stat(bias, stat_shape, dtype),
         mask,
         reduce_axes,
         eps,
@@ -181,7 +182,7 @@ def group_norm(
             f"with num_groups={num_groups}"
         )
     # [N, S..., C] -> [N, S..., G, C/G]; reduce over everything but N and G.
-    moved = jnp.moveaxis(x.astype(_compute_dtype(x.dtype)), ax, -1)
+    moved = jnp.moveaxis(x.astype(compute_dtype(x.dtype)), ax, -1)
     grouped = moved.reshape((*moved.shape[:-1], num_groups, channels // num_groups))
     reduce_axes = (*range(1, grouped.ndim - 2), grouped.ndim - 1)
     param_shape = (1,) * (grouped.ndim - 2) + grouped.shape[-2:]  # [1, ..., G, C/G]
@@ -228,12 +229,12 @@ def layer_norm(
                 f"Expected {name} of shape {list(shape)}, but got {list(jnp.shape(value))}"
             )
     reduce_axes = tuple(range(x.ndim - k, x.ndim))
-    compute_dtype = _compute_dtype(x.dtype)
+    dtype = compute_dtype(x.dtype)
     stat_shape = (1,) * (x.ndim - k) + shape
     y = normalize(
-        x.astype(compute_dtype),
-        _as_stat(weight, stat_shape, compute_dtype),
-        _as_stat(bias, stat_shape, compute_dtype),
+        x.astype(dtype),
+        _as_stat(weight, stat_shape, dtype),
+        _as_stat(bias, stat_shape, dtype),
         None,
         reduce_axes,
         eps,
@@ -289,11 +290,6 @@ def _num_devices(axis_name, groups) -> int:
     if groups is not None:
         return len(groups[0])
     return int(jax.lax.axis_size(axis_name))
-
-
-def _compute_dtype(dtype) -> jnp.dtype:
-    # Half precision is normalized in float32 (as PyTorch does); float64 stays float64.
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 def _output_dtype(dtype) -> jnp.dtype:

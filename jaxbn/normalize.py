@@ -56,8 +56,10 @@ def normalize(
     """Normalizes ``x`` over ``reduce_axes`` (and the devices of ``axis_name``), then scales.
 
     Args:
-      x: [...] float32/float64 array.
-      weight, bias: None or arrays broadcastable against ``x`` (e.g. [1, ..., C]).
+      x: [...] float16/bfloat16/float32/float64 array. Half precision is read as it is and
+        computed in float32 (no float32 copy of ``x`` on the fast path).
+      weight, bias: None or arrays broadcastable against ``x`` (e.g. [1, ..., C]), in the
+        compute dtype (float32, or float64 for float64 ``x``).
       mask: None or boolean array of ``x.shape``; False elements are left out of the
         statistics and get y = 0 (whatever they hold, NaN included).
       reduce_axes: the axes the statistics are taken over.
@@ -66,8 +68,9 @@ def normalize(
       axis_index_groups: optional device groups for ``axis_name`` (pmap only).
 
     Returns:
-      ``(y, count, mean, var)``: y has ``x.shape``; the others have ``x.shape`` with
-      ``reduce_axes`` set to 1; ``var`` is the biased variance (M2 / count).
+      ``(y, count, mean, var)``: y has ``x.shape`` and dtype, rounded once from the compute
+      dtype; the others have ``x.shape`` with ``reduce_axes`` set to 1, in the compute dtype;
+      ``var`` is the biased variance (M2 / count).
     """
     stats = _Statistics.of(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups)
     rstd = jax.lax.rsqrt(stats.var + eps)
@@ -81,7 +84,7 @@ class _Statistics(NamedTuple):
 
     ``centered`` is None on the fast path (no mask, per-channel weight and bias): the
     :mod:`jaxbn.channel_ops` primitives then read ``x`` itself. Otherwise it is the masked
-    ``x − mean``, shared by everything that needs it.
+    ``x − mean`` in the compute dtype, shared by everything that needs it.
     """
 
     x: jax.Array
@@ -98,7 +101,7 @@ class _Statistics(NamedTuple):
         per_channel = all(p is None or tuple(p.shape) == kept for p in (weight, bias))
         if mask is not None or not per_channel:
             count, mean, var, centered = centered_moments(
-                x, mask, reduce_axes, axis_name, axis_index_groups
+                x.astype(compute_dtype(x.dtype)), mask, reduce_axes, axis_name, axis_index_groups
             )
             return cls(x, mask, reduce_axes, count, mean, var, centered)
         mean, m2 = channel_moments(x, reduce_axes)
@@ -108,12 +111,16 @@ class _Statistics(NamedTuple):
         var = m2 / jnp.maximum(count, 1)
         return cls(x, None, reduce_axes, count, mean, var, None)
 
-    def affine(self, b: jax.Array, c: jax.Array) -> jax.Array:
-        """``(x − mean)·b + c``, 0 where masked."""
+    def affine(self, b: jax.Array, c: jax.Array, addend: jax.Array | None = None) -> jax.Array:
+        """``(x − mean)·b + c (+ addend)`` in ``x``'s dtype, rounded once; 0 where masked."""
         if self.centered is None:
-            return channel_affine(b, c, self.x, self.mean, self.reduce_axes)
+            return channel_affine(
+                b, c, self.x, self.mean, self.reduce_axes, addend, out_dtype=self.x.dtype
+            )
         y = self.centered * b + c
-        return y if self.mask is None else jnp.where(self.mask, y, 0)
+        y = y if addend is None else y + addend
+        y = y if self.mask is None else jnp.where(self.mask, y, 0)
+        return y.astype(self.x.dtype)
 
     def sums(self, dx: jax.Array) -> tuple[jax.Array, jax.Array]:
         """``(Σ dx, Σ (x − mean)·dx)`` over the unmasked elements."""
@@ -126,6 +133,11 @@ class _Statistics(NamedTuple):
             jnp.sum(dx, self.reduce_axes, keepdims=True),
             jnp.sum(self.centered * dx, self.reduce_axes, keepdims=True),
         )
+
+
+def compute_dtype(dtype) -> jnp.dtype:
+    # Half precision is normalized in float32 (as PyTorch does); float64 stays float64.
+    return jnp.promote_types(dtype, jnp.float32)
 
 
 @functools.partial(normalize.defjvp, symbolic_zeros=True)
@@ -143,14 +155,17 @@ def _normalize_jvp(reduce_axes, eps, axis_name, axis_index_groups, primals, tang
     # elementwise pass for dx.
     per_channel = jnp.zeros_like(mean)
     B, C = per_channel, per_channel
-    dy = jnp.zeros_like(x)
     dmean = dvar = per_channel
+    direct = None  # the dx·a term
     if not isinstance(dx, SymbolicZero):
+        # One float32 (float64) tangent, so that reverse mode accumulates dx's two
+        # contributions before rounding them to a half-precision x's dtype once.
+        dx = dx.astype(mean.dtype)
         sums = stats.sums(dx)
         if axis_name is not None:
             sums = jax.lax.psum(sums, axis_name, axis_index_groups=axis_index_groups)
         dmean, proj = sums[0] / n, sums[1] / n  # proj = mean((x - mean) · dx)
-        dy = dx * a
+        direct = dx * a
         B = B - proj * rstd * rstd * a
         C = C - dmean * a
         dvar = 2 * proj
@@ -158,7 +173,5 @@ def _normalize_jvp(reduce_axes, eps, axis_name, axis_index_groups, primals, tang
         B = B + rstd * dweight
     if bias is not None and not isinstance(dbias, SymbolicZero):
         C = C + dbias
-    dy = dy + stats.affine(B, C)
-    if mask is not None:
-        dy = jnp.where(mask, dy, 0)
+    dy = stats.affine(B, C, direct)
     return (y, count, mean, var), (dy, jnp.zeros_like(count), dmean, dvar)

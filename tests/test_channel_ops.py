@@ -209,3 +209,22 @@ def test_infinity_gives_the_two_pass_statistics():
     np.testing.assert_array_equal(mean[0, :2], ref_mean[0, :2])  # +inf, -inf
     assert np.isnan(m2[0, 0]) and np.isnan(ref_m2[0, 0])
     assert np.isfinite(m2[0, 2])
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_batch_norm_backward_keeps_no_activation_sized_temporary(dtype):
+    # The kernels read x and g in their own dtype: no float32 copy of a half-precision x, and
+    # no centered x − mean; XLA's plan for fwd+bwd holds nothing near the size of x.
+    import jaxbn
+
+    x = jnp.asarray(_data((64, 8, 8, 32)), dtype)
+    g = jnp.asarray(_data((64, 8, 8, 32), 1), dtype)
+
+    def loss(x, w, b):
+        y = jaxbn.functional.batch_norm(x, None, None, w, b, training=True)[0]
+        return jnp.sum((y * g).astype(jnp.float32))
+
+    compiled = jax.jit(jax.grad(loss, (0, 1, 2))).lower(x, jnp.ones(32), jnp.zeros(32)).compile()
+    assert "jaxbn_channel_moments" in compiled.as_text()
+    assert "jaxbn_channel_dot" in compiled.as_text()
+    assert compiled.memory_analysis().temp_size_in_bytes < x.size * x.dtype.itemsize // 8

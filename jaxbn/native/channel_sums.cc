@@ -6,8 +6,9 @@
 //   jaxbn_channel_moments(x)         -> mean[C], m2[C]        m2 = Σ (x - mean)²
 //   jaxbn_channel_dot(g, x, mean)    -> Σ g·(x - mean)[C], Σ g[C]
 //
-// Why by hand: XLA:CPU's reduction fusions materialize `x - mean` before reducing and take
-// the two sums in separate passes. Here each kernel reads its inputs once (float32 only).
+// Why by hand: XLA:CPU's reduction fusions materialize `x - mean` (and a half-to-float convert)
+// before reducing and take the two sums in separate passes. Here each kernel reads its inputs
+// once, in their own dtype (float32, bfloat16 or float16), and sums in float.
 //
 // Accuracy: values are summed in float over blocks of 32 rows and the block sums in double;
 // the moments are taken around a per-channel shift (the channel's first value), so
@@ -16,6 +17,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -27,6 +29,18 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kBlockRows = 32;  // rows summed in float before adding into double
+
+inline float to_float(float v) { return v; }
+inline float to_float(_Float16 v) { return static_cast<float>(v); }
+struct BFloat16 {
+  uint16_t bits;
+};
+inline float to_float(BFloat16 v) {  // bfloat16 is the high half of a float32
+  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
 
 // Runs fn(task) for task in [0, tasks) on the caller and XLA's intra-op thread pool. The
 // caller claims tasks too, so it never waits on a pool thread that is busy elsewhere; a pool
@@ -134,14 +148,17 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
   if (outer * inner > 0) {
     // An infinite shift would turn x - shift into inf - inf: use 0 there instead, so an
     // infinite value gives an infinite mean as the two-pass formula does.
-    for (int64_t c = 0; c < C; ++c) shift[c] = std::isfinite(xp[c * inner]) ? xp[c * inner] : 0.0f;
+    for (int64_t c = 0; c < C; ++c) {
+      const float first = to_float(xp[c * inner]);
+      shift[c] = std::isfinite(first) ? first : 0.0f;
+    }
   }
   const float* sp = shift.data();
   std::vector<double> s1, s2;
   channel_sums(
       pool, outer, C, inner,
       [xp, sp](int64_t c, int64_t i, float& a, float& b) {
-        const float v = xp[i] - sp[c];
+        const float v = to_float(xp[i]) - sp[c];
         a = v;
         b = v * v;
       },
@@ -171,8 +188,8 @@ ffi::Error Dot(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
   channel_sums(
       pool, outer, C, inner,
       [gp, xp, mp](int64_t c, int64_t i, float& a, float& b) {
-        const float gv = gp[i];
-        a = gv * (xp[i] - mp[c]);
+        const float gv = to_float(gp[i]);
+        a = gv * (to_float(xp[i]) - mp[c]);
         b = gv;
       },
       s1, s2);
@@ -189,6 +206,8 @@ ffi::Error MomentsAny(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::A
                       ffi::Result<ffi::AnyBuffer> m2) {
   switch (x.element_type()) {
     case ffi::F32: return Moments<float>(pool, x, mean, m2);
+    case ffi::BF16: return Moments<BFloat16>(pool, x, mean, m2);
+    case ffi::F16: return Moments<_Float16>(pool, x, mean, m2);
     default: return ffi::Error::InvalidArgument("jaxbn_channel_moments: unsupported dtype");
   }
 }
@@ -201,6 +220,8 @@ ffi::Error DotAny(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
   }
   switch (x.element_type()) {
     case ffi::F32: return Dot<float>(pool, g, x, mean, sum_gx, sum_g);
+    case ffi::BF16: return Dot<BFloat16>(pool, g, x, mean, sum_gx, sum_g);
+    case ffi::F16: return Dot<_Float16>(pool, g, x, mean, sum_gx, sum_g);
     default: return ffi::Error::InvalidArgument("jaxbn_channel_dot: unsupported dtype");
   }
 }
