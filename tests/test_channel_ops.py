@@ -21,12 +21,17 @@ from jax.test_util import check_grads
 from jaxbn import channel_ops, native
 from jaxbn.channel_ops import channel_affine, channel_dot, channel_moments
 
-# (shape, reduce_axes): NHWC conv, dense, NCL (channel runs of `inner`), LayerNorm-like (one
-# outer row), few channels with many rows (split by rows), many channels with few rows.
+# (shape, reduce_axes), chosen to reach every loop of the kernels: NHWC conv; dense with a
+# partial vector of channels; NCL with short, long (unrolled) and very long (several float
+# blocks) runs per channel; LayerNorm-like (one outer row); few channels with many rows (split
+# by rows); many channels with few rows (split by channels, groups of 8 vectors).
 LAYOUTS = [
     ((16, 5, 7, 24), (0, 1, 2)),
     ((300, 33), (0,)),
+    ((40, 200), (0,)),
     ((6, 10, 37), (0, 2)),
+    ((4, 3, 300), (0, 2)),
+    ((2, 2, 5000), (0, 2)),
     ((3, 4, 50), (2,)),
     ((5000, 2), (0,)),
     ((3, 2000), (0,)),

@@ -3,8 +3,9 @@
 The C++ source ships with the package and is compiled once per machine with the system's C++
 compiler (``$CXX``, else ``c++``) against the XLA FFI headers that jaxlib ships, for the CPU it
 runs on (``-march=native``). The library is cached under ``$JAXBN_CACHE_DIR`` (default
-``~/.cache/jaxbn``) keyed by the source, the flags and jaxlib's version, so later processes
-only load it.
+``~/.cache/jaxbn``) keyed by the source, the flags, jaxlib's version and the CPU's features
+(``-march=native`` code must not be loaded on another CPU sharing the home directory), so later
+processes only load it.
 
 When there is no compiler, or ``JAXBN_NATIVE=0``, :func:`load` returns False and jaxbn uses
 XLA's own reductions: same results, slower. A failed build warns once, naming the command.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shlex
 import subprocess
 import tempfile
@@ -38,11 +40,20 @@ def cache_dir() -> Path:
     return Path(os.environ.get("JAXBN_CACHE_DIR", default))
 
 
+def cpu_features() -> str:
+    """The CPU's architecture and feature flags (what ``-march=native`` compiles for)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {platform.processor()} {flags.strip()}"
+
+
 def library_path() -> Path:
-    """Where the built library for this source, these flags and this jaxlib lives."""
-    key = hashlib.sha256(
-        SOURCE.read_bytes() + repr((FLAGS, jaxlib.__version__)).encode()
-    ).hexdigest()[:16]
+    """Where the library built for this source, flags, jaxlib and CPU lives."""
+    identity = repr((FLAGS, jaxlib.__version__, cpu_features())).encode()
+    key = hashlib.sha256(SOURCE.read_bytes() + identity).hexdigest()[:16]
     return cache_dir() / f"channel_sums-{key}.so"
 
 

@@ -20,6 +20,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -28,19 +29,56 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int64_t kBlockRows = 32;  // rows summed in float before adding into double
+constexpr int64_t kLanes = 16;      // one vector: 16 floats (AVX-512; narrower ISAs split it)
+constexpr int64_t kBlockRows = 32;  // terms summed in float before adding into double
+constexpr int64_t kMaxVectors = 8;  // vectors of channels summed at once (2·8 registers)
 
-inline float to_float(float v) { return v; }
-inline float to_float(_Float16 v) { return static_cast<float>(v); }
+using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
+
 struct BFloat16 {
   uint16_t bits;
 };
-inline float to_float(BFloat16 v) {  // bfloat16 is the high half of a float32
-  const uint32_t bits = static_cast<uint32_t>(v.bits) << 16;
-  float out;
-  std::memcpy(&out, &bits, sizeof(out));
-  return out;
-}
+
+// Loads one value, or kLanes consecutive values, as float.
+template <typename V>
+struct Load;
+
+template <>
+struct Load<float> {
+  static float from(const float* p) { return *p; }
+  static float from(const _Float16* p) { return static_cast<float>(*p); }
+  static float from(const BFloat16* p) {  // bfloat16 is the high half of a float32
+    const uint32_t bits = static_cast<uint32_t>(p->bits) << 16;
+    float out;
+    std::memcpy(&out, &bits, sizeof(out));
+    return out;
+  }
+};
+
+template <>
+struct Load<Vec> {
+  static Vec from(const float* p) {
+    Vec v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static Vec from(const _Float16* p) {
+    using Half = _Float16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
+    Half h;
+    std::memcpy(&h, p, sizeof(h));
+    return __builtin_convertvector(h, Vec);
+  }
+  static Vec from(const BFloat16* p) {
+    using U16 = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    using U32 = uint32_t __attribute__((vector_size(kLanes * sizeof(uint32_t))));
+    U16 h;
+    std::memcpy(&h, p, sizeof(h));
+    const U32 bits = __builtin_convertvector(h, U32) << 16;
+    Vec v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  }
+};
 
 // Runs fn(task) for task in [0, tasks) on the caller and XLA's intra-op thread pool. The
 // caller claims tasks too, so it never waits on a pool thread that is busy elsewhere; a pool
@@ -65,12 +103,57 @@ void parallel_for(ffi::ThreadPool& pool, int64_t tasks, const Fn& fn) {
   while (shared->done.load(std::memory_order_acquire) < tasks) std::this_thread::yield();
 }
 
-// Sums two per-channel series over [outer, C, inner]: s1[c] += a(i), s2[c] += b(i), where
-// term(c, offset, &a, &b) gives both terms for element offset of channel c. Splits the work
-// over outer when it is long, else over channels; returns the totals in double.
+// Rows [o, end) of channels [c, c + N·kLanes), N vectors of accumulators in registers.
+template <int N, typename Term>
+inline void sum_rows(const Term& term, const float* params, int64_t C, int64_t o, int64_t end,
+                     int64_t c, double* d1, double* d2) {
+  Vec param[N], va[N], vb[N];
+  for (int v = 0; v < N; ++v) {
+    param[v] = Load<Vec>::from(params + c + v * kLanes);
+    va[v] = Vec{};
+    vb[v] = Vec{};
+  }
+  for (int64_t r = o; r < end; ++r) {
+    for (int v = 0; v < N; ++v) {
+      Vec a, b;
+      term(param[v], r * C + c + v * kLanes, a, b);
+      va[v] += a;
+      vb[v] += b;
+    }
+  }
+  for (int v = 0; v < N; ++v) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      d1[c + v * kLanes + l] += va[v][l];
+      d2[c + v * kLanes + l] += vb[v][l];
+    }
+  }
+}
+
+// Calls fn(std::integral_constant<int, n>) for a runtime n in [1, kMaxVectors].
+template <typename Fn>
+inline void with_vectors(int64_t n, const Fn& fn) {
+  switch (n) {
+    case 1: return fn(std::integral_constant<int, 1>{});
+    case 2: return fn(std::integral_constant<int, 2>{});
+    case 3: return fn(std::integral_constant<int, 3>{});
+    case 4: return fn(std::integral_constant<int, 4>{});
+    case 5: return fn(std::integral_constant<int, 5>{});
+    case 6: return fn(std::integral_constant<int, 6>{});
+    case 7: return fn(std::integral_constant<int, 7>{});
+    default: return fn(std::integral_constant<int, 8>{});
+  }
+}
+
+// Sums two per-channel series over [outer, C, inner] into s1, s2 (double, length C).
+//
+// term(param, offset, a, b) sets both terms for the element(s) at `offset`; it is called with
+// V = float for one element or V = Vec for kLanes consecutive ones, `param` holding the
+// channel's parameter (its shift or mean) for each lane. `params` has one value per channel.
+// The work is split over outer when it is long, else over channels.
 template <typename Term>
 void channel_sums(ffi::ThreadPool& pool, int64_t outer, int64_t C, int64_t inner,
-                  const Term& term, std::vector<double>& s1, std::vector<double>& s2) {
+                  const float* params, const Term& term, std::vector<double>& s1,
+                  std::vector<double>& s2) {
   s1.assign(C, 0.0);
   s2.assign(C, 0.0);
   if (outer == 0 || C == 0 || inner == 0) return;
@@ -87,42 +170,70 @@ void channel_sums(ffi::ThreadPool& pool, int64_t outer, int64_t C, int64_t inner
     double* d1 = by_rows ? &part1[t * C] : s1.data();
     double* d2 = by_rows ? &part2[t * C] : s2.data();
     if (inner == 1) {
-      // Channels innermost: vectorize across channels, rows in float blocks.
-      std::vector<float> b1(C), b2(C);
+      // Channels innermost: lanes are kLanes neighbouring channels of one row. Up to
+      // kMaxVectors vectors of channels are summed together in registers while the rows of a
+      // block stream by in order, then added into double.
       for (int64_t o = o_lo; o < o_hi; o += kBlockRows) {
-        std::fill(b1.begin() + c_lo, b1.begin() + c_hi, 0.0f);
-        std::fill(b2.begin() + c_lo, b2.begin() + c_hi, 0.0f);
         const int64_t end = std::min(o_hi, o + kBlockRows);
-        for (int64_t r = o; r < end; ++r) {
-          const int64_t base = r * C;
-          for (int64_t c = c_lo; c < c_hi; ++c) {
-            float a, b;
-            term(c, base + c, a, b);
-            b1[c] += a;
-            b2[c] += b;
-          }
+        int64_t c = c_lo;
+        while (c + kLanes <= c_hi) {
+          const int64_t vectors = std::min<int64_t>(kMaxVectors, (c_hi - c) / kLanes);
+          with_vectors(vectors, [&](auto count) {
+            sum_rows<decltype(count)::value>(term, params, C, o, end, c, d1, d2);
+          });
+          c += vectors * kLanes;
         }
-        for (int64_t c = c_lo; c < c_hi; ++c) {
-          d1[c] += b1[c];
-          d2[c] += b2[c];
+        for (; c < c_hi; ++c) {
+          float fa = 0.0f, fb = 0.0f;
+          for (int64_t r = o; r < end; ++r) {
+            float a, b;
+            term(params[c], r * C + c, a, b);
+            fa += a;
+            fb += b;
+          }
+          d1[c] += fa;
+          d2[c] += fb;
         }
       }
     } else {
-      // Each (row, channel) is a contiguous run of `inner` values.
+      // Each (row, channel) is a contiguous run of `inner` values: lanes walk along it.
       for (int64_t o = o_lo; o < o_hi; ++o) {
         for (int64_t c = c_lo; c < c_hi; ++c) {
           const int64_t base = (o * C + c) * inner;
-          for (int64_t i0 = 0; i0 < inner; i0 += kBlockRows * 8) {
-            const int64_t end = std::min(inner, i0 + kBlockRows * 8);
-            float b1 = 0.0f, b2 = 0.0f;
-            for (int64_t i = i0; i < end; ++i) {
-              float a, b;
-              term(c, base + i, a, b);
-              b1 += a;
-              b2 += b;
+          const float p = params[c];
+          const Vec param = Vec{} + p;
+          // Four independent accumulators per series hide the latency of the vector adds.
+          constexpr int64_t kUnroll = 4;
+          int64_t i = 0;
+          while (i + kLanes <= inner) {
+            const int64_t block_end = std::min(inner, i + kBlockRows * kLanes * kUnroll);
+            Vec va[kUnroll] = {}, vb[kUnroll] = {};
+            for (; i + kUnroll * kLanes <= block_end; i += kUnroll * kLanes) {
+              for (int64_t u = 0; u < kUnroll; ++u) {
+                Vec a, b;
+                term(param, base + i + u * kLanes, a, b);
+                va[u] += a;
+                vb[u] += b;
+              }
             }
-            d1[c] += b1;
-            d2[c] += b2;
+            for (; i + kLanes <= block_end; i += kLanes) {
+              Vec a, b;
+              term(param, base + i, a, b);
+              va[0] += a;
+              vb[0] += b;
+            }
+            const Vec sa = (va[0] + va[1]) + (va[2] + va[3]);
+            const Vec sb = (vb[0] + vb[1]) + (vb[2] + vb[3]);
+            for (int64_t l = 0; l < kLanes; ++l) {
+              d1[c] += sa[l];
+              d2[c] += sb[l];
+            }
+          }
+          for (; i < inner; ++i) {
+            float a, b;
+            term(p, base + i, a, b);
+            d1[c] += a;
+            d2[c] += b;
           }
         }
       }
@@ -149,16 +260,17 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
     // An infinite shift would turn x - shift into inf - inf: use 0 there instead, so an
     // infinite value gives an infinite mean as the two-pass formula does.
     for (int64_t c = 0; c < C; ++c) {
-      const float first = to_float(xp[c * inner]);
+      const float first = Load<float>::from(xp + c * inner);
       shift[c] = std::isfinite(first) ? first : 0.0f;
     }
   }
   const float* sp = shift.data();
   std::vector<double> s1, s2;
   channel_sums(
-      pool, outer, C, inner,
-      [xp, sp](int64_t c, int64_t i, float& a, float& b) {
-        const float v = to_float(xp[i]) - sp[c];
+      pool, outer, C, inner, sp,
+      [xp](auto param, int64_t i, auto& a, auto& b) {
+        using V = decltype(param);
+        const V v = Load<V>::from(xp + i) - param;
         a = v;
         b = v * v;
       },
@@ -186,10 +298,11 @@ ffi::Error Dot(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
   const float* mp = mean.typed_data();
   std::vector<double> s1, s2;
   channel_sums(
-      pool, outer, C, inner,
-      [gp, xp, mp](int64_t c, int64_t i, float& a, float& b) {
-        const float gv = to_float(gp[i]);
-        a = gv * (to_float(xp[i]) - mp[c]);
+      pool, outer, C, inner, mp,
+      [gp, xp](auto param, int64_t i, auto& a, auto& b) {
+        using V = decltype(param);
+        const V gv = Load<V>::from(gp + i);
+        a = gv * (Load<V>::from(xp + i) - param);
         b = gv;
       },
       s1, s2);
