@@ -31,6 +31,29 @@ def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> f
     return statistics.median(times)
 
 
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+) -> dict[str, float]:
+    """Median wall time of each ``fn()``, the contenders timed in turn within every repeat.
+
+    This machine's speed drifts (other tenants, turbo, the allocator's state); timing each
+    contender in its own block of repeats would fold that drift into the ratios. Interleaved,
+    a slow spell hits every contender alike, and the order rotates so none always goes first.
+    """
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    names = list(fns)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for repeat in range(repeats):
+        shift = repeat % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def block(tree):
     return jax.block_until_ready(tree)
 

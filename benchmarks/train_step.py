@@ -5,9 +5,10 @@ Usage:
     python -m benchmarks.train_step             # ConvNet and a small ResNet, 32×32×3 inputs
     python -m benchmarks.train_step --quick     # tiny models and inputs, a smoke run
 
-One process, same data, all cores for XLA and PyTorch, warm-up then medians of repeats. The
-step is forward + backward + SGD-with-momentum update. "BN overhead" is the BN model's step
-time over the same model without normalization.
+One process, same data, all cores for XLA and PyTorch, warm-up then medians of repeats,
+the variants timed in turn within each repeat. The step is forward + backward +
+SGD-with-momentum update. "BN overhead" is the BN model's step time over the same model without
+normalization.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks.timing import benchmark_main, block, median_seconds
+from benchmarks.timing import benchmark_main, block, interleaved_medians
 from jaxbn import models
 from jaxbn.models import norms
 from tests import torch_models
@@ -134,13 +135,13 @@ def run(quick: bool, repeats: int) -> list[dict]:
     }
     rows = []
     for name, (make, make_torch) in nets.items():
-        timings, temps = {}, {}
+        steps, temps = {}, {}
         for variant in ("jaxbn", "flax", "none"):
             with flax_batch_norm() if variant == "flax" else contextlib.nullcontext():
                 model = make("none" if variant == "none" else "batch")
-                fn, temps[variant] = jax_step(model, x, y)
-            timings[variant] = median_seconds(fn, repeats)
-        timings["torch"] = median_seconds(torch_step(make_torch(), x_np, y_np), repeats)
+                steps[variant], temps[variant] = jax_step(model, x, y)
+        steps["torch"] = torch_step(make_torch(), x_np, y_np)
+        timings = interleaved_medians(steps, repeats)
         for variant in ("jaxbn", "flax", "torch", "none"):
             rows.append(
                 {
