@@ -1,4 +1,4 @@
-"""Timing helpers shared by the benchmarks: warm-up, medians of repeats, copy bandwidth."""
+"""Timing helpers shared by the benchmarks: interleaved medians of repeats, copy bandwidth."""
 
 from __future__ import annotations
 
@@ -19,38 +19,30 @@ def same_threads() -> int:
     return threads
 
 
-def median_seconds(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of ``fn()`` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def interleaved_medians(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2
+    fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5
 ) -> dict[str, float]:
-    """Median wall time of each ``fn()``, the contenders timed in turn within every repeat.
+    """Median wall time of each ``fn()``, the contenders taking turns in ``rounds`` rounds.
 
-    This machine's speed drifts (other tenants, turbo, the allocator's state); timing each
-    contender in its own block of repeats would fold that drift into the ratios. Interleaved,
-    a slow spell hits every contender alike, and the order rotates so none always goes first.
+    This machine's speed drifts (other tenants, turbo); timing each contender in one block
+    would fold that drift into the ratios. So each round gives every contender, in rotating
+    order, one untimed call (which also brings the memory allocator back to that contender's
+    steady state — PyTorch and XLA share glibc's heap) and then its share of the timed repeats.
     """
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
     names = list(fns)
+    per_round = max(1, -(-repeats // rounds))
     times: dict[str, list[float]] = {name: [] for name in names}
-    for repeat in range(repeats):
-        shift = repeat % len(names)
+    for round_ in range(rounds):
+        shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].extend(_seconds(fns[name]) for _ in range(per_round))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -63,6 +55,8 @@ def copy_bandwidth(shape, dtype, repeats: int) -> float:
 
     The pass runs in place (donated buffer): a fresh output buffer would add the cost of the
     allocator handing out new pages, which is not memory bandwidth (see the README's note).
+    The fastest of the repeats is taken: the bound is what the memory system can do, and on a
+    shared machine noise only ever adds time.
     """
     scale = jax.jit(lambda a: a * 2, donate_argnums=0)
     holder = [jnp.ones(shape, dtype)]
@@ -70,7 +64,8 @@ def copy_bandwidth(shape, dtype, repeats: int) -> float:
     def one_pass():
         holder[0] = block(scale(holder[0]))
 
-    seconds = median_seconds(one_pass, repeats)
+    one_pass()  # warm-up
+    seconds = min(_seconds(one_pass) for _ in range(repeats))
     return 2 * holder[0].size * holder[0].dtype.itemsize / seconds
 
 
@@ -83,7 +78,7 @@ def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> 
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
-    parser.add_argument("--repeats", type=int, default=10, help="timed repeats (median)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median)")
     args = parser.parse_args(argv)
     threads = same_threads()
     repeats = 3 if args.quick else args.repeats

@@ -184,7 +184,16 @@ def _primitive(name, reference, cpu, multiple_results, abstract_eval):
     prim.def_abstract_eval(abstract_eval)
     prim.def_impl(lambda *args, **params: _jitted(prim, **params)(*args))
     mlir.register_lowering(prim, mlir.lower_fun(reference, multiple_results))
-    mlir.register_lowering(prim, mlir.lower_fun(cpu, multiple_results), platform="cpu")
+
+    def lower_cpu(ctx, *args, **params):
+        # jax.export refuses custom calls without a compatibility guarantee; exported code
+        # takes the reference (it may also run where these kernels were never built).
+        exporting = ctx.module_context.lowering_parameters.for_export
+        return mlir.lower_fun(reference if exporting else cpu, multiple_results)(
+            ctx, *args, **params
+        )
+
+    mlir.register_lowering(prim, lower_cpu, platform="cpu")
 
     def batch(args, dims, **params):
         # vmap (jacfwd, jacrev, per-example work) takes the reference path.

@@ -233,3 +233,17 @@ def test_batch_norm_backward_keeps_no_activation_sized_temporary(dtype):
     assert "jaxbn_channel_moments" in compiled.as_text()
     assert "jaxbn_channel_dot" in compiled.as_text()
     assert compiled.memory_analysis().temp_size_in_bytes < x.size * x.dtype.itemsize // 8
+
+
+def test_exported_batch_norm_takes_the_reference_and_agrees():
+    # jax.export refuses custom calls; the exported function must still compute the same thing.
+    import jaxbn
+
+    x = jnp.asarray(_data((16, 3, 3, 8), offset=2.0))
+
+    def forward(x):
+        return jaxbn.functional.batch_norm(x, None, None, training=True)[0]
+
+    exported = jax.export.export(jax.jit(forward))(x)
+    assert "jaxbn_channel" not in exported.mlir_module()
+    np.testing.assert_allclose(exported.call(x), jax.jit(forward)(x), rtol=1e-5, atol=1e-5)
