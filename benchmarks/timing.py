@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 
@@ -69,21 +70,50 @@ def copy_bandwidth(shape, dtype, repeats: int) -> float:
     return 2 * holder[0].size * holder[0].dtype.itemsize / seconds
 
 
+# glibc settings under which freed memory is reused instead of handed back to the OS: one
+# arena, no mmap for big buffers, no trimming. Then a fresh output buffer costs no page faults.
+STEADY_ALLOCATOR = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_THRESHOLD_": str(2**32),
+    "MALLOC_TRIM_THRESHOLD_": str(2**32),
+    "MALLOC_TOP_PAD_": str(2**28),
+}
+
+
 def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> int:
-    """Shared ``main`` of the benchmark scripts: ``--quick``/``--repeats``, a header, the table.
+    """Shared ``main`` of the benchmark scripts: flags, a header, the table.
 
     ``run(quick, repeats)`` measures and returns rows; ``format_rows(rows)`` makes the table.
+    ``--steady-allocator`` re-runs the script in a new process with :data:`STEADY_ALLOCATOR`
+    set (glibc reads them at start-up only).
     """
     import argparse
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median)")
+    parser.add_argument(
+        "--steady-allocator",
+        action="store_true",
+        help="run with glibc settings that reuse freed memory (no page faults per call)",
+    )
     args = parser.parse_args(argv)
+    steady = all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items())
+    if args.steady_allocator and not steady:
+        sys.stdout.flush()
+        module = prog.split()[-1]
+        os.execve(
+            sys.executable,
+            [sys.executable, "-m", module, *argv],
+            {**os.environ, **STEADY_ALLOCATOR},
+        )
     threads = same_threads()
     repeats = 3 if args.quick else args.repeats
+    allocator = "steady (" + " ".join(f"{k}={v}" for k, v in STEADY_ALLOCATOR.items()) + ")"
     print(
-        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of {repeats}"
+        f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of "
+        f"{repeats}, allocator: {allocator if steady else 'glibc defaults'}"
     )
     print(format_rows(run(args.quick, repeats)))
     return 0

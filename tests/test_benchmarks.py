@@ -3,6 +3,11 @@ asserted: speed lives in benchmarks/, not in tests)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 from benchmarks import bn, train_step
 
 
@@ -12,6 +17,7 @@ def test_the_bn_benchmark_prints_a_row_per_shape_dtype_and_mode(capsys):
     rows = [line for line in out.splitlines() if "fwd" in line and "x" in line.split()[0]]
     assert len(rows) == len(bn.QUICK_SHAPES) * 2 * 2  # shapes × dtypes × (fwd+bwd, fwd)
     assert "/flax" in out and "/torch" in out and "/bound" in out
+    assert "allocator: glibc defaults" in out
 
 
 def test_the_train_step_benchmark_compares_all_variants(capsys):
@@ -21,3 +27,19 @@ def test_the_train_step_benchmark_compares_all_variants(capsys):
         for variant in ("jaxbn", "flax.linen BN", "torch", "no norm (jax)"):
             assert any(line.startswith(name) and variant in line for line in out.splitlines())
     assert out.count("BN overhead vs no norm") == 2
+
+
+def test_steady_allocator_reruns_the_script_with_glibc_settings():
+    # glibc reads its settings at start-up, so the flag must re-run the script in a new process.
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.bn", "--quick", "--steady-allocator"],
+        cwd=Path(__file__).resolve().parents[1],
+        env={k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    header = result.stdout.splitlines()[0]
+    assert "allocator: steady (MALLOC_ARENA_MAX=1" in header
+    assert len([line for line in result.stdout.splitlines() if " fwd" in line]) == 8
