@@ -147,6 +147,13 @@ def _native_view(reduce_axes, *arrays):
     return view if view is not None and native.load() else None
 
 
+def _view_attributes(view):
+    # Flat operands with the view as attributes: a 3-D operand can make XLA insert a copy to
+    # meet the custom call's row-major layout (it does for bfloat16 [n, C, 1]).
+    outer, channels, inner = (np.int64(d) for d in view)
+    return {"outer": outer, "channels": channels, "inner": inner}
+
+
 def _per_channel(view, shape, reduce_axes):
     return jax.ShapeDtypeStruct((view[1],), jnp.float32), kept_shape(shape, reduce_axes)
 
@@ -156,7 +163,8 @@ def moments_cpu(x, *, reduce_axes):
     if view is None:
         return moments_reference(x, reduce_axes=reduce_axes)
     result, kept = _per_channel(view, x.shape, reduce_axes)
-    mean, m2 = jax.ffi.ffi_call("jaxbn_channel_moments", (result, result))(x.reshape(view))
+    call = jax.ffi.ffi_call("jaxbn_channel_moments", (result, result))
+    mean, m2 = call(x.reshape(-1), **_view_attributes(view))
     return mean.reshape(kept), m2.reshape(kept)
 
 
@@ -166,7 +174,7 @@ def dot_cpu(g, x, mean, *, reduce_axes):
         return dot_reference(g, x, mean, reduce_axes=reduce_axes)
     result, kept = _per_channel(view, x.shape, reduce_axes)
     call = jax.ffi.ffi_call("jaxbn_channel_dot", (result, result))
-    sum_gx, sum_g = call(g.reshape(view), x.reshape(view), mean.reshape(-1))
+    sum_gx, sum_g = call(g.reshape(-1), x.reshape(-1), mean.reshape(-1), **_view_attributes(view))
     return sum_gx.reshape(kept), sum_g.reshape(kept)
 
 

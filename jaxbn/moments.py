@@ -4,8 +4,10 @@ Every normalization in jaxbn reduces to one question: over a set of elements (th
 axes, a mask, and possibly the devices of a mapped axis), what are the count, the mean and the
 sum of squared deviations (M2)? This module answers it without cancellation:
 
-* locally two passes — mean first, then Σ(x-mean)² — so ``randn + 1e4`` in float32 has var ≈ 1
-  (the centered array is returned too: normalization and its derivative reuse it);
+* locally (masked inputs, GroupNorm, LayerNorm) two passes — mean first, then Σ(x-mean)² — so
+  ``randn + 1e4`` in float32 has var ≈ 1 (the centered array is returned too: normalization and
+  its derivative reuse it). Unmasked batch norm takes its local moments from
+  :func:`jaxbn.channel_ops.channel_moments` instead (one shifted pass on the CPU);
 * across devices Chan's parallel merge of (count, mean, M2) — exact for uneven shards and
   empty devices — using a single ``all_gather`` of a ``[3, ...]`` array.
 """

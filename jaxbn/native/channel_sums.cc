@@ -1,7 +1,9 @@
 // Per-channel reductions for batch norm as XLA FFI CPU kernels.
 //
-// Every array is viewed as [outer, C, inner] (row-major) and reduced over outer and inner,
-// leaving one value per channel c: NHWC activations are [N*H*W, C, 1], NCL ones [N, C, L].
+// Every array arrives flat, with attributes outer, channels (C) and inner: it is read as
+// [outer, C, inner] (row-major) and reduced over outer and inner, leaving one value per channel
+// c: NHWC activations are [N*H*W, C, 1], NCL ones [N, C, L]. (Flat, so that XLA never copies
+// an operand to meet a layout constraint.)
 //
 //   jaxbn_channel_moments(x)         -> mean[C], m2[C]        m2 = Σ (x - mean)²
 //   jaxbn_channel_dot(g, x, mean)    -> Σ g·(x - mean)[C], Σ g[C]
@@ -19,9 +21,14 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <thread>
 #include <type_traits>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -63,10 +70,23 @@ struct Load<Vec> {
     return v;
   }
   static Vec from(const _Float16* p) {
+#if defined(__AVX512F__)
+    // GCC turns __builtin_convertvector from _Float16 into 16 scalar converts; F16C does 16.
+    const __m512 v = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return reinterpret_cast<const Vec&>(v);
+#elif defined(__F16C__)
+    Vec out;
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&out, &lo, sizeof(lo));
+    std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+    return out;
+#else
     using Half = _Float16 __attribute__((vector_size(kLanes * sizeof(_Float16))));
     Half h;
     std::memcpy(&h, p, sizeof(h));
     return __builtin_convertvector(h, Vec);
+#endif
   }
   static Vec from(const BFloat16* p) {
     using U16 = uint16_t __attribute__((vector_size(kLanes * sizeof(uint16_t))));
@@ -249,11 +269,14 @@ void channel_sums(ffi::ThreadPool& pool, int64_t outer, int64_t C, int64_t inner
   }
 }
 
+struct View {
+  int64_t outer, C, inner;
+};
+
 template <typename T>
-ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
-                   ffi::Result<ffi::AnyBuffer> m2) {
-  const auto dims = x.dimensions();
-  const int64_t outer = dims[0], C = dims[1], inner = dims[2];
+ffi::Error Moments(ffi::ThreadPool pool, View view, ffi::AnyBuffer x,
+                   ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> m2) {
+  const int64_t outer = view.outer, C = view.C, inner = view.inner;
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   std::vector<float> shift(C, 0.0f);
   if (outer * inner > 0) {
@@ -288,11 +311,10 @@ ffi::Error Moments(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyB
 }
 
 template <typename T>
-ffi::Error Dot(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
+ffi::Error Dot(ffi::ThreadPool pool, View view, ffi::AnyBuffer g, ffi::AnyBuffer x,
                ffi::Buffer<ffi::F32> mean, ffi::Result<ffi::AnyBuffer> sum_gx,
                ffi::Result<ffi::AnyBuffer> sum_g) {
-  const auto dims = x.dimensions();
-  const int64_t outer = dims[0], C = dims[1], inner = dims[2];
+  const int64_t outer = view.outer, C = view.C, inner = view.inner;
   const T* gp = reinterpret_cast<const T*>(g.untyped_data());
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
   const float* mp = mean.typed_data();
@@ -315,26 +337,42 @@ ffi::Error Dot(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
   return ffi::Error::Success();
 }
 
-ffi::Error MomentsAny(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
+// The view must cover the buffer exactly: a mismatch is a bug on the Python side, and reading
+// past the end must never happen.
+ffi::Error check_view(const char* name, const View& view, const ffi::AnyBuffer& buffer) {
+  if (view.outer < 0 || view.C < 0 || view.inner < 0 ||
+      view.outer * view.C * view.inner != static_cast<int64_t>(buffer.element_count())) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": view does not match the buffer");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error MomentsAny(ffi::ThreadPool pool, int64_t outer, int64_t channels, int64_t inner,
+                      ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> mean,
                       ffi::Result<ffi::AnyBuffer> m2) {
+  const View view{outer, channels, inner};
+  if (auto error = check_view("jaxbn_channel_moments", view, x); error.failure()) return error;
   switch (x.element_type()) {
-    case ffi::F32: return Moments<float>(pool, x, mean, m2);
-    case ffi::BF16: return Moments<BFloat16>(pool, x, mean, m2);
-    case ffi::F16: return Moments<_Float16>(pool, x, mean, m2);
+    case ffi::F32: return Moments<float>(pool, view, x, mean, m2);
+    case ffi::BF16: return Moments<BFloat16>(pool, view, x, mean, m2);
+    case ffi::F16: return Moments<_Float16>(pool, view, x, mean, m2);
     default: return ffi::Error::InvalidArgument("jaxbn_channel_moments: unsupported dtype");
   }
 }
 
-ffi::Error DotAny(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
-                  ffi::Buffer<ffi::F32> mean, ffi::Result<ffi::AnyBuffer> sum_gx,
-                  ffi::Result<ffi::AnyBuffer> sum_g) {
-  if (g.element_type() != x.element_type()) {
-    return ffi::Error::InvalidArgument("jaxbn_channel_dot: g and x differ in dtype");
+ffi::Error DotAny(ffi::ThreadPool pool, int64_t outer, int64_t channels, int64_t inner,
+                  ffi::AnyBuffer g, ffi::AnyBuffer x, ffi::Buffer<ffi::F32> mean,
+                  ffi::Result<ffi::AnyBuffer> sum_gx, ffi::Result<ffi::AnyBuffer> sum_g) {
+  const View view{outer, channels, inner};
+  if (auto error = check_view("jaxbn_channel_dot", view, x); error.failure()) return error;
+  if (g.element_type() != x.element_type() || g.element_count() != x.element_count() ||
+      static_cast<int64_t>(mean.element_count()) != channels) {
+    return ffi::Error::InvalidArgument("jaxbn_channel_dot: g, x and mean do not match");
   }
   switch (x.element_type()) {
-    case ffi::F32: return Dot<float>(pool, g, x, mean, sum_gx, sum_g);
-    case ffi::BF16: return Dot<BFloat16>(pool, g, x, mean, sum_gx, sum_g);
-    case ffi::F16: return Dot<_Float16>(pool, g, x, mean, sum_gx, sum_g);
+    case ffi::F32: return Dot<float>(pool, view, g, x, mean, sum_gx, sum_g);
+    case ffi::BF16: return Dot<BFloat16>(pool, view, g, x, mean, sum_gx, sum_g);
+    case ffi::F16: return Dot<_Float16>(pool, view, g, x, mean, sum_gx, sum_g);
     default: return ffi::Error::InvalidArgument("jaxbn_channel_dot: unsupported dtype");
   }
 }
@@ -344,6 +382,9 @@ ffi::Error DotAny(ffi::ThreadPool pool, ffi::AnyBuffer g, ffi::AnyBuffer x,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxbn_channel_moments, MomentsAny,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("outer")
+                                  .Attr<int64_t>("channels")
+                                  .Attr<int64_t>("inner")
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
@@ -351,6 +392,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxbn_channel_moments, MomentsAny,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxbn_channel_dot, DotAny,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Attr<int64_t>("outer")
+                                  .Attr<int64_t>("channels")
+                                  .Attr<int64_t>("inner")
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
