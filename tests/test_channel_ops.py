@@ -247,3 +247,15 @@ def test_exported_batch_norm_takes_the_reference_and_agrees():
     exported = jax.export.export(jax.jit(forward))(x)
     assert "jaxbn_channel" not in exported.mlir_module()
     np.testing.assert_allclose(exported.call(x), jax.jit(forward)(x), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_refuses_a_view_that_does_not_cover_its_buffer():
+    # The kernels trust the view for every read: a wrong one must be an error, never a read
+    # past the end of the buffer.
+    assert native.load()
+    result = jax.ShapeDtypeStruct((4,), jnp.float32)
+    call = jax.ffi.ffi_call("jaxbn_channel_moments", (result, result))
+    x = jnp.ones(12)
+    views = {"outer": np.int64(4), "channels": np.int64(4), "inner": np.int64(1)}
+    with pytest.raises(Exception, match="view does not match the buffer"):
+        jax.block_until_ready(jax.jit(lambda x: call(x, **views))(x))
