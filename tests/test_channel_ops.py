@@ -259,3 +259,15 @@ def test_kernel_refuses_a_view_that_does_not_cover_its_buffer():
     views = {"outer": np.int64(4), "channels": np.int64(4), "inner": np.int64(1)}
     with pytest.raises(Exception, match="view does not match the buffer"):
         jax.block_until_ready(jax.jit(lambda x: call(x, **views))(x))
+
+
+@pytest.mark.parametrize("outlier", [1e4, -3e3, 50.0])
+def test_a_first_value_far_from_the_mean_costs_no_accuracy(outlier):
+    # The one-pass kernel sums around each channel's first value; when that value is an outlier
+    # the squares would swamp float32, so the kernel must notice and sum again around the mean.
+    x = np.random.default_rng(4).standard_normal((8192, 3)).astype(np.float32)
+    x[0] = outlier
+    mean, m2 = jax.jit(lambda x: channel_moments(x, (0,)))(x)
+    want_mean, want_m2 = _numpy_moments(x, (0,))
+    np.testing.assert_allclose(m2, want_m2, rtol=2e-6)
+    np.testing.assert_allclose(mean, want_mean, rtol=1e-5, atol=1e-6)

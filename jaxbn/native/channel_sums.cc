@@ -14,7 +14,8 @@
 //
 // Accuracy: values are summed in float over blocks of 32 rows and the block sums in double;
 // the moments are taken around a per-channel shift (the channel's first value), so
-// `randn + 1e4` in float32 still gives var ≈ 1 without a second pass over x.
+// `randn + 1e4` in float32 still gives var ≈ 1 without a second pass over x. A channel whose
+// first value lies more than 3 standard deviations from its mean gets that second pass.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -38,6 +39,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;      // one vector: 16 floats (AVX-512; narrower ISAs split it)
 constexpr int64_t kBlockRows = 32;  // terms summed in float before adding into double
+constexpr double kFarShift = 3.0;     // in standard deviations: see Moments
 constexpr int64_t kMaxVectors = 8;  // vectors of channels summed at once (2·8 registers)
 
 using Vec = float __attribute__((vector_size(kLanes * sizeof(float))));
@@ -287,23 +289,37 @@ ffi::Error Moments(ffi::ThreadPool pool, View view, ffi::AnyBuffer x,
       shift[c] = std::isfinite(first) ? first : 0.0f;
     }
   }
-  const float* sp = shift.data();
-  std::vector<double> s1, s2;
-  channel_sums(
-      pool, outer, C, inner, sp,
-      [xp](auto param, int64_t i, auto& a, auto& b) {
-        using V = decltype(param);
-        const V v = Load<V>::from(xp + i) - param;
-        a = v;
-        b = v * v;
-      },
-      s1, s2);
   const double n = static_cast<double>(outer) * static_cast<double>(inner);
+  std::vector<double> s1, s2;
+  auto sum_around_shift = [&] {
+    channel_sums(
+        pool, outer, C, inner, shift.data(),
+        [xp](auto param, int64_t i, auto& a, auto& b) {
+          using V = decltype(param);
+          const V v = Load<V>::from(xp + i) - param;
+          a = v;
+          b = v * v;
+        },
+        s1, s2);
+  };
+  sum_around_shift();
+  // A first value far from its channel's mean (an outlier) makes the float block sums of
+  // squares lose digits. Such channels are summed once more around the mean just found: the
+  // two-pass algorithm, paid for only where it is needed.
+  bool again = false;
+  for (int64_t c = 0; c < C && n > 0; ++c) {
+    const double offset = s1[c] / n, var = std::max(0.0, s2[c] / n - offset * offset);
+    if (std::isfinite(offset) && offset * offset > kFarShift * kFarShift * var) {
+      shift[c] = static_cast<float>(shift[c] + offset);
+      again = true;
+    }
+  }
+  if (again) sum_around_shift();
   float* mean_out = reinterpret_cast<float*>(mean->untyped_data());
   float* m2_out = reinterpret_cast<float*>(m2->untyped_data());
   for (int64_t c = 0; c < C; ++c) {
     const double offset = n > 0 ? s1[c] / n : 0.0;
-    mean_out[c] = static_cast<float>(sp[c] + offset);
+    mean_out[c] = static_cast<float>(shift[c] + offset);
     const double m2_value = s2[c] - s1[c] * offset;
     m2_out[c] = static_cast<float>(m2_value < 0.0 ? 0.0 : m2_value);  // keeps NaN
   }
@@ -377,24 +393,25 @@ ffi::Error DotAny(ffi::ThreadPool pool, int64_t outer, int64_t channels, int64_t
   }
 }
 
+// Both handlers take XLA's thread pool and the [outer, C, inner] view first.
+auto bind_with_view() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Attr<int64_t>("outer")
+      .Attr<int64_t>("channels")
+      .Attr<int64_t>("inner");
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxbn_channel_moments, MomentsAny,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("outer")
-                                  .Attr<int64_t>("channels")
-                                  .Attr<int64_t>("inner")
+                              bind_with_view()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jaxbn_channel_dot, DotAny,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Attr<int64_t>("outer")
-                                  .Attr<int64_t>("channels")
-                                  .Attr<int64_t>("inner")
+                              bind_with_view()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
