@@ -207,7 +207,7 @@ def test_build_is_cached_per_source(tmp_path, monkeypatch):
 
 def test_infinity_gives_the_two_pass_statistics():
     x = _data((32, 3))
-    x[0, 0] = np.inf  # the kernel's shift value for channel 0
+    x[0, 0] = np.inf  # among the values the kernel takes its shift from
     x[5, 1] = -np.inf
     mean, m2 = jax.jit(lambda x: channel_moments(x, (0,)))(x)
     ref_mean, ref_m2 = channel_ops.moments_reference(jnp.asarray(x), reduce_axes=(0,))
@@ -263,8 +263,9 @@ def test_kernel_refuses_a_view_that_does_not_cover_its_buffer():
 
 @pytest.mark.parametrize("outlier", [1e4, -3e3, 50.0])
 def test_a_first_value_far_from_the_mean_costs_no_accuracy(outlier):
-    # The one-pass kernel sums around each channel's first value; when that value is an outlier
-    # the squares would swamp float32, so the kernel must notice and sum again around the mean.
+    # The one-pass kernel sums around the mean of each channel's first values; an outlier among
+    # them moves that shift far from the mean, the squares would swamp float32, so the kernel
+    # must notice and sum again around the mean.
     x = np.random.default_rng(4).standard_normal((8192, 3)).astype(np.float32)
     x[0] = outlier
     mean, m2 = jax.jit(lambda x: channel_moments(x, (0,)))(x)

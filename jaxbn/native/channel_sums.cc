@@ -13,9 +13,9 @@
 // once, in their own dtype (float32, bfloat16 or float16), and sums in float.
 //
 // Accuracy: values are summed in float over blocks of 32 rows and the block sums in double;
-// the moments are taken around a per-channel shift (the channel's first value), so
-// `randn + 1e4` in float32 still gives var ≈ 1 without a second pass over x. A channel whose
-// first value lies more than 3 standard deviations from its mean gets that second pass.
+// the moments are taken around a per-channel shift (the mean of the channel's first 32 values),
+// so `randn + 1e4` in float32 still gives var ≈ 1 without a second pass over x. When a shift
+// lies more than 3 standard deviations from its channel's mean, x gets that second pass.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -280,14 +280,22 @@ ffi::Error Moments(ffi::ThreadPool pool, View view, ffi::AnyBuffer x,
                    ffi::Result<ffi::AnyBuffer> mean, ffi::Result<ffi::AnyBuffer> m2) {
   const int64_t outer = view.outer, C = view.C, inner = view.inner;
   const T* xp = reinterpret_cast<const T*>(x.untyped_data());
+  // The shift: the mean of each channel's first (up to) kBlockRows finite values, which is
+  // close to the channel's mean unless the data is pathological — then see below.
   std::vector<float> shift(C, 0.0f);
-  if (outer * inner > 0) {
-    // An infinite shift would turn x - shift into inf - inf: use 0 there instead, so an
-    // infinite value gives an infinite mean as the two-pass formula does.
-    for (int64_t c = 0; c < C; ++c) {
-      const float first = Load<float>::from(xp + c * inner);
-      shift[c] = std::isfinite(first) ? first : 0.0f;
+  for (int64_t c = 0; c < C; ++c) {
+    double total = 0.0;
+    int64_t taken = 0;
+    for (int64_t o = 0; o < outer && taken < kBlockRows; ++o) {
+      for (int64_t i = 0; i < inner && taken < kBlockRows; ++i) {
+        const float value = Load<float>::from(xp + (o * C + c) * inner + i);
+        if (std::isfinite(value)) {
+          total += value;
+          ++taken;
+        }
+      }
     }
+    shift[c] = taken > 0 ? static_cast<float>(total / taken) : 0.0f;
   }
   const double n = static_cast<double>(outer) * static_cast<double>(inner);
   std::vector<double> s1, s2;
@@ -303,9 +311,9 @@ ffi::Error Moments(ffi::ThreadPool pool, View view, ffi::AnyBuffer x,
         s1, s2);
   };
   sum_around_shift();
-  // A first value far from its channel's mean (an outlier) makes the float block sums of
-  // squares lose digits. Such channels are summed once more around the mean just found: the
-  // two-pass algorithm, paid for only where it is needed.
+  // A shift far from its channel's mean (outliers among the first values) makes the float
+  // block sums of squares lose digits. Then x is summed once more around the mean just found:
+  // the two-pass algorithm, paid for only where it is needed.
   bool again = false;
   for (int64_t c = 0; c < C && n > 0; ++c) {
     const double offset = s1[c] / n, var = std::max(0.0, s2[c] / n - offset * offset);
