@@ -1,7 +1,7 @@
 """Batch norm layer speed: jaxbn vs flax.linen.BatchNorm vs torch.nn.BatchNorm* (eager).
 
 Usage:
-    python -m benchmarks.bn                  # the full table (a few minutes on 2 cores)
+    python -m benchmarks.bn                  # the full table (about a minute on 2 cores)
     python -m benchmarks.bn --quick          # tiny shapes, a smoke run
 
 One process, same inputs, all cores for both XLA and PyTorch, warm-up then the median of
