@@ -26,10 +26,10 @@ def _seconds(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def interleaved_medians(
+def interleaved_rounds(
     fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5
-) -> dict[str, float]:
-    """Median wall time of each ``fn()``, the contenders taking turns in ``rounds`` rounds.
+) -> dict[str, list[float]]:
+    """Per round, the median wall time of each ``fn()``; the contenders take turns each round.
 
     This machine's speed drifts (other tenants, turbo); timing each contender in one block
     would fold that drift into the ratios. So each round gives every contender, in rotating
@@ -38,13 +38,30 @@ def interleaved_medians(
     """
     names = list(fns)
     per_round = max(1, -(-repeats // rounds))
-    times: dict[str, list[float]] = {name: [] for name in names}
+    medians: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             fns[name]()
-            times[name].extend(_seconds(fns[name]) for _ in range(per_round))
-    return {name: statistics.median(t) for name, t in times.items()}
+            medians[name].append(statistics.median(_seconds(fns[name]) for _ in range(per_round)))
+    return medians
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5
+) -> dict[str, float]:
+    """Median over rounds of each contender's time (see :func:`interleaved_rounds`)."""
+    per_round = interleaved_rounds(fns, repeats, rounds)
+    return {name: statistics.median(times) for name, times in per_round.items()}
+
+
+def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
+    """Median over rounds of the ratio of two contenders' times measured in the same round.
+
+    Pairing within a round cancels the drift between rounds, which on this machine is larger
+    than the few percent a ratio like BN's overhead is about.
+    """
+    return statistics.median(a / b for a, b in zip(numerator, denominator, strict=True))
 
 
 def block(tree):

@@ -6,14 +6,16 @@ Usage:
     python -m benchmarks.train_step --quick     # tiny models and inputs, a smoke run
 
 One process, same data, all cores for XLA and PyTorch, warm-up then medians of repeats,
-the variants timed in turn within each repeat. The step is forward + backward +
+the variants timed in turn within each round. The step is forward + backward +
 SGD-with-momentum update. "BN overhead" is the BN model's step time over the same model without
-normalization.
+normalization: the median over rounds of the ratio within a round (the two are timed side by
+side, so drift between rounds cancels).
 """
 
 from __future__ import annotations
 
 import contextlib
+import statistics
 
 import flax.linen as fnn
 import jax
@@ -22,7 +24,7 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks.timing import benchmark_main, block, interleaved_medians
+from benchmarks.timing import benchmark_main, block, interleaved_rounds, paired_ratio
 from jaxbn import models
 from jaxbn.models import norms
 from tests import torch_models
@@ -106,6 +108,9 @@ def torch_step(net, x_np, y_np):
     return run
 
 
+ROUNDS = 10  # more rounds than the BN benchmark: the overhead is a ratio of a few percent
+
+
 def configurations(quick: bool):
     if quick:
         conv = dict(widths=(4, 8, 8), hidden=8)
@@ -141,7 +146,8 @@ def run(quick: bool, repeats: int) -> list[dict]:
                 model = make("none" if variant == "none" else "batch")
                 steps[variant], temps[variant] = jax_step(model, x, y)
         steps["torch"] = torch_step(make_torch(), x_np, y_np)
-        timings = interleaved_medians(steps, repeats)
+        per_round = interleaved_rounds(steps, repeats, ROUNDS)
+        timings = {name: statistics.median(times) for name, times in per_round.items()}
         for variant in ("jaxbn", "flax", "torch", "none"):
             rows.append(
                 {
@@ -157,8 +163,8 @@ def run(quick: bool, repeats: int) -> list[dict]:
         rows.append(
             {
                 "model": name,
-                "overhead": timings["jaxbn"] / timings["none"] - 1,
-                "flax_overhead": timings["flax"] / timings["none"] - 1,
+                "overhead": paired_ratio(per_round["jaxbn"], per_round["none"]) - 1,
+                "flax_overhead": paired_ratio(per_round["flax"], per_round["none"]) - 1,
             }
         )
     return rows
