@@ -11,8 +11,8 @@ Batch norm's statistics and derivatives are made of three operations on an activ
 ``channel_dot`` and ``channel_affine`` are each other's transpose, so reverse mode turns every
 reduction back into a ``channel_dot``. On the CPU the two reductions run as the single-pass
 C++ kernels of :mod:`jaxbn.native` when ``x`` (and ``g``) are float32, bfloat16 or float16 —
-read in their own dtype, no float32 copy — and the kept axes are contiguous;
-everywhere else (float64, GPU, ``vmap``, no compiler) they lower to the plain-JAX reference
+read in their own dtype, no float32 copy — and the kept axes are contiguous; everywhere else
+(float64, GPU, ``vmap``, ``jax.export``, no compiler) they lower to the plain-JAX reference
 below, which they must agree with. Each primitive has a JVP, so derivatives of any order work.
 """
 
