@@ -11,7 +11,8 @@ intermediates alive. The closed form needs two per-channel reductions of the tan
 The rule is a JVP (not a VJP), so forward mode (``jax.jvp``, ``jax.jacfwd``) works, and reverse
 mode comes from JAX transposing it — which gives exactly the classic batch-norm backward
 (``dbias = Σg``, ``dweight = Σg·x̂``, ``dx = weight·rstd·(g − mean(g) − x̂·mean(g·x̂))``). It is
-made of ordinary JAX ops, so it can be differentiated again (``grad`` of ``grad``).
+made of JAX ops and primitives that have JVPs of their own, so it can be differentiated again
+(``grad`` of ``grad``).
 
 Memory traffic is the cost of batch norm. On the common path (per-channel weight and bias, no
 mask) the statistics and the tangent reductions are :mod:`jaxbn.channel_ops` primitives: the
