@@ -47,10 +47,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
+from jaxbn.arguments import (
+    check_axis,
+    check_eps,
+    check_feature_count,
+    check_momentum,
+    check_running_stat,
+    train_flag,
+)
 from jaxbn.sync import current_sync
-from jaxbn.update_bn import cumulative_average_active
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["MOMENTS_COLLECTION", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+#: The collection a training batch norm reports its batch statistics to (count, mean, biased
+#: var per channel, one entry per call) when the caller names it in ``mutable`` — how
+#: ``jaxbn.update_bn`` learns them as data instead of switching the modules' behaviour.
+MOMENTS_COLLECTION = "batch_moments"
 
 
 class BatchNorm(nn.Module):
@@ -91,8 +103,16 @@ class BatchNorm(nn.Module):
     expected_ranks: ClassVar[tuple[int, ...] | None] = None
     rank_message: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        check_feature_count(self.num_features, "num_features")
+        check_eps(self.eps)
+        check_momentum(self.momentum)
+        check_axis(self.axis)
+        super().__post_init__()
+
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        train = train_flag(train)
         x = jnp.asarray(x)
         if self.expected_ranks is not None and x.ndim not in self.expected_ranks:
             raise ValueError(self.rank_message.format(ndim=x.ndim))
@@ -121,20 +141,27 @@ class BatchNorm(nn.Module):
                 "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
             )
             running_mean, running_var = mean_v.value, var_v.value
+            self._check_batch_stats(running_mean, running_var, count_v.value, features)
 
         # As in PyTorch: without running statistics, batch statistics are used in eval too.
         use_batch_stats = train or not self.track_running_stats
-        updating = train and self.track_running_stats and not self.is_initializing()
-        momentum = None if cumulative_average_active() else self.momentum
+        initializing = self.is_initializing()
+        updating = train and self.track_running_stats and not initializing
+        momentum = self.momentum
         if updating and momentum is None:
-            momentum = 1.0 / (count_v.value + 1).astype(running_mean.dtype)
+            # In float: an int32 count + 1 could wrap at 2**31 - 1.
+            momentum = 1.0 / (count_v.value.astype(running_mean.dtype) + 1)
         elif momentum is None:
             momentum = 0.0  # unused: nothing is updated
 
         axis_name, axis_index_groups = self.axis_name, self.axis_index_groups
-        if axis_name is None and current_sync() is not None:
-            axis_name, axis_index_groups = current_sync()
-        y, new_mean, new_var = functional.batch_norm(
+        sync = current_sync()
+        if axis_name is None and sync is not None:
+            axis_name, axis_index_groups = sync
+        # Like SyncBatchNorm: only training syncs, so eval needs no mapped axis. Like Flax,
+        # init skips the collective: variables are created outside any mapped axis.
+        synced = train and not initializing
+        y, new_mean, new_var, moments = functional.batch_norm_with_moments(
             x,
             running_mean,
             running_var,
@@ -144,15 +171,38 @@ class BatchNorm(nn.Module):
             momentum=momentum,
             eps=self.eps,
             axis=self.axis,
-            # Like SyncBatchNorm: only training syncs, so eval never needs a mapped axis.
-            axis_name=axis_name if train else None,
-            axis_index_groups=axis_index_groups,
+            axis_name=axis_name if synced else None,
+            axis_index_groups=axis_index_groups if synced else None,
             mask=mask,
+            # init runs on whatever slice of the data is at hand (one row per device of a
+            # synced model); its statistics are never kept.
+            check_count=not initializing,
         )
         if updating:
             mean_v.value, var_v.value = new_mean, new_var
-            count_v.value = count_v.value + 1
+            count = count_v.value
+            # Saturates instead of wrapping (int32 unless jax_enable_x64).
+            count_v.value = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+            if self._reporting_moments():
+                self.sow(MOMENTS_COLLECTION, "moments", dict(moments._asdict()))
         return y.astype(self.dtype) if self.dtype is not None else y
+
+    def _reporting_moments(self) -> bool:
+        # Only when the caller names the collection (jaxbn.update_bn does): with mutable=True
+        # the report would be merged back into the variables and grow at every step.
+        requested = self.scope.mutable
+        return requested is not True and self.is_mutable_collection(MOMENTS_COLLECTION)
+
+    def _check_batch_stats(self, mean, var, count, features: int) -> None:
+        where = "/".join(("batch_stats", *self.path))
+        check_running_stat(mean, f"{where}/mean", features)
+        check_running_stat(var, f"{where}/var", features)
+        dtype = jnp.result_type(count)
+        if jnp.shape(count) != () or not jnp.issubdtype(dtype, jnp.integer):
+            raise TypeError(
+                f"{where}/num_batches_tracked must be an integer scalar, got shape "
+                f"{jnp.shape(count)} and dtype {dtype}"
+            )
 
 
 class BatchNorm1d(BatchNorm):

@@ -78,7 +78,7 @@ def channel_affine(
 def _same_vma(*arrays):
     # Inside shard_map a primitive's operands must vary over the same mesh axes; the merged
     # statistics are replicated while activations vary, so cast the former to varying.
-    vmas = [_varying_axes(a) for a in arrays]
+    vmas = [varying_axes(a) for a in arrays]
     union = frozenset().union(*vmas)
     return tuple(
         a if vma == union else jax.lax.pcast(a, tuple(union - vma), to="varying")
@@ -86,7 +86,8 @@ def _same_vma(*arrays):
     )
 
 
-def _varying_axes(array) -> frozenset:
+def varying_axes(array) -> frozenset:
+    """The mesh axes ``array`` varies over inside shard_map (empty elsewhere)."""
     aval = jax.typeof(array)
     manual = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
     return manual.varying if manual is not None else getattr(aval, "vma", frozenset())

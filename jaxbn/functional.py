@@ -16,14 +16,41 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.arguments import (
+    check_axis,
+    check_floating_input,
+    check_momentum,
+    check_running_stat,
+    train_flag,
+)
 from jaxbn.normalize import compute_dtype, normalize
 
-__all__ = ["batch_norm", "group_norm", "layer_norm"]
+__all__ = [
+    "BatchMoments",
+    "batch_norm",
+    "batch_norm_with_moments",
+    "group_norm",
+    "layer_norm",
+    "update_running",
+]
+
+
+class BatchMoments(NamedTuple):
+    """A training batch's statistics per channel, merged over devices when synced.
+
+    ``count`` (elements that counted), ``mean`` and the **biased** ``var``, each [C] in the
+    compute dtype (float32, or float64 for float64 input).
+    """
+
+    count: jax.Array
+    mean: jax.Array
+    var: jax.Array
 
 
 def batch_norm(
@@ -73,7 +100,48 @@ def batch_norm(
     Raises:
       ValueError / RuntimeError / TypeError with PyTorch's wording, at trace time.
     """
+    y, new_mean, new_var, _ = batch_norm_with_moments(
+        x,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training,
+        momentum,
+        eps,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )
+    return y, new_mean, new_var
+
+
+def batch_norm_with_moments(
+    x: jax.Array,
+    running_mean: jax.Array | None,
+    running_var: jax.Array | None,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    training: bool = False,
+    momentum: float | jax.Array = 0.1,
+    eps: float = 1e-5,
+    *,
+    axis: int = -1,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    check_count: bool = True,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None, BatchMoments | None]:
+    """:func:`batch_norm`, and also the batch's :class:`BatchMoments` (None in eval).
+
+    What ``jaxbn.update_bn`` averages: the modules report these moments when asked.
+    ``check_count=False`` lets a single value per channel through (module initialization,
+    whose statistics are never kept).
+    """
     x = jnp.asarray(x)
+    check_floating_input(x, "batch_norm")
+    training = train_flag(training, "training")
     ax = _feature_axis(axis, x.ndim)
     channels = x.shape[ax]
     _check_numel(
@@ -83,6 +151,8 @@ def batch_norm(
         weight=weight,
         bias=bias,
     )
+    check_running_stat(running_mean, "running_mean", channels)
+    check_running_stat(running_var, "running_var", channels)
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     if not training and running_mean is None:
@@ -92,6 +162,8 @@ def batch_norm(
             "momentum=None (cumulative average) needs num_batches_tracked: use jaxbn.BatchNorm, "
             "or pass momentum=1/num_batches_tracked"
         )
+    if not isinstance(momentum, jax.Array):
+        check_momentum(momentum)
     _check_eps(eps, training)
     mask = _broadcast_mask(mask, x.shape)
     stat_shape = tuple(channels if i == ax else 1 for i in range(x.ndim))
@@ -103,12 +175,12 @@ def batch_norm(
         var = jnp.reshape(running_var, stat_shape).astype(dtype)
         xhat = (x32 - mean) * jax.lax.rsqrt(var + eps)
         y = _affine(xhat, weight, bias, stat_shape, mask, _output_dtype(x.dtype))
-        return y, running_mean, running_var
+        return y, running_mean, running_var, None
 
     reduce_axes = tuple(i for i in range(x.ndim) if i != ax)
     groups = _groups(axis_index_groups)
     values = int(np.prod([x.shape[i] for i in reduce_axes], dtype=np.int64))
-    if values * _num_devices(axis_name, groups) == 1:
+    if check_count and values * _num_devices(axis_name, groups) == 1:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
@@ -124,12 +196,11 @@ def batch_norm(
         groups,
     )
     y = y.astype(_output_dtype(x.dtype))
+    moments = BatchMoments(*(jnp.reshape(a, (channels,)) for a in (count, mean, var)))
     if running_mean is None:
-        return y, None, None
-    new_mean, new_var = _update_running(
-        running_mean, running_var, count, mean, var, momentum, channels
-    )
-    return y, new_mean, new_var
+        return y, None, None, moments
+    new_mean, new_var = update_running(running_mean, running_var, moments, momentum)
+    return y, new_mean, new_var, moments
 
 
 def group_norm(
@@ -158,6 +229,7 @@ def group_norm(
       y: like ``x``, in ``x``'s dtype.
     """
     x = jnp.asarray(x)
+    check_floating_input(x, "group_norm")
     if x.ndim < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
     ax = _feature_axis(axis, x.ndim)
@@ -216,6 +288,7 @@ def layer_norm(
       y: like ``x``, in ``x``'s dtype.
     """
     x = jnp.asarray(x)
+    check_floating_input(x, "layer_norm")
     shape = _as_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
@@ -246,6 +319,7 @@ def layer_norm(
 
 
 def _feature_axis(axis: int, ndim: int) -> int:
+    check_axis(axis)
     if not -ndim <= axis < ndim:
         raise ValueError(f"axis {axis} is out of range for a {ndim}D input")
     return axis % ndim
@@ -260,6 +334,8 @@ def _check_numel(channels: int, **arrays: jax.Array | None) -> None:
 def _check_eps(eps: float, training: bool) -> None:
     if isinstance(eps, jax.core.Tracer):
         return  # a traced eps cannot be checked at trace time
+    if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating | np.integer):
+        raise TypeError(f"eps must be float, not {type(eps).__name__} ({eps!r})")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     if eps < 0:
@@ -315,10 +391,20 @@ def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:
     return y.astype(out_dtype)
 
 
-def _update_running(running_mean, running_var, count, mean, var, momentum, channels):
-    count, mean, var = (
-        jnp.reshape(jax.lax.stop_gradient(a), (channels,)) for a in (count, mean, var)
-    )
+def update_running(
+    running_mean: jax.Array, running_var: jax.Array, moments: BatchMoments, momentum
+) -> tuple[jax.Array, jax.Array]:
+    """PyTorch's running update: ``(1 - momentum)·old + momentum·new``, unbiased variance.
+
+    Args:
+      running_mean, running_var: [C] floats.
+      moments: the batch's :class:`BatchMoments` ([C] each).
+      momentum: the new batch's weight (float or traced scalar).
+
+    Returns:
+      ``(new_mean, new_var)`` in the running statistics' dtypes.
+    """
+    count, mean, var = (jax.lax.stop_gradient(a) for a in moments)
     unbiased = var * count / jnp.maximum(count - 1, 1)
     new_mean = (1 - momentum) * running_mean + momentum * mean
     new_var = (1 - momentum) * running_var + momentum * unbiased

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
+from jaxbn.arguments import check_axis, check_eps, check_feature_count
 
 __all__ = ["GroupNorm"]
 
@@ -48,6 +50,24 @@ class GroupNorm(nn.Module):
     affine: bool = True
     axis: int = -1
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, numbers.Integral):
+            raise TypeError(
+                f"num_groups must be an int, not {type(self.num_groups).__name__} "
+                f"({self.num_groups!r})"
+            )
+        if self.num_groups <= 0:
+            raise ValueError(f"num_groups must be positive, got {self.num_groups}")
+        check_feature_count(self.num_channels, "num_channels")
+        if self.num_channels is not None and self.num_channels % self.num_groups:
+            raise ValueError(
+                f"num_channels ({self.num_channels}) must be divisible by num_groups "
+                f"({self.num_groups})"
+            )
+        check_eps(self.eps)
+        check_axis(self.axis)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:

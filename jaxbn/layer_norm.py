@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
+from jaxbn.arguments import check_eps, check_shape
 
 __all__ = ["LayerNorm"]
 
@@ -44,6 +46,12 @@ class LayerNorm(nn.Module):
     eps: float = 1e-5
     elementwise_affine: bool = True
     param_dtype: Any = jnp.float32
+
+    def __post_init__(self) -> None:
+        shape = self.normalized_shape
+        check_shape((shape,) if isinstance(shape, numbers.Integral) else shape, "normalized_shape")
+        check_eps(self.eps)
+        super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxbn.channel_ops import varying_axes
+
 AxisIndexGroups = tuple[tuple[int, ...], ...] | None
 
 
@@ -36,8 +38,10 @@ def merge_moments(
     count of zero contribute nothing.
     """
     stacked = jnp.stack([count, mean, m2])
-    if axis_index_groups is None:
-        # Invariant result: shard_map can then return the merged statistics replicated.
+    names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+    if axis_index_groups is None and names <= varying_axes(stacked):
+        # Under shard_map an invariant result lets it return the merged statistics
+        # replicated; vmap and pmap track no varying axes (and refuse the conversion).
         gathered = jax.lax.all_gather(stacked, axis_name, to="invarying")
     else:
         gathered = jax.lax.all_gather(stacked, axis_name, axis_index_groups=axis_index_groups)
