@@ -1,8 +1,11 @@
-"""Lossless weight conversion between a PyTorch ``state_dict`` and jaxbn/Flax variables.
+"""Lossless weight conversion between a PyTorch ``state_dict`` and jaxbn/Flax variables, and a
+check that a port computes what the PyTorch model computes.
 
 Names: a Flax module path maps to a PyTorch module path by turning ``name_<digits>`` segments
 into ``name.<digits>`` (``layer1_0/conv1`` ↔ ``layer1.0.conv1``, ``features_0`` ↔
-``features.0``) — the jaxbn models are named that way. Leaves:
+``features.0``) — the jaxbn models are named that way. Where a model is named otherwise, pass
+``rename``: Flax module path (or a parent's path) → PyTorch module path, e.g.
+``{"layers_3": "layers.2"}``, or a function of the Flax path. Leaves:
 
 =============================  ==============================  ===============================
 Flax (channels-last)           PyTorch                         conversion
@@ -10,38 +13,62 @@ Flax (channels-last)           PyTorch                         conversion
 conv ``kernel`` [*k, I, O]     ``weight`` [O, I, *k]           transpose
 dense ``kernel`` [I, O]        ``weight`` [O, I]               transpose (+ flatten permute)
 ``bias``                       ``bias``                        as is
-norm ``scale``                 ``weight``                      as is ([H, W, C] ↔ [C, H, W])
+norm ``scale``                 ``weight``                      as is (see ``norm_layouts``)
 ``batch_stats/mean``, ``var``  ``running_mean``, ``running_var``  as is
-``num_batches_tracked``        ``num_batches_tracked``         int32 ↔ int64
+``num_batches_tracked``        ``num_batches_tracked``         int32 ↔ int64, value kept
 =============================  ==============================  ===============================
 
 A dense layer fed by a flattened conv feature map needs its input rows permuted, because
 PyTorch flattens (C, H, W) and channels-last code flattens (H, W, C); pass the (C, H, W) shape
-per such layer in ``flatten_shapes`` (``ConvNet.torch_flatten_shapes`` gives it). Everything
-is a transpose or reshape of the same numbers, so torch → jaxbn → torch is bit-identical.
+per such layer in ``flatten_shapes`` (``ConvNet.torch_flatten_shapes`` gives it). A state_dict
+does not say which layers follow a flatten, so a forgotten entry cannot be seen from the
+weights alone: :func:`verify_port` (or :func:`torch_module_to_flax`, which calls it) runs both
+models and names the first layer that differs. A norm weight with more than one dim (PyTorch
+``nn.LayerNorm([C, H, W])`` on NCHW images is ``[H, W, C]`` on NHWC) is moved only when
+``norm_layouts`` says so or when only one layout fits the template's shape. Everything is a
+transpose or reshape of the same numbers, so torch → jaxbn → torch is bit-identical.
 
 Example:
     >>> net = ConvNetWithBN()                                   # the PyTorch model
     >>> model = jaxbn.models.ConvNet()
-    >>> template = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    >>> variables = jaxbn.interop.torch_to_flax(
-    ...     net.state_dict(), template, flatten_shapes=model.torch_flatten_shapes(32, 32))
+    >>> variables = jaxbn.interop.torch_module_to_flax(
+    ...     net, model, torch.randn(8, 3, 32, 32), input_layout="channels_first",
+    ...     flatten_shapes=model.torch_flatten_shapes(32, 32))  # raises if any layer differs
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxbn.tree_paths import Path, module_leaves, set_path
 
-__all__ = ["flax_to_torch", "torch_module_path", "torch_to_flax"]
+__all__ = [
+    "flax_to_torch",
+    "torch_module_path",
+    "torch_module_to_flax",
+    "torch_to_flax",
+    "verify_port",
+]
 
 FlattenShapes = Mapping[str, tuple[int, int, int]]
+#: Flax module path (``"a/b_0"``) or a parent's path → PyTorch module path (``"a.b.0"``); or a
+#: function of the Flax module path returning the PyTorch path (None: the default rule).
+Rename = Mapping[str, str] | Callable[[str], str | None]
+#: ``"channels_first"``: PyTorch's norm weight is [C, *rest] and Flax's [*rest, C] (a layer on
+#: image data, NCHW in PyTorch and NHWC in Flax); ``"same"``: both are laid out alike.
+NormLayout = Literal["channels_first", "same"]
+NormLayouts = Mapping[str, NormLayout] | NormLayout
+#: ``"channels_first"``: the PyTorch input is [N, C, *spatial] and Flax gets [N, *spatial, C];
+#: ``"same"``: both get the same array (e.g. sequences [N, L, D]).
+InputLayout = Literal["channels_first", "same"]
+
+_LAYOUTS = ("channels_first", "same")
 
 # (collection, flax leaf) -> torch leaf
 _LEAF_NAMES = {
@@ -64,35 +91,54 @@ def torch_to_flax(
     variables: Mapping[str, Any],
     *,
     flatten_shapes: FlattenShapes | None = None,
+    rename: Rename | None = None,
+    norm_layouts: NormLayouts | None = None,
 ) -> dict[str, Any]:
     """Variables shaped like ``variables`` (e.g. from ``model.init``) holding the torch weights.
 
     Args:
-      state_dict: ``torch_module.state_dict()`` (tensors or numpy arrays).
+      state_dict: ``torch_module.state_dict()`` (tensors, bfloat16 included, or numpy arrays).
       variables: a template tree (``params``/``batch_stats``) giving names, shapes, dtypes.
-      flatten_shapes: Flax module path (``"classifier_0"``) → torch (C, H, W) it flattens.
+      flatten_shapes: Flax dense layer path (``"classifier_0"``) → torch (C, H, W) it flattens.
+        A forgotten entry cannot be seen in the weights: :func:`torch_module_to_flax` finds it.
+      rename: Flax module path (or a parent's) → torch module path where the default rule
+        (``name_<digits>`` ↔ ``name.<digits>``) does not hold, or a function of the Flax path.
+      norm_layouts: for norm weights with more than one dim: Flax module path →
+        ``"channels_first"`` (torch [C, H, W] → Flax [H, W, C]) or ``"same"``; one string for
+        all. Without an entry the template's shape decides when only one layout fits it.
 
     Raises:
       KeyError: naming the missing and the unexpected torch keys.
-      ValueError: naming the key whose shape does not fit.
+      ValueError: naming the key whose shape, layout or value does not fit, a ``flatten_shapes``
+        or ``rename`` key that matches no layer, or two layers given one torch name.
+      TypeError: naming the key whose tensor cannot be converted.
+
+    A ``num_batches_tracked`` keeps its value: in the template's int32 when it fits, in int64
+    when ``jax_enable_x64`` is on, otherwise it is refused.
     """
+    leaves = list(_template_leaves(variables))
+    keys = _torch_keys(leaves, rename)
+    _check_flatten_keys(flatten_shapes, leaves)
     flatten_shapes = flatten_shapes or {}
-    arrays = {key: _to_numpy(value) for key, value in state_dict.items()}
+    arrays = dict(state_dict)
     out: dict[str, Any] = {}
     missing = []
-    for collection, path, leaf, template in _template_leaves(variables):
-        key = _torch_key(collection, path, leaf)
+    for (collection, path, leaf, template), key in zip(leaves, keys, strict=True):
         if key not in arrays:
             missing.append(key)
             continue
-        raw = arrays.pop(key)
-        value = _from_torch(raw, template, path, leaf, flatten_shapes)
+        raw = _to_numpy(key, arrays.pop(key))
+        value = _from_torch(key, raw, template, path, leaf, flatten_shapes, norm_layouts)
         if value.shape != template.shape:
             raise ValueError(
                 f"{key}: torch shape {tuple(raw.shape)} does not fit "
                 f"{collection}/{'/'.join((*path, leaf))} of shape {tuple(template.shape)}"
             )
-        set_path(out.setdefault(collection, {}), (*path, leaf), jnp.asarray(value, template.dtype))
+        if leaf == "num_batches_tracked":
+            converted = _counter(key, value, template.dtype)
+        else:
+            converted = jnp.asarray(value, template.dtype)
+        set_path(out.setdefault(collection, {}), (*path, leaf), converted)
     if missing or arrays:
         raise KeyError(
             f"state_dict does not match the model: missing keys {missing}, "
@@ -102,19 +148,218 @@ def torch_to_flax(
 
 
 def flax_to_torch(
-    variables: Mapping[str, Any], *, flatten_shapes: FlattenShapes | None = None
+    variables: Mapping[str, Any],
+    *,
+    flatten_shapes: FlattenShapes | None = None,
+    rename: Rename | None = None,
+    norm_layouts: NormLayouts | None = None,
 ) -> dict[str, np.ndarray]:
     """A torch ``state_dict`` (of numpy arrays) from jaxbn variables.
 
     Load it with ``net.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()})``.
+    The arguments mean what they mean for :func:`torch_to_flax`; here ``norm_layouts`` is
+    needed for every norm weight with more than one dim (there is no torch shape to decide).
+    bfloat16 arrays come back as float32 (numpy's torch bridge has no bfloat16); loading them
+    into a bfloat16 model gives the same numbers.
     """
+    leaves = list(_template_leaves(variables))
+    keys = _torch_keys(leaves, rename)
+    _check_flatten_keys(flatten_shapes, leaves)
     flatten_shapes = flatten_shapes or {}
     out = {}
-    for collection, path, leaf, value in _template_leaves(variables):
-        key = _torch_key(collection, path, leaf)
+    for (_, path, leaf, value), key in zip(leaves, keys, strict=True):
+        array = np.asarray(value)
+        if array.dtype == jnp.bfloat16:
+            array = array.astype(np.float32)
         # a writable C-contiguous copy: torch.from_numpy accepts it without a warning
-        out[key] = np.array(_to_torch(np.asarray(value), path, leaf, flatten_shapes), order="C")
+        array = _to_torch(key, array, path, leaf, flatten_shapes, norm_layouts)
+        out[key] = np.array(array, order="C")
     return out
+
+
+def verify_port(
+    torch_module: Any,
+    model: Any,
+    variables: Mapping[str, Any],
+    sample_input: Any,
+    *,
+    input_layout: InputLayout | None = None,
+    rename: Rename | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> float:
+    """Runs both models on ``sample_input`` and raises, naming the first layer that differs.
+
+    PyTorch runs in eval mode under ``no_grad`` (its mode is restored after); Flax runs
+    ``model.apply(variables, x, **apply_kwargs)`` (default ``train=False``). Every PyTorch leaf
+    module's output is recorded in call order and compared with the output of the Flax module
+    of the same name (``rename`` as in :func:`torch_to_flax`); activations of rank ≥ 3 are
+    compared channels-last when ``input_layout="channels_first"``.
+
+    Args:
+      torch_module: the PyTorch model (``torch.nn.Module``).
+      model: the Flax module; ``variables``: its variables (e.g. from :func:`torch_to_flax`).
+      sample_input: a PyTorch-layout batch (tensor or numpy array), e.g. [N, C, H, W].
+      input_layout: how the Flax model gets ``sample_input``: ``"channels_first"`` moves the
+        channel axis last ([N, C, H, W] → [N, H, W, C]); ``"same"`` passes it as is. Required
+        when the input has more than two dims.
+      atol, rtol: an output agrees where ``|flax - torch| <= atol + rtol * |torch|``.
+
+    Returns:
+      The largest absolute difference of the final outputs.
+
+    Raises:
+      ValueError: naming the first layer (PyTorch and Flax names) whose output differs, its
+        largest difference and, where one is likely, the cause (a missing ``flatten_shapes``
+        entry, a norm layout); or the final output's difference when all matched layers agree.
+    """
+    import torch  # only this function needs it; torch is not a dependency of jaxbn
+
+    apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
+    x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
+    x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
+    layout = input_layout or "same"
+
+    records: list[tuple[str, np.ndarray]] = []  # (torch module name, output) in call order
+
+    def hook(name):
+        def record(module, inputs, output):
+            if torch.is_tensor(output):
+                # a copy: in-place ops after the layer (ReLU(inplace=True), out += x) change it
+                records.append((name, _to_numpy(name, output.detach().clone())))
+
+        return record
+
+    handles = [
+        module.register_forward_hook(hook(name))
+        for name, module in torch_module.named_modules()
+        if name and not any(True for _ in module.children())
+    ]
+    was_training = torch_module.training
+    torch_module.eval()
+    try:
+        with torch.no_grad():
+            torch_out = torch_module(x_torch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        torch_module.train(was_training)
+
+    flax_out, state = model.apply(
+        variables, x_flax, capture_intermediates=True, mutable=["intermediates"], **apply_kwargs
+    )
+    namer = _namer(rename, [path for _, path, _, _ in _template_leaves(variables)])
+    flax_outputs: dict[str, tuple[Path, tuple]] = {}
+    for path, leaves in module_leaves(state.get("intermediates", {})):
+        if path and "__call__" in leaves:
+            flax_outputs[namer(path)] = (path, tuple(leaves["__call__"]))
+
+    calls: dict[str, int] = {}
+    last_agreeing = None
+    for name, torch_value in records:
+        index = calls[name] = calls.get(name, -1) + 1
+        if name not in flax_outputs or index >= len(flax_outputs[name][1]):
+            continue
+        path, outputs = flax_outputs[name]
+        flax_value = np.asarray(outputs[index], np.float64)
+        where = f"layer {name!r} (Flax {'/'.join(path)!r})"
+        diff, agree = _difference(where, torch_value, flax_value, layout, atol, rtol)
+        if not agree:
+            before = (
+                f" (the layers before it agree, the last being {last_agreeing!r}: the cause is "
+                f"this layer or the code between them)"
+                if last_agreeing
+                else ""
+            )
+            hint = _hint(name, path, variables, records, torch_value)
+            raise ValueError(f"{where} differs from PyTorch by up to {diff:.3g}{before}{hint}")
+        last_agreeing = name
+
+    torch_leaves = list(torch_out) if isinstance(torch_out, list | tuple) else [torch_out]
+    flax_leaves = list(flax_out) if isinstance(flax_out, list | tuple) else [flax_out]
+    if len(torch_leaves) != len(flax_leaves):
+        raise ValueError(
+            f"PyTorch returns {len(torch_leaves)} outputs, the Flax model {len(flax_leaves)}"
+        )
+    largest = 0.0
+    for i, (t, f) in enumerate(zip(torch_leaves, flax_leaves, strict=True)):
+        where = "the output" if len(torch_leaves) == 1 else f"output {i}"
+        t = _to_numpy(where, t.detach())
+        diff, agree = _difference(where, t, np.asarray(f, np.float64), layout, atol, rtol)
+        if not agree:
+            after = (
+                f"after the last matching layer {last_agreeing!r}"
+                if last_agreeing
+                else "and no layer names matched (see rename=)"
+            )
+            raise ValueError(
+                f"{where} differs from PyTorch by up to {diff:.3g} although every layer matched "
+                f"by name agrees: the difference is in code between layers ({after}), or in "
+                f"the input layout (input_layout={input_layout!r})"
+            )
+        largest = max(largest, diff)
+    return largest
+
+
+def torch_module_to_flax(
+    torch_module: Any,
+    model: Any,
+    sample_input: Any,
+    *,
+    input_layout: InputLayout | None = None,
+    flatten_shapes: FlattenShapes | None = None,
+    rename: Rename | None = None,
+    norm_layouts: NormLayouts | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    apply_kwargs: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Ports ``torch_module``'s weights to ``model`` and checks the port: the safe recipe.
+
+    Initializes ``model`` on ``sample_input`` (laid out by ``input_layout``) for a template,
+    converts ``torch_module.state_dict()`` with :func:`torch_to_flax`, then runs
+    :func:`verify_port`. Arguments are theirs.
+
+    Returns:
+      The Flax variables (``params``/``batch_stats``), only if both models agree on
+      ``sample_input`` layer by layer.
+
+    Example:
+        >>> net = tests.torch_models.NetWithoutBN(64, (32, 16))   # layers.0 / .2 / .4
+        >>> model = jaxbn.models.MLP(hidden=(32, 16), norm="none")  # layers_0 / _3 / _6
+        >>> variables = jaxbn.interop.torch_module_to_flax(
+        ...     net, model, torch.randn(16, 64),
+        ...     rename={"layers_3": "layers.2", "layers_6": "layers.4"})
+    """
+    import torch
+
+    apply_kwargs = {"train": False} if apply_kwargs is None else dict(apply_kwargs)
+    x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
+    x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
+    template = model.init(jax.random.key(0), x_flax, **apply_kwargs)
+    variables = torch_to_flax(
+        torch_module.state_dict(),
+        template,
+        flatten_shapes=flatten_shapes,
+        rename=rename,
+        norm_layouts=norm_layouts,
+    )
+    verify_port(
+        torch_module,
+        model,
+        variables,
+        x_torch,
+        input_layout=input_layout,
+        rename=rename,
+        atol=atol,
+        rtol=rtol,
+        apply_kwargs=apply_kwargs,
+    )
+    return variables
+
+
+# --- names -------------------------------------------------------------------------------------
 
 
 def _template_leaves(variables: Mapping[str, Any]):
@@ -126,43 +371,220 @@ def _template_leaves(variables: Mapping[str, Any]):
                 yield collection, path, leaf, value
 
 
-def _torch_key(collection: str, path: Path, leaf: str) -> str:
-    return f"{torch_module_path(path)}.{_LEAF_NAMES[(collection, leaf)]}"
+def _namer(rename: Rename | None, module_paths: list[Path]) -> Callable[[Path], str]:
+    """Flax module path → torch module path, checking a mapping's keys against the model."""
+    if rename is None:
+        return torch_module_path
+    if callable(rename):
+
+        def by_function(path: Path) -> str:
+            name = rename("/".join(path))
+            return torch_module_path(path) if name is None else name
+
+        return by_function
+    prefixes = {path[:i] for path in module_paths for i in range(1, len(path) + 1)}
+    table = {tuple(key.split("/")): value for key, value in rename.items()}
+    unknown = sorted("/".join(key) for key in table if key not in prefixes)
+    if unknown:
+        modules = sorted({"/".join(path) for path in module_paths})
+        raise ValueError(f"rename keys {unknown} match no Flax module; the modules are {modules}")
+
+    def by_table(path: Path) -> str:
+        for i in range(len(path), 0, -1):  # the longest renamed prefix wins
+            if path[:i] in table:
+                return ".".join(p for p in (table[path[:i]], torch_module_path(path[i:])) if p)
+        return torch_module_path(path)
+
+    return by_table
 
 
-def _to_numpy(value: Any) -> np.ndarray:
-    if hasattr(value, "detach"):  # a torch tensor; torch is not a dependency of the library
-        value = value.detach().cpu().numpy()
-    # Copy: .numpy() shares the tensor's memory and jnp.asarray may alias it on CPU, so a later
-    # in-place torch update (optimizer.step) would silently change the imported jax arrays.
-    return np.array(value, copy=True)
+def _torch_keys(leaves, rename: Rename | None) -> list[str]:
+    namer = _namer(rename, [path for _, path, _, _ in leaves])
+    keys, owner = [], {}
+    for collection, path, leaf, _ in leaves:
+        module, torch_leaf = namer(path), _LEAF_NAMES[(collection, leaf)]
+        key = f"{module}.{torch_leaf}" if module else torch_leaf  # a bare layer has no module
+        flax_name = f"{collection}/{'/'.join((*path, leaf))}"
+        if key in owner:
+            raise ValueError(f"{owner[key]} and {flax_name} both map to the torch key {key!r}")
+        owner[key] = flax_name
+        keys.append(key)
+    return keys
 
 
-def _from_torch(w: np.ndarray, template, path: Path, leaf: str, flatten) -> np.ndarray:
+def _check_flatten_keys(flatten_shapes: FlattenShapes | None, leaves) -> None:
+    dense = sorted(
+        "/".join(path) for _, path, leaf, value in leaves if leaf == "kernel" and value.ndim == 2
+    )
+    unknown = sorted(set(flatten_shapes or {}) - set(dense))
+    if unknown:
+        raise ValueError(
+            f"flatten_shapes keys {unknown} match no dense layer; the dense layers are {dense}"
+        )
+
+
+# --- leaves ------------------------------------------------------------------------------------
+
+
+def _to_numpy(key: str, value: Any) -> np.ndarray:
+    try:
+        if hasattr(value, "detach"):  # a torch tensor; torch is not a dependency of the library
+            value = value.detach().cpu()
+            if value.is_floating_point() and value.dtype.itemsize < 4:
+                value = value.float()  # bfloat16 has no numpy type; float32 holds it exactly
+            value = value.numpy()
+        # Copy: .numpy() shares the tensor's memory and jnp.asarray may alias it on CPU, so a
+        # later in-place torch update (optimizer.step) would silently change the imported arrays.
+        return np.array(value, copy=True)
+    except (TypeError, RuntimeError, ValueError) as error:
+        raise TypeError(f"{key}: cannot convert {type(value).__name__}: {error}") from error
+
+
+def _counter(key: str, value: np.ndarray, dtype) -> jax.Array:
+    """``num_batches_tracked`` with its value: the template's dtype, else int64, else refused."""
+    count = int(value)
+    info = np.iinfo(dtype)
+    if info.min <= count <= info.max:
+        return jnp.asarray(count, dtype)
+    if jax.config.read("jax_enable_x64"):
+        return jnp.asarray(count, jnp.int64)
+    raise ValueError(
+        f"{key}: num_batches_tracked = {count} does not fit {np.dtype(dtype).name} "
+        f"(at most {info.max}); enable jax_enable_x64 to keep it as int64"
+    )
+
+
+def _norm_layout(key: str, path: Path, norm_layouts: NormLayouts | None) -> str | None:
+    layout = (
+        norm_layouts if isinstance(norm_layouts, str) else (norm_layouts or {}).get("/".join(path))
+    )
+    if layout is not None and layout not in _LAYOUTS:
+        raise ValueError(f"{key}: norm layout must be one of {_LAYOUTS}, got {layout!r}")
+    return layout
+
+
+def _norm_layout_error(key: str, path: Path, shape, reason: str) -> ValueError:
+    module = "/".join(path)
+    return ValueError(
+        f"{key}: a {len(shape)}-D norm weight of shape {tuple(shape)}: {reason}; pass "
+        f"norm_layouts={{{module!r}: 'channels_first'}} if the layer sees image data "
+        f"(torch [C, ...] ↔ Flax [..., C]) or norm_layouts={{{module!r}: 'same'}}"
+    )
+
+
+def _from_torch(key, w: np.ndarray, template, path: Path, leaf: str, flatten, norm_layouts):
     if leaf == "kernel" and w.ndim == 2:
         module = "/".join(path)
         if module in flatten:
             c, h, wd = flatten[module]
+            if c * h * wd != w.shape[1]:
+                raise ValueError(
+                    f"{key}: flatten_shapes[{module!r}] = {(c, h, wd)} holds {c * h * wd} "
+                    f"values, the layer takes {w.shape[1]}"
+                )
             return w.reshape(w.shape[0], c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, -1)
         return w.T
     if leaf == "kernel":  # conv [O, I, *k] -> [*k, I, O]
         return w.transpose(*range(2, w.ndim), 1, 0)
-    if leaf in ("scale", "bias") and w.ndim == 3 and template.ndim == 3:
-        return np.moveaxis(w, 0, -1)  # layer norm over [C, H, W] -> [H, W, C]
+    if leaf in ("scale", "bias") and w.ndim >= 2:
+        layout = _norm_layout(key, path, norm_layouts)
+        if layout is None:
+            fits = [
+                name
+                for name, shape in (("same", w.shape), ("channels_first", _moved_shape(w.shape)))
+                if tuple(shape) == tuple(template.shape)
+            ]
+            if not fits:
+                return w  # the caller reports the shape mismatch
+            if len(fits) == 2:
+                raise _norm_layout_error(key, path, w.shape, "both layouts fit the model")
+            layout = fits[0]
+        return np.moveaxis(w, 0, -1) if layout == "channels_first" else w
     return w
 
 
-def _to_torch(k: np.ndarray, path: Path, leaf: str, flatten) -> np.ndarray:
+def _moved_shape(shape) -> tuple[int, ...]:
+    return (*shape[1:], shape[0])
+
+
+def _to_torch(key, k: np.ndarray, path: Path, leaf: str, flatten, norm_layouts) -> np.ndarray:
     if leaf == "kernel" and k.ndim == 2:
         module = "/".join(path)
         if module in flatten:
             c, h, wd = flatten[module]
+            if c * h * wd != k.shape[0]:
+                raise ValueError(
+                    f"{key}: flatten_shapes[{module!r}] = {(c, h, wd)} holds {c * h * wd} "
+                    f"values, the layer takes {k.shape[0]}"
+                )
             return k.reshape(h, wd, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * wd)
         return k.T
     if leaf == "kernel":  # conv [*k, I, O] -> [O, I, *k]
         return k.transpose(k.ndim - 1, k.ndim - 2, *range(k.ndim - 2))
     if leaf == "num_batches_tracked":
         return k.astype(np.int64)
-    if leaf in ("scale", "bias") and k.ndim == 3:
-        return np.moveaxis(k, -1, 0)
+    if leaf in ("scale", "bias") and k.ndim >= 2:
+        layout = _norm_layout(key, path, norm_layouts)
+        if layout is None:
+            raise _norm_layout_error(key, path, k.shape, "its torch layout is not known")
+        return np.moveaxis(k, -1, 0) if layout == "channels_first" else k
     return k
+
+
+# --- verification ------------------------------------------------------------------------------
+
+
+def _flax_input(x: np.ndarray, layout: InputLayout | None) -> np.ndarray:
+    if layout is not None and layout not in _LAYOUTS:
+        raise ValueError(f"input_layout must be one of {_LAYOUTS}, got {layout!r}")
+    if layout is None and x.ndim > 2:
+        raise ValueError(
+            f"sample_input has {x.ndim} dims: pass input_layout='channels_first' (torch "
+            f"[N, C, ...] → Flax [N, ..., C], images) or input_layout='same' (the same array, "
+            f"e.g. sequences [N, L, D])"
+        )
+    return np.moveaxis(x, 1, -1) if layout == "channels_first" and x.ndim > 2 else x
+
+
+def _aligned(where: str, t: np.ndarray, f: np.ndarray, layout: str):
+    """The torch activation in the Flax layout: the declared one, else the only one that fits."""
+    t = t.astype(np.float64)
+    if t.ndim < 3:
+        candidates = [t]
+    else:
+        moved = np.moveaxis(t, 1, -1)
+        candidates = [moved, t] if layout == "channels_first" else [t, moved]
+    for candidate in candidates:
+        if candidate.shape == f.shape:
+            return candidate, f
+    raise ValueError(f"{where}: PyTorch output shape {t.shape}, Flax output shape {f.shape}")
+
+
+def _difference(where, t, f, layout, atol, rtol) -> tuple[float, bool]:
+    """The largest |difference| of two outputs, and whether they agree within tolerance."""
+    t, f = _aligned(where, t, f, layout)
+    agree = bool(np.allclose(f, t, atol=atol, rtol=rtol, equal_nan=True))
+    both_nan = np.isnan(f) & np.isnan(t)
+    return float(np.max(np.where(both_nan, 0.0, np.abs(f - t)), initial=0.0)), agree
+
+
+def _hint(name, path, variables, records, torch_value) -> str:
+    """A likely cause for a layer that differs, from its weights and PyTorch's activations."""
+    params: Any = variables.get("params", {})
+    for part in path:
+        params = params.get(part, {}) if isinstance(params, Mapping) else {}
+    if not isinstance(params, Mapping):
+        return ""
+    kernel, scale = params.get("kernel"), params.get("scale")
+    if kernel is not None and np.ndim(kernel) == 2:
+        position = next(i for i, (n, v) in enumerate(records) if n == name and v is torch_value)
+        maps = [v for _, v in records[:position] if v.ndim >= 3]
+        if maps and int(np.prod(maps[-1].shape[1:])) == np.shape(kernel)[0]:
+            shape = tuple(int(s) for s in maps[-1].shape[1:])
+            return (
+                f"; it is a dense layer after a {shape} feature map in PyTorch: if the model "
+                f"flattens that map, pass flatten_shapes={{{'/'.join(path)!r}: {shape}}}"
+            )
+    if scale is not None and np.ndim(scale) >= 2:
+        return "; its scale has more than one dim: check norm_layouts ('channels_first' or 'same')"
+    return ""
