@@ -7,29 +7,41 @@ In eval, ``bn(conv(x)) = γ·(W*x + b − μ)/√(σ²+ε) + β`` is one conv wi
 — the counterpart of ``torch.nn.utils.fusion.fuse_conv_bn_weights`` / ``fuse_linear_bn_weights``
 in Flax layouts (the output channel is the kernel's last axis for both conv and dense).
 
-``fold_batch_norm(model, variables, x)`` finds every batch norm fed directly by a Conv or Dense
-layer (by watching one eval-mode call), folds it, and returns the model with ``norm="none"`` and
-its variables: the same eval outputs, one pass fewer over every activation.
+The identity holds only where the conv's output goes to that batch norm and nowhere else: with a
+skip connection ``bn(h) + h``, or a conv whose weights serve a second call, folding would change
+the other use. ``fold_batch_norm(model, variables, x)`` therefore traces one eval-mode call to a
+jaxpr and folds a batch norm only when it is the single consumer of a Conv/Dense output and that
+layer runs once; every other batch norm stays, and the result says which and why. Before
+returning, the folded model is run against the original on ``x``; a difference beyond rounding
+raises.
 
 Example:
     >>> folded_model, folded_vars = jaxbn.fold_batch_norm(model, variables, x[:1])
     >>> folded_model.apply(folded_vars, x, train=False)        # == model.apply(..., train=False)
+    >>> jaxbn.fold_batch_norm(model, variables, x[:1]).left    # {bn path: why it was kept}
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+import dataclasses
+from collections import Counter, defaultdict
+from collections.abc import Iterator, Mapping
+from typing import Any, NamedTuple
 
 import flax.core
 import flax.linen as nn
 import jax
+import jax.extend.core as jax_core
 import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxbn.batch_norm import BatchNorm
 from jaxbn.tree_paths import Path, batch_norm_layers, get_path, set_path
 
 __all__ = [
+    "FoldResult",
+    "FoldedModel",
     "fold_batch_norm",
     "fold_batch_norm_variables",
     "fuse_conv_bn_weights",
@@ -83,13 +95,93 @@ def fuse_dense_bn_weights(
     return fuse_conv_bn_weights(kernel, bias, mean, var, eps, scale, bn_bias)
 
 
+class _ModelAndVariables(NamedTuple):
+    model: nn.Module
+    variables: dict[str, Any]
+
+
+class FoldResult(_ModelAndVariables):
+    """What :func:`fold_batch_norm` returns: unpacks as ``(model, variables)``, and reports.
+
+    Attributes:
+      model: the folded model, run as ``model.apply(variables, x, train=False)``.
+      variables: its variables.
+      folded: ``{batch norm path: Conv/Dense path}`` for each batch norm folded away
+        (paths ``/``-joined, as in the variables tree).
+      left: ``{batch norm path: why}`` for each batch norm that was kept as it is.
+    """
+
+    folded: dict[str, str]
+    left: dict[str, str]
+
+    def __new__(
+        cls,
+        model: nn.Module,
+        variables: dict[str, Any],
+        folded: Mapping[str, str] | None = None,
+        left: Mapping[str, str] | None = None,
+    ) -> FoldResult:
+        self = super().__new__(cls, model, variables)
+        self.folded = dict(folded or {})
+        self.left = dict(left or {})
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"FoldResult(model={type(self.model).__name__}(...), folded={self.folded!r}, "
+            f"left={self.left!r})"
+        )
+
+
+class FoldedModel(nn.Module):
+    """``model`` with the batch norms named in ``folded`` replaced by the identity.
+
+    What :func:`fold_batch_norm` returns when some batch norms must stay (or the model has no
+    ``norm="none"`` switch): the same module code and variable names, the folded batch norms
+    skipped (their scale and shift live in the Conv/Dense weights), the others run as before.
+
+    Attributes:
+      model: the original model.
+      folded: ``/``-joined paths (relative to ``model``) of the batch norms to skip.
+    """
+
+    model: nn.Module
+    folded: tuple[str, ...] = ()
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        base = tuple(self.scope.path)
+        skipped = {tuple(path.split("/")) for path in self.folded}
+
+        def skip_folded(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name == "__call__" and isinstance(module, BatchNorm):
+                path = tuple(module.scope.path)
+                if path[: len(base)] == base and path[len(base) :] in skipped:
+                    x = args[0] if args else kwargs["x"]
+                    return x if module.dtype is None else jnp.asarray(x).astype(module.dtype)
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(skip_folded):
+            return self.model(*args, **kwargs)
+
+
+@dataclasses.dataclass
+class _Plan:
+    folded: dict[Path, tuple[Path, float]]  # batch norm path → (producer path, eps)
+    left: dict[Path, str]  # batch norm path → why it stays
+
+
 def fold_batch_norm_variables(
     model: nn.Module, variables: Mapping[str, Any], x: jax.Array
 ) -> dict[str, Any]:
     """Variables with every batch norm folded into its producer and removed.
 
     Run them with a copy of the model that has no batch norm layers and the same names for
-    everything else (for the jaxbn models: ``norm="none"``; :func:`fold_batch_norm` does that).
+    everything else (for the jaxbn models: ``norm="none"``). :func:`fold_batch_norm` does that,
+    keeps the batch norms that cannot be folded, and checks the outputs.
 
     Args:
       model: a Flax model using jaxbn batch norms, called as ``model.apply(v, x, train=...)``.
@@ -97,9 +189,79 @@ def fold_batch_norm_variables(
       x: an example input (only shapes matter; one example is enough).
 
     Raises:
-      ValueError: a batch norm whose statistics were never tracked, whose input does not come
-        straight from a Conv/Dense layer, or whose producer has no bias.
+      ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded:
+        its input does not come straight from a Conv/Dense layer, that layer's output is also
+        used elsewhere (a skip connection), the layer runs more than once (shared weights), has
+        no bias, or the batch norm has no running statistics.
     """
+    plan = _plan(model, variables, x)
+    for path, reason in plan.left.items():
+        raise ValueError(f"cannot fold the batch norm at {'/'.join(path)}: {reason}")
+    return _folded_variables(variables, plan.folded)
+
+
+def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> FoldResult:
+    """The model with every foldable batch norm folded into the Conv/Dense layer feeding it.
+
+    A batch norm is folded when it is the only consumer of a Conv/Dense output and that layer
+    runs once per call (found by tracing ``model.apply(variables, x, train=False)``). The others
+    stay as they are: a layer whose output also feeds a skip connection (``bn(h) + h``), a layer
+    called twice with the same weights, a batch norm after an activation, without running
+    statistics, or after a layer without bias. The folded model is
+    ``model.clone(norm="none")`` when every batch norm was folded and the model has a ``norm``
+    field (the jaxbn models) whose ``"none"`` reproduces the outputs; otherwise a
+    :class:`FoldedModel`, which runs ``model`` with the folded batch norms skipped. Either is
+    checked against the original on ``x`` before it is returned.
+
+    Args:
+      model: a Flax model using jaxbn batch norms, called as ``model.apply(v, x, train=...)``.
+      variables: its variables, with tracked statistics.
+      x: an example input; the folded model is checked against the original on it.
+
+    Returns:
+      A :class:`FoldResult`: unpacks as ``(folded_model, folded_variables)``; ``.folded`` and
+      ``.left`` say which batch norms were folded and why the others were kept.
+
+    Raises:
+      ValueError: statistics that were never tracked, or folded outputs that differ from the
+        original's on ``x`` beyond rounding (the message names the largest difference).
+
+    Example:
+        >>> result = jaxbn.fold_batch_norm(model, variables, x[:1])
+        >>> folded_model, folded_vars = result
+        >>> result.folded, result.left           # {"bn1": "conv1", ...}, {"bn2": "why", ...}
+    """
+    plan = _plan(model, variables, x)
+    folded_variables = _folded_variables(variables, plan.folded)
+    expected = model.apply(variables, x, train=False)
+    candidates: list[nn.Module] = []
+    if not plan.left and hasattr(model, "norm"):
+        candidates.append(model.clone(norm="none"))
+    candidates.append(FoldedModel(model, tuple("/".join(path) for path in plan.folded)))
+    mismatch = None
+    for candidate in candidates:
+        if isinstance(candidate, FoldedModel):
+            got = candidate.apply(folded_variables, x, train=False)
+        else:
+            try:  # a model whose norm="none" is not "the same network without batch norm"
+                got = candidate.apply(folded_variables, x, train=False)
+            except Exception:  # the FoldedModel below is the fallback
+                continue
+        mismatch = _output_mismatch(got, expected)
+        if mismatch is None:
+            return FoldResult(
+                candidate,
+                folded_variables,
+                {"/".join(bn): "/".join(producer) for bn, (producer, _) in plan.folded.items()},
+                {"/".join(bn): reason for bn, reason in plan.left.items()},
+            )
+    raise ValueError(
+        f"folding changed the model's eval outputs on the sample input: {mismatch}; "
+        "not returning a model that computes something else"
+    )
+
+
+def _plan(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> _Plan:
     layers = {path: (stats, params) for path, stats, params in batch_norm_layers(variables)}
     for path, (stats, _) in layers.items():
         if int(stats["num_batches_tracked"]) == 0:
@@ -107,25 +269,180 @@ def fold_batch_norm_variables(
                 f"cannot fold the batch norm at {'/'.join(path)}: its statistics were never "
                 "tracked (num_batches_tracked == 0); train it or run jaxbn.update_bn first"
             )
-    pairs = _find_producers(model, variables, x)
-    params = flax.core.unfreeze(variables["params"])  # a mutable copy, also of a FrozenDict
-    for bn_path, (producer, eps) in pairs.items():
-        stats, bn_params = layers.get(bn_path, (None, None))
-        if stats is None:
-            raise ValueError(
-                f"cannot fold the batch norm at {'/'.join(bn_path)}: it has no running "
-                "statistics (track_running_stats=False)"
-            )
+    params = variables.get("params", {})
+    plan = _Plan({}, {})
+    for bn_path, (producer, eps_or_why) in _find_producers(model, variables, x).items():
         if producer is None:
-            raise ValueError(
-                f"cannot fold the batch norm at {'/'.join(bn_path)}: its input does not come "
-                "straight from a Conv or Dense layer"
-            )
+            plan.left[bn_path] = eps_or_why
+            continue
+        stats, bn_params = layers.get(bn_path, (None, None))
         layer = get_path(params, producer)
-        if "bias" not in layer:
-            raise ValueError(
-                f"cannot fold into {'/'.join(producer)}: it has no bias (use_bias=False)"
+        if stats is None:
+            plan.left[bn_path] = "it has no running statistics (track_running_stats=False)"
+        elif "bias" not in layer:
+            plan.left[bn_path] = f"{'/'.join(producer)} has no bias (use_bias=False)"
+        elif not (
+            layer["kernel"].shape[-1:] == layer["bias"].shape == stats["mean"].shape
+            and all(p.shape == stats["mean"].shape for p in bn_params.values())
+        ):
+            plan.left[bn_path] = (
+                f"the weights of {'/'.join(producer)} do not have one output channel per "
+                "batch norm channel on their last axis"
             )
+        else:
+            plan.folded[bn_path] = (producer, eps_or_why)
+    return plan
+
+
+_MARK = "jaxbn.fold_batch_norm:"  # prefix of the checkpoint names that tag values in the trace
+
+
+def _find_producers(
+    model: nn.Module, variables: Mapping[str, Any], x: jax.Array
+) -> dict[Path, tuple[Path, float] | tuple[None, str]]:
+    """Batch norm path → (the Conv/Dense path it alone consumes, eps), or (None, why not).
+
+    One eval-mode call is traced to a jaxpr, with every Conv/Dense output and every batch norm
+    input tagged by a named identity (``checkpoint_name``). A batch norm input that is a
+    Conv/Dense output used by nothing else (no other operation, not the model's output), from a
+    layer called once whose kernel and bias are read by nothing else, can be folded.
+    """
+    producers: list[Path] = []  # Conv/Dense call index → path
+    norms: list[tuple[Path, float, bool]] = []  # batch norm call → (path, eps, feature axis last)
+
+    def tag(next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = tuple(module.scope.path)
+        if isinstance(module, BatchNorm):
+            name = f"{_MARK}in{len(norms)}"
+            if args and isinstance(args[0], jax.Array):
+                args = (checkpoint_name(args[0], name), *args[1:])
+                last = module.axis % args[0].ndim == args[0].ndim - 1
+            elif isinstance(kwargs.get("x"), jax.Array):
+                kwargs = {**kwargs, "x": checkpoint_name(kwargs["x"], name)}
+                last = module.axis % kwargs["x"].ndim == kwargs["x"].ndim - 1
+            else:
+                last = False
+            norms.append((path, module.eps, last))
+            return next_fun(*args, **kwargs)
+        out = next_fun(*args, **kwargs)
+        if isinstance(module, nn.Conv | nn.Dense) and isinstance(out, jax.Array):
+            out = checkpoint_name(out, f"{_MARK}out{len(producers)}")
+            producers.append(path)
+        return out
+
+    plain = flax.core.unfreeze(variables)
+    with nn.intercept_methods(tag):
+        closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(plain, x)
+    jaxpr = closed.jaxpr
+
+    # Every use of every value at the top level; the model's outputs count as a use.
+    uses: dict[Any, list[str]] = defaultdict(list)
+    tagged_out: dict[Any, int] = {}  # value → Conv/Dense call that produced it
+    tagged_in: dict[int, Any] = {}  # batch norm call → its input value
+    for eqn in jaxpr.eqns:
+        name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
+        for var in eqn.invars:
+            if not isinstance(var, jax_core.Literal):
+                uses[var].append(name or eqn.primitive.name)
+        if name.startswith(f"{_MARK}out"):
+            tagged_out[eqn.outvars[0]] = int(name.removeprefix(f"{_MARK}out"))
+        elif name.startswith(f"{_MARK}in"):
+            tagged_in[int(name.removeprefix(f"{_MARK}in"))] = eqn.invars[0]
+    for var in jaxpr.outvars:
+        if not isinstance(var, jax_core.Literal):
+            uses[var].append("the model's output")
+    nested = {
+        str(eqn.params.get("name", ""))
+        for sub in _sub_jaxprs(jaxpr)
+        for eqn in _all_eqns(sub)
+        if eqn.primitive.name == "name"
+    }
+    leaves, _ = jax.tree_util.tree_flatten_with_path((plain, x))
+    weight_uses = {
+        tuple(getattr(key, "key", None) for key in keys[1:]): len(uses[var])
+        for (keys, _), var in zip(leaves, jaxpr.invars, strict=True)
+        if keys[0] == jax.tree_util.SequenceKey(0)  # a variable, not a leaf of x
+    }
+
+    producer_calls = Counter(producers)
+    norm_calls = Counter(path for path, _, _ in norms)
+    found: dict[Path, tuple[Path, float] | tuple[None, str]] = {}
+    for index, (path, eps, last) in enumerate(norms):
+        source = tagged_out.get(tagged_in.get(index))
+        producer = None if source is None else producers[source]
+        name = "/".join(producer or ())
+        if norm_calls[path] > 1:
+            why = f"it is called {norm_calls[path]} times"
+        elif f"{_MARK}in{index}" in nested:
+            why = (
+                "it runs inside a transformation (jax.jit, nn.remat, nn.scan, ...) that "
+                "folding does not look into"
+            )
+        elif producer is None:
+            why = "its input does not come straight from a Conv or Dense layer"
+        elif not last:
+            why = "its feature axis is not the producer's output axis (last)"
+        elif producer_calls[producer] > 1:
+            why = (
+                f"{name} is called {producer_calls[producer]} times with the same weights; "
+                "folding would change its other calls"
+            )
+        elif others := [use for use in uses[tagged_in[index]] if use != f"{_MARK}in{index}"]:
+            others = [
+                f"the batch norm at {'/'.join(norms[int(use.removeprefix(f'{_MARK}in'))][0])}"
+                if use.startswith(f"{_MARK}in")
+                else use
+                for use in others
+            ]
+            why = (
+                f"the output of {name} is also used elsewhere ({', '.join(others)}), "
+                "e.g. a skip connection; folding would change that use"
+            )
+        elif any(
+            weight_uses.get(("params", *producer, leaf), 1) != 1 for leaf in ("kernel", "bias")
+        ):
+            why = f"the weights of {name} are also read outside it"
+        else:
+            found[path] = (producer, eps)
+            continue
+        found[path] = (None, why)
+    return found
+
+
+def _sub_jaxprs(jaxpr: Any) -> Iterator[Any]:
+    """The jaxprs nested in ``jaxpr``'s equations (one level)."""
+    for eqn in jaxpr.eqns:
+        stack = list(eqn.params.values())
+        while stack:
+            value = stack.pop()
+            if isinstance(value, jax_core.ClosedJaxpr):
+                yield value.jaxpr
+            elif isinstance(value, jax_core.Jaxpr):
+                yield value
+            elif isinstance(value, tuple | list):
+                stack.extend(value)
+
+
+def _all_eqns(jaxpr: Any) -> Iterator[Any]:
+    yield from jaxpr.eqns
+    for sub in _sub_jaxprs(jaxpr):
+        yield from _all_eqns(sub)
+
+
+def _folded_variables(
+    variables: Mapping[str, Any], folded: Mapping[Path, tuple[Path, float]]
+) -> dict[str, Any]:
+    """A copy of ``variables`` with each batch norm in ``folded`` folded into its producer and
+    removed (``batch_stats`` is dropped when no batch norm is left in it)."""
+    layers = {path: (stats, params) for path, stats, params in batch_norm_layers(variables)}
+    result = {name: flax.core.unfreeze(tree) for name, tree in variables.items()}
+    params = result["params"]
+    for bn_path, (producer, eps) in folded.items():
+        stats, bn_params = layers[bn_path]
+        layer = get_path(params, producer)
         kernel, bias = fuse_conv_bn_weights(
             layer["kernel"],
             layer["bias"],
@@ -138,56 +455,56 @@ def fold_batch_norm_variables(
         set_path(params, (*producer, "kernel"), kernel)
         set_path(params, (*producer, "bias"), bias)
         _remove(params, bn_path)
-    return {"params": params}
+        _remove(result["batch_stats"], bn_path)
+    if not result.get("batch_stats", True):
+        del result["batch_stats"]
+    return result
 
 
-def fold_batch_norm(
-    model: nn.Module, variables: Mapping[str, Any], x: jax.Array
-) -> tuple[nn.Module, dict[str, Any]]:
-    """``(model with norm="none", folded variables)`` with the original's eval outputs.
+# Folding reorders the arithmetic; a few hundred units of rounding are expected, not more.
+_RTOL = {"float64": 1e-10, "float32": 1e-4, "float16": 1e-2, "bfloat16": 5e-2}
 
-    For the jaxbn models (any module with a ``norm`` field whose ``"none"`` setting drops the
-    normalization layers and keeps every other name). See :func:`fold_batch_norm_variables`.
+
+def _output_mismatch(got: Any, expected: Any) -> str | None:
+    """None when ``got`` equals ``expected`` up to rounding, else the largest difference.
+
+    Per output array: |got − expected| ≤ rtol · max(1, max |expected|), rtol by dtype
+    (float32: 1e-4, float64: 1e-10); other dtypes must match exactly.
     """
-    if not hasattr(model, "norm"):
-        raise TypeError(
-            f"{type(model).__name__} has no `norm` field; use fold_batch_norm_variables and a "
-            "copy of the model without batch norm layers"
-        )
-    return model.clone(norm="none"), fold_batch_norm_variables(model, variables, x)
-
-
-def _find_producers(
-    model: nn.Module, variables: Mapping[str, Any], x: jax.Array
-) -> dict[Path, tuple[Path | None, float]]:
-    """Batch norm path → (path of the Conv/Dense whose output it normalizes, or None; eps)."""
-    produced: list[tuple[Any, Path]] = []  # (output object, producer path); keeps outputs alive
-    found: dict[Path, tuple[Path | None, float]] = {}
-
-    def watch(next_fun, args, kwargs, context):
-        out = next_fun(*args, **kwargs)
-        if context.method_name != "__call__":
-            return out
-        module = context.module
-        if isinstance(module, nn.Conv | nn.Dense):
-            produced.append((out, tuple(module.scope.path)))
-        elif isinstance(module, BatchNorm):
-            if module.axis not in (-1, args[0].ndim - 1):
-                raise ValueError(
-                    f"cannot fold the batch norm at {'/'.join(module.scope.path)}: its feature "
-                    "axis is not the producer's output axis (last)"
-                )
-            producer = next((p for o, p in produced if o is args[0]), None)
-            found[tuple(module.scope.path)] = (producer, module.eps)
-        return out
-
-    with nn.intercept_methods(watch):
-        jax.eval_shape(lambda v, x: model.apply(v, x, train=False), variables, x)
-    return found
+    got_leaves, got_tree = jax.tree.flatten(got)
+    expected_leaves, _ = jax.tree_util.tree_flatten_with_path(expected)
+    if got_tree != jax.tree.structure(expected):
+        return f"the outputs have a different structure ({got_tree} vs the original's)"
+    worst: tuple[float, str] | None = None
+    for (keys, e), g in zip(expected_leaves, got_leaves, strict=True):
+        e, g = np.asarray(e), np.asarray(g)
+        where = f"output{jax.tree_util.keystr(keys)}"
+        if e.shape != g.shape or e.dtype != g.dtype:
+            return f"{where} is {g.dtype}{list(g.shape)}, was {e.dtype}{list(e.shape)}"
+        e64, g64 = e.astype(np.float64), g.astype(np.float64)
+        diff = np.where(np.isnan(e64) & np.isnan(g64), 0.0, np.abs(g64 - e64))
+        diff = np.where(np.isnan(diff), np.inf, diff)
+        if not diff.size:
+            continue
+        rtol = _RTOL.get(e.dtype.name, 0.0)
+        finite = np.abs(e64[np.isfinite(e64)])
+        tol = rtol * max(1.0, float(finite.max()) if finite.size else 1.0)
+        at = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        if diff[at] > tol and (worst is None or diff[at] / max(tol, 1e-300) > worst[0]):
+            worst = (
+                diff[at] / max(tol, 1e-300),
+                f"max |folded − original| = {diff[at]:.3g} at {where}[{', '.join(map(str, at))}] "
+                f"(original {e64[at]:.7g}, folded {g64[at]:.7g}; tolerance {tol:.2g} "
+                f"for {e.dtype.name})",
+            )
+    return None if worst is None else worst[1]
 
 
 def _remove(tree: dict, path: Path) -> None:
+    """Deletes the subtree at ``path`` if present, and parents left empty."""
     parent = get_path(tree, path[:-1]) if len(path) > 1 else tree
+    if path[-1] not in parent:
+        return
     del parent[path[-1]]
     if len(path) > 1 and not parent:
         _remove(tree, path[:-1])
