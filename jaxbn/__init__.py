@@ -3,6 +3,8 @@
 from jaxbn import functional, interop, models, multihost, tree_paths
 from jaxbn.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from jaxbn.fold import (
+    FoldedModel,
+    FoldResult,
     fold_batch_norm,
     fold_batch_norm_variables,
     fuse_conv_bn_weights,
@@ -20,6 +22,8 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormReport",
+    "FoldResult",
+    "FoldedModel",
     "GroupNorm",
     "LayerNorm",
     "fold_batch_norm",

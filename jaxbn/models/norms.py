@@ -1,7 +1,7 @@
 """The normalization slot of the models: one switch picks batch, group, layer norm or none.
 
 With ``"none"`` the slot is empty and every other layer keeps its name, so a ``"batch"`` model
-whose batch norms were folded (:func:`jaxbn.fold_batch_norm`) runs as the ``"none"`` model.
+whose batch norms were all folded (:func:`jaxbn.fold_batch_norm`) runs as the ``"none"`` model.
 """
 
 from __future__ import annotations
