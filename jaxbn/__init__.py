@@ -1,20 +1,35 @@
-"""jaxbn: batch normalization for JAX/Flax with PyTorch's exact semantics."""
+"""jaxbn: batch normalization for JAX/Flax with PyTorch's exact semantics.
 
-from jaxbn import functional, interop, models, multihost, tree_paths
-from jaxbn.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
-from jaxbn.fold import (
+Layout: :mod:`jaxbn.functional` (the pure API) is built on the private numeric core
+(``jaxbn._core``) and its CPU kernels (``jaxbn._cpu_kernels``); :mod:`jaxbn.linen` holds the
+Flax modules, :mod:`jaxbn.models` the tutorial's networks, :mod:`jaxbn.tools` what works on
+variable trees (fold, update_bn, inspect, interop); :mod:`jaxbn.sync` and
+:mod:`jaxbn.multihost` the multi-device switch and cluster start.
+"""
+
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from jaxbn import functional, linen, models, multihost, tools
+from jaxbn.linen import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
+from jaxbn.sync import sync_batch_norm
+from jaxbn.tools import (
+    BatchNormReport,
     FoldedModel,
     FoldResult,
     fold_batch_norm,
     fold_batch_norm_variables,
     fuse_conv_bn_weights,
     fuse_dense_bn_weights,
+    inspect_batchnorm,
+    interop,
+    update_bn,
 )
-from jaxbn.group_norm import GroupNorm
-from jaxbn.inspect_bn import BatchNormReport, inspect_batchnorm
-from jaxbn.layer_norm import LayerNorm
-from jaxbn.sync import sync_batch_norm
-from jaxbn.update_bn import update_bn
+
+try:
+    __version__ = _version("jaxbn")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "BatchNorm",
@@ -26,6 +41,7 @@ __all__ = [
     "FoldedModel",
     "GroupNorm",
     "LayerNorm",
+    "__version__",
     "fold_batch_norm",
     "fold_batch_norm_variables",
     "functional",
@@ -33,9 +49,10 @@ __all__ = [
     "fuse_dense_bn_weights",
     "inspect_batchnorm",
     "interop",
+    "linen",
     "models",
     "multihost",
     "sync_batch_norm",
-    "tree_paths",
+    "tools",
     "update_bn",
 ]

@@ -2,7 +2,7 @@
 
 Each function validates shapes at trace time (shapes are static in JAX) with PyTorch's error
 wording, computes in float32 (float64 stays float64), returns the input's dtype, and
-differentiates through :func:`jaxbn.normalize.normalize`'s hand-written rule.
+differentiates through :func:`jaxbn._core.normalize.normalize`'s hand-written rule.
 
 Example:
     >>> import jax.numpy as jnp
@@ -16,41 +16,23 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.arguments import (
+from jaxbn._core.checks import (
     check_axis,
     check_floating_input,
     check_momentum,
     check_running_stat,
     train_flag,
 )
-from jaxbn.normalize import compute_dtype, normalize
+from jaxbn._core.normalize import normalize
+from jaxbn._core.running import BatchMoments, update_running
+from jaxbn._core.shapes import compute_dtype
 
-__all__ = [
-    "BatchMoments",
-    "batch_norm",
-    "batch_norm_with_moments",
-    "group_norm",
-    "layer_norm",
-    "update_running",
-]
-
-
-class BatchMoments(NamedTuple):
-    """A training batch's statistics per channel, merged over devices when synced.
-
-    ``count`` (elements that counted), ``mean`` and the **biased** ``var``, each [C] in the
-    compute dtype (float32, or float64 for float64 input).
-    """
-
-    count: jax.Array
-    mean: jax.Array
-    var: jax.Array
+__all__ = ["BatchMoments", "batch_norm", "batch_norm_with_moments", "group_norm", "layer_norm"]
 
 
 def batch_norm(
@@ -100,45 +82,23 @@ def batch_norm(
     Raises:
       ValueError / RuntimeError / TypeError with PyTorch's wording, at trace time.
     """
+    options = {"axis": axis, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
     y, new_mean, new_var, _ = batch_norm_with_moments(
-        x,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training,
-        momentum,
-        eps,
-        axis=axis,
-        axis_name=axis_name,
-        axis_index_groups=axis_index_groups,
-        mask=mask,
+        x, running_mean, running_var, weight, bias, training, momentum, eps, mask=mask, **options
     )
     return y, new_mean, new_var
 
 
 def batch_norm_with_moments(
-    x: jax.Array,
-    running_mean: jax.Array | None,
-    running_var: jax.Array | None,
-    weight: jax.Array | None = None,
-    bias: jax.Array | None = None,
-    training: bool = False,
-    momentum: float | jax.Array = 0.1,
-    eps: float = 1e-5,
-    *,
-    axis: int = -1,
-    axis_name: str | Sequence[str] | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
-    mask: jax.Array | None = None,
-    check_count: bool = True,
+    x, running_mean, running_var, weight, bias, training, momentum, eps, *, check_count=True, **kw
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None, BatchMoments | None]:
     """:func:`batch_norm`, and also the batch's :class:`BatchMoments` (None in eval).
 
     What ``jaxbn.update_bn`` averages: the modules report these moments when asked.
     ``check_count=False`` lets a single value per channel through (module initialization,
-    whose statistics are never kept).
+    whose statistics are never kept). ``kw``: :func:`batch_norm`'s keyword-only arguments.
     """
+    axis, axis_name, axis_index_groups, mask = _batch_norm_options(**kw)
     x = jnp.asarray(x)
     check_floating_input(x, "batch_norm")
     training = train_flag(training, "training")
@@ -318,6 +278,10 @@ def layer_norm(
 # --- helpers -------------------------------------------------------------------------------
 
 
+def _batch_norm_options(*, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
+    return axis, axis_name, axis_index_groups, mask
+
+
 def _feature_axis(axis: int, ndim: int) -> int:
     check_axis(axis)
     if not -ndim <= axis < ndim:
@@ -389,26 +353,3 @@ def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:
     if mask is not None:
         y = jnp.where(mask, y, 0)
     return y.astype(out_dtype)
-
-
-def update_running(
-    running_mean: jax.Array, running_var: jax.Array, moments: BatchMoments, momentum
-) -> tuple[jax.Array, jax.Array]:
-    """PyTorch's running update: ``(1 - momentum)·old + momentum·new``, unbiased variance.
-
-    Args:
-      running_mean, running_var: [C] floats.
-      moments: the batch's :class:`BatchMoments` ([C] each).
-      momentum: the new batch's weight (float or traced scalar).
-
-    Returns:
-      ``(new_mean, new_var)`` in the running statistics' dtypes.
-    """
-    count, mean, var = (jax.lax.stop_gradient(a) for a in moments)
-    unbiased = var * count / jnp.maximum(count - 1, 1)
-    new_mean = (1 - momentum) * running_mean + momentum * mean
-    new_var = (1 - momentum) * running_var + momentum * unbiased
-    # No element: nothing to average in. One element: no unbiased variance exists.
-    new_mean = jnp.where(count > 0, new_mean, running_mean).astype(running_mean.dtype)
-    new_var = jnp.where(count > 1, new_var, running_var).astype(running_var.dtype)
-    return new_mean, new_var

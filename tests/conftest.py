@@ -7,9 +7,17 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import torch
+import sys
 
-torch.manual_seed(0)
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _seed_torch():
+    """Each test that uses torch's global generator starts from seed 0; torch is imported only
+    by the test modules that compare with it."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].manual_seed(0)
 
 
 def pytest_terminal_summary(terminalreporter):

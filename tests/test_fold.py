@@ -196,8 +196,8 @@ def trained(model, features=5, seed=0):
         _, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
         variables = {**variables, **updates}
     params = flax.core.unfreeze(variables["params"])
-    for path, _, _ in jaxbn.tree_paths.batch_norm_layers(variables):
-        layer = jaxbn.tree_paths.get_path(params, path)
+    for path, _, _ in jaxbn.tools._tree.batch_norm_layers(variables):
+        layer = jaxbn.tools._tree.get_path(params, path)
         layer["scale"] = jax.random.uniform(keys[4], layer["scale"].shape, minval=0.5, maxval=2.0)
         layer["bias"] = jax.random.normal(keys[5], layer["bias"].shape)
     return {**variables, "params": params}
@@ -258,7 +258,7 @@ def test_the_result_reports_which_batch_norms_were_folded_and_which_were_kept():
     assert not np.allclose(
         result.variables["params"]["stem"]["kernel"], variables["params"]["stem"]["kernel"]
     )
-    assert isinstance(result.model, jaxbn.fold.FoldedModel)
+    assert isinstance(result.model, jaxbn.tools.fold.FoldedModel)
     assert result.model.folded == ("stem_bn",)
 
 
@@ -284,13 +284,13 @@ def test_fold_batch_norm_variables_refuses_a_batch_norm_it_cannot_fold():
 
 
 def test_a_fold_that_changes_the_outputs_raises_and_names_the_largest_difference(monkeypatch):
-    fuse = jaxbn.fold.fuse_conv_bn_weights
+    fuse = jaxbn.tools.fold.fuse_conv_bn_weights
 
     def off_by_one_percent(*args):
         kernel, bias = fuse(*args)
         return kernel * 1.01, bias
 
-    monkeypatch.setattr(jaxbn.fold, "fuse_conv_bn_weights", off_by_one_percent)
+    monkeypatch.setattr(jaxbn.tools.fold, "fuse_conv_bn_weights", off_by_one_percent)
     model = StemAndSkip()
     with pytest.raises(
         ValueError,
@@ -319,7 +319,7 @@ def test_a_model_without_a_norm_switch_is_folded_into_a_folded_model():
     variables = {**variables, **updates}
     result = jaxbn.fold_batch_norm(model, variables, x[:1])
     assert result.folded == {"conv_bn": "conv"}
-    assert isinstance(result.model, jaxbn.fold.FoldedModel)
+    assert isinstance(result.model, jaxbn.tools.fold.FoldedModel)
     assert "batch_stats" not in result.variables
     assert_close(
         "fold conv without norm switch eval logits",

@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxbn import native
+from jaxbn._cpu_kernels import build as native
 
 CHECK = """
     import json, warnings
     import numpy as np, jax, jax.numpy as jnp
     import jaxbn
-    from jaxbn import native
+    from jaxbn._cpu_kernels import build as native
 
     x = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32) * 3 + 2
     w = np.linspace(0.5, 1.5, 8, dtype=np.float32)

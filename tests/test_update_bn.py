@@ -26,8 +26,8 @@ def test_update_bn_matches_torch_swa_utils_update_bn_on_the_convnet():
     expected = jaxbn.interop.torch_to_flax(
         pair.state_dict_for_jax(), variables, flatten_shapes=pair.flatten_shapes
     )
-    for path, stats, _ in jaxbn.tree_paths.batch_norm_layers(updated):
-        ref = jaxbn.tree_paths.get_path(expected["batch_stats"], path)
+    for path, stats, _ in jaxbn.tools._tree.batch_norm_layers(updated):
+        ref = jaxbn.tools._tree.get_path(expected["batch_stats"], path)
         assert_close("update_bn running_mean", stats["mean"], ref["mean"], 2e-5, 2e-5)
         assert_close("update_bn running_var", stats["var"], ref["var"], 2e-5, 2e-5)
         assert int(stats["num_batches_tracked"]) == int(ref["num_batches_tracked"]) == 4

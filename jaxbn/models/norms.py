@@ -10,9 +10,9 @@ from typing import Literal
 
 import jax
 
-from jaxbn.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d
-from jaxbn.group_norm import GroupNorm
-from jaxbn.layer_norm import LayerNorm
+from jaxbn.linen.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d
+from jaxbn.linen.group_norm import GroupNorm
+from jaxbn.linen.layer_norm import LayerNorm
 
 NormKind = Literal["batch", "group", "layer", "none"]
 NORM_KINDS: tuple[str, ...] = ("batch", "group", "layer", "none")

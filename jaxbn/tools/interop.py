@@ -46,7 +46,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxbn.tree_paths import Path, module_leaves, set_path
+from jaxbn.tools._tree import Path, module_leaves, set_path
 
 __all__ = [
     "flax_to_torch",

@@ -47,7 +47,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
-from jaxbn.arguments import (
+from jaxbn._core.checks import (
     check_axis,
     check_eps,
     check_feature_count,

@@ -7,7 +7,7 @@ sum of squared deviations (M2)? This module answers it without cancellation:
 * locally (masked inputs, GroupNorm, LayerNorm) two passes — mean first, then Σ(x-mean)² — so
   ``randn + 1e4`` in float32 has var ≈ 1 (the centered array is returned too: normalization and
   its derivative reuse it). Unmasked batch norm takes its local moments from
-  :func:`jaxbn.channel_ops.channel_moments` instead (one shifted pass on the CPU);
+  :func:`jaxbn._cpu_kernels.channel_moments` instead (one shifted pass on the CPU);
 * across devices Chan's parallel merge of (count, mean, M2) — exact for uneven shards and
   empty devices — using a single ``all_gather`` of a ``[3, ...]`` array.
 """
@@ -18,9 +18,8 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from jaxbn.channel_ops import varying_axes
+from jaxbn._core.shapes import kept_shape, reduced_count, varying_axes
 
 AxisIndexGroups = tuple[tuple[int, ...], ...] | None
 
@@ -52,10 +51,6 @@ def merge_moments(
     return total, merged_mean, merged_m2
 
 
-def _kept_shape(shape: tuple[int, ...], reduce_axes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
-
-
 def centered_moments(
     x: jax.Array,
     mask: jax.Array | None,
@@ -69,7 +64,7 @@ def centered_moments(
     need it (the normalization itself, its derivative) get it without another pass. Synced
     over ``axis_name``, it is centered on the global mean.
     """
-    count, mean, m2, centered = _local_centered(x, mask, reduce_axes)
+    count, mean, m2, centered = two_pass_moments(x, mask, reduce_axes)
     if axis_name is not None:
         count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
         centered = _center(x, mean, mask)
@@ -82,10 +77,14 @@ def _center(x, mean, mask):
     return centered if mask is None else jnp.where(mask, centered, 0)
 
 
-def _local_centered(x, mask, reduce_axes):
+def two_pass_moments(
+    x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """Local ``(count, mean, M2, x − mean)``: the mean first, then Σ(x − mean)², which does
+    not cancel the way Σx² − n·mean² does. ``x`` in the compute dtype; 0 where masked."""
     if mask is None:
-        n = float(np.prod([x.shape[a] for a in reduce_axes], dtype=np.int64))
-        count = jnp.full(_kept_shape(x.shape, reduce_axes), n, x.dtype)
+        n = float(reduced_count(x.shape, reduce_axes))
+        count = jnp.full(kept_shape(x.shape, reduce_axes), n, x.dtype)
         mean = jnp.sum(x, reduce_axes, keepdims=True) / max(n, 1.0)
     else:
         count = jnp.sum(mask, reduce_axes, keepdims=True, dtype=x.dtype)

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxbn.tree_paths import batch_norm_layers
+from jaxbn.tools._tree import batch_norm_layers
 
 __all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
 

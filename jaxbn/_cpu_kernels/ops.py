@@ -10,7 +10,7 @@ Batch norm's statistics and derivatives are made of three operations on an activ
 
 ``channel_dot`` and ``channel_affine`` are each other's transpose, so reverse mode turns every
 reduction back into a ``channel_dot``. On the CPU the two reductions run as the single-pass
-C++ kernels of :mod:`jaxbn.native` when ``x`` (and ``g``) are float32, bfloat16 or float16 —
+C++ kernels of :mod:`.build` when ``x`` (and ``g``) are float32, bfloat16 or float16 —
 read in their own dtype, no float32 copy — and the kept axes are contiguous; everywhere else
 (float64, GPU, ``vmap``, ``jax.export``, no compiler) they lower to the plain-JAX reference
 below, which they must agree with. Each primitive has a JVP, so derivatives of any order work.
@@ -26,18 +26,11 @@ import numpy as np
 from jax.extend.core import Primitive
 from jax.interpreters import ad, batching, mlir
 
-from jaxbn import native
+from jaxbn._core.moments import two_pass_moments
+from jaxbn._core.shapes import Axes, compute_dtype, kept_shape, reduced_count, varying_axes
+from jaxbn._cpu_kernels import build as native
 
-Axes = tuple[int, ...]
 NATIVE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def kept_shape(shape: tuple[int, ...], reduce_axes: Axes) -> tuple[int, ...]:
-    return tuple(1 if i in reduce_axes else d for i, d in enumerate(shape))
-
-
-def reduced_count(shape: tuple[int, ...], reduce_axes: Axes) -> int:
-    return int(np.prod([shape[a] for a in reduce_axes], dtype=np.int64))
 
 
 # --- the public operations -----------------------------------------------------------------
@@ -71,7 +64,7 @@ def channel_affine(
     that compute dtype). ``addend`` has ``x``'s shape.
     """
     operands = (b, c, x, mean) if addend is None else (b, c, x, mean, addend)
-    out_dtype = np.dtype(out_dtype or _compute_dtype(*operands))
+    out_dtype = np.dtype(out_dtype or compute_dtype(*operands))
     return affine_p.bind(*_same_vma(*operands), reduce_axes=reduce_axes, out_dtype=out_dtype)
 
 
@@ -86,31 +79,16 @@ def _same_vma(*arrays):
     )
 
 
-def varying_axes(array) -> frozenset:
-    """The mesh axes ``array`` varies over inside shard_map (empty elsewhere)."""
-    aval = jax.typeof(array)
-    manual = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
-    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
-
-
 # --- references (plain JAX; also the lowering off the fast path) -----------------------------
 
 
-def _compute_dtype(*arrays):
-    return jnp.result_type(jnp.float32, *arrays)
-
-
 def moments_reference(x, *, reduce_axes):
-    dtype = _compute_dtype(x)
-    x = x.astype(dtype)
-    n = max(reduced_count(x.shape, reduce_axes), 1)
-    mean = jnp.sum(x, reduce_axes, keepdims=True) / n
-    # Two passes: Σ(x − mean)² does not cancel the way Σx² − n·mean² does.
-    return mean, jnp.sum(jnp.square(x - mean), reduce_axes, keepdims=True)
+    _, mean, m2, _ = two_pass_moments(x.astype(compute_dtype(x)), None, reduce_axes)
+    return mean, m2
 
 
 def dot_reference(g, x, mean, *, reduce_axes):
-    dtype = _compute_dtype(g, x, mean)
+    dtype = compute_dtype(g, x, mean)
     g = g.astype(dtype)
     centered = x.astype(dtype) - mean.astype(dtype)
     return (
@@ -121,7 +99,7 @@ def dot_reference(g, x, mean, *, reduce_axes):
 
 def affine_reference(b, c, x, mean, *addend, reduce_axes, out_dtype):
     del reduce_axes
-    dtype = _compute_dtype(b, c, x, mean, *addend)
+    dtype = compute_dtype(b, c, x, mean, *addend)
     y = (x.astype(dtype) - mean.astype(dtype)) * b.astype(dtype) + c.astype(dtype)
     y = y + addend[0].astype(dtype) if addend else y
     return y.astype(out_dtype)
@@ -183,7 +161,7 @@ def dot_cpu(g, x, mean, *, reduce_axes):
 
 
 def _per_channel_aval(x_aval, reduce_axes, *others):
-    dtype = _compute_dtype(x_aval.dtype, *(a.dtype for a in others))
+    dtype = compute_dtype(x_aval.dtype, *(a.dtype for a in others))
     return x_aval.update(shape=kept_shape(x_aval.shape, reduce_axes), dtype=dtype)
 
 
@@ -276,7 +254,7 @@ def _affine_jvp(primals, tangents, *, reduce_axes, out_dtype):
     (b, c, x, mean, *addend), (db, dc, dx, dmean, *daddend) = primals, tangents
     y = channel_affine(b, c, x, mean, reduce_axes, *addend, out_dtype=out_dtype)
     # Everything but db and dc goes into one addend, so the tangent is rounded once too.
-    dtype = _compute_dtype(b, c, x, mean, *addend)
+    dtype = compute_dtype(b, c, x, mean, *addend)
     extra = [t.astype(dtype) for t in daddend if _nonzero(t)]
     if _nonzero(dx):
         extra.append(dx.astype(dtype) * b)

@@ -15,7 +15,7 @@ made of JAX ops and primitives that have JVPs of their own, so it can be differe
 (``grad`` of ``grad``).
 
 Memory traffic is the cost of batch norm. On the common path (per-channel weight and bias, no
-mask) the statistics and the tangent reductions are :mod:`jaxbn.channel_ops` primitives: the
+mask) the statistics and the tangent reductions are :mod:`jaxbn._cpu_kernels` primitives: the
 forward reads ``x`` once for the moments (one pass, native kernel on the CPU) and once for the
 output; the backward reads the cotangent and ``x`` once for Σg and Σg·(x − mean) together, and
 once more for the elementwise ``dx``. Nothing but ``x`` is kept for the backward. Masked
@@ -23,7 +23,7 @@ inputs, and GroupNorm/LayerNorm (whose weight spans the reduced axes), share the
 array ``x − mean`` between the statistics, the output and the derivative instead.
 
 Across devices (``axis_name``) the statistics are merged with one all-gather (see
-:mod:`jaxbn.moments`) and the two tangent reductions are summed with one ``psum`` — in reverse
+:mod:`jaxbn._core.moments`) and the two tangent reductions are summed with one ``psum`` — in reverse
 mode that is PyTorch SyncBatchNorm's all-reduce of Σdy and Σdy·x̂.
 """
 
@@ -37,8 +37,9 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxbn.channel_ops import channel_affine, channel_dot, channel_moments, reduced_count
-from jaxbn.moments import AxisIndexGroups, centered_moments, merge_moments
+from jaxbn._core.moments import AxisIndexGroups, centered_moments, merge_moments
+from jaxbn._core.shapes import compute_dtype, kept_shape, reduced_count
+from jaxbn._cpu_kernels import channel_affine, channel_dot, channel_moments
 
 NormalizeOut = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
@@ -84,7 +85,7 @@ class _Statistics(NamedTuple):
     """The statistics of ``x``, and the two ways ``x − mean`` enters the output and tangent.
 
     ``centered`` is None on the fast path (no mask, per-channel weight and bias): the
-    :mod:`jaxbn.channel_ops` primitives then read ``x`` itself. Otherwise it is the masked
+    :mod:`jaxbn._cpu_kernels` primitives then read ``x`` itself. Otherwise it is the masked
     ``x − mean`` in the compute dtype, shared by everything that needs it.
     """
 
@@ -98,7 +99,7 @@ class _Statistics(NamedTuple):
 
     @classmethod
     def of(cls, x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups):
-        kept = tuple(1 if i in reduce_axes else d for i, d in enumerate(x.shape))
+        kept = kept_shape(x.shape, reduce_axes)
         per_channel = all(p is None or tuple(p.shape) == kept for p in (weight, bias))
         if mask is not None or not per_channel:
             count, mean, var, centered = centered_moments(
@@ -134,11 +135,6 @@ class _Statistics(NamedTuple):
             jnp.sum(dx, self.reduce_axes, keepdims=True),
             jnp.sum(self.centered * dx, self.reduce_axes, keepdims=True),
         )
-
-
-def compute_dtype(dtype) -> jnp.dtype:
-    # Half precision is normalized in float32 (as PyTorch does); float64 stays float64.
-    return jnp.promote_types(dtype, jnp.float32)
 
 
 @functools.partial(normalize.defjvp, symbolic_zeros=True)

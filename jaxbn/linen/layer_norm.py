@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
-from jaxbn.arguments import check_eps, check_shape
+from jaxbn._core.checks import check_eps, check_shape
 
 __all__ = ["LayerNorm"]
 

@@ -26,9 +26,9 @@ import flax.core
 import jax
 import jax.numpy as jnp
 
-from jaxbn.batch_norm import MOMENTS_COLLECTION
-from jaxbn.functional import BatchMoments, update_running
-from jaxbn.tree_paths import batch_norm_layers, get_path, set_path
+from jaxbn._core.running import BatchMoments, update_running
+from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
+from jaxbn.tools._tree import batch_norm_layers, get_path, set_path
 
 __all__ = ["update_bn"]
 

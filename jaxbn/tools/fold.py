@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxbn.batch_norm import BatchNorm
-from jaxbn.tree_paths import Path, batch_norm_layers, get_path, set_path
+from jaxbn.linen.batch_norm import BatchNorm
+from jaxbn.tools._tree import Path, batch_norm_layers, get_path, set_path
 
 __all__ = [
     "FoldResult",

@@ -1,0 +1,21 @@
+"""Flax linen modules: hold the variables and call :mod:`jaxbn.functional`."""
+
+from jaxbn.linen.batch_norm import (
+    MOMENTS_COLLECTION,
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+)
+from jaxbn.linen.group_norm import GroupNorm
+from jaxbn.linen.layer_norm import LayerNorm
+
+__all__ = [
+    "MOMENTS_COLLECTION",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "GroupNorm",
+    "LayerNorm",
+]
