@@ -40,13 +40,17 @@ class SyncSpec(NamedTuple):
 
 # include_in_jit_key: jit (and pmap) trace anew when the switch differs from the cached trace.
 # The value is hashable (a SyncSpec of tuples) because it becomes part of the cache key.
-_SYNC = _jax_config.string_or_object_state(
-    "jaxbn_sync_batch_norm_spec",
-    None,
-    "The axis jaxbn batch norms without an axis_name sync over (set by jaxbn.sync_batch_norm).",
-    include_in_jit_key=True,
-    include_in_trace_context=True,
-)
+_NAME = "jaxbn_sync_batch_norm_spec"
+# A module reload (IPython's autoreload) must reuse the state: JAX refuses a second definition.
+_SYNC = _jax_config.config_states.get(_NAME)
+if _SYNC is None:
+    _SYNC = _jax_config.string_or_object_state(
+        _NAME,
+        None,
+        "The axis jaxbn batch norms without an axis_name sync over (set by jaxbn.sync_batch_norm).",
+        include_in_jit_key=True,
+        include_in_trace_context=True,
+    )
 
 
 def _spec(
