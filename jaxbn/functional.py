@@ -26,6 +26,7 @@ from jaxbn._core.checks import (
     check_floating_input,
     check_momentum,
     check_running_stat,
+    is_real,
     train_flag,
 )
 from jaxbn._core.normalize import normalize
@@ -298,7 +299,7 @@ def _check_numel(channels: int, **arrays: jax.Array | None) -> None:
 def _check_eps(eps: float, training: bool) -> None:
     if isinstance(eps, jax.core.Tracer):
         return  # a traced eps cannot be checked at trace time
-    if isinstance(eps, bool) or not isinstance(eps, int | float | np.floating | np.integer):
+    if not is_real(eps):
         raise TypeError(f"eps must be float, not {type(eps).__name__} ({eps!r})")
     if training and eps <= 0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
@@ -329,7 +330,14 @@ def _num_devices(axis_name, groups) -> int:
         return 1
     if groups is not None:
         return len(groups[0])
-    return int(jax.lax.axis_size(axis_name))
+    try:
+        return int(jax.lax.axis_size(axis_name))
+    except NameError as err:
+        raise NameError(
+            f"batch norm syncs over axis_name={axis_name!r} in training, but no mapped axis of "
+            "that name is bound here: run training inside jax.pmap / jax.shard_map / "
+            "jax.vmap with that axis_name (eval and init need none)"
+        ) from err
 
 
 def _output_dtype(dtype) -> jnp.dtype:

@@ -186,3 +186,17 @@ def test_constructor_arguments_are_validated_when_the_module_is_built(make, erro
 def test_torch_words_the_negative_size_error_the_same_way():
     with pytest.raises(RuntimeError, match="Trying to create tensor with negative dimension -3"):
         torch.nn.BatchNorm1d(-3)
+
+
+def test_concrete_jax_scalars_are_accepted_as_eps_momentum_and_train():
+    model = jaxbn.BatchNorm1d(C, eps=jnp.float32(1e-3), momentum=jnp.float32(0.5))
+    variables = model.init(jax.random.key(0), X, train=jnp.bool_(False))
+    _, updates = model.apply(variables, X, train=jnp.bool_(True), mutable=["batch_stats"])
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.5 * X.mean(0), rtol=1e-6)
+
+
+def test_training_a_synced_norm_outside_its_mapped_axis_names_the_axis():
+    model = jaxbn.BatchNorm1d(C, axis_name="devices")
+    variables = model.init(jax.random.key(0), X, train=True)  # init needs no axis
+    with pytest.raises(NameError, match="axis_name='devices' in training, but no mapped axis"):
+        model.apply(variables, X, train=True, mutable=["batch_stats"])

@@ -93,7 +93,7 @@ def test_update_bn_refuses_an_apply_fn_that_drops_the_reported_statistics():
     def apply_fn(variables, x, **_):
         return fixed(variables, x)
 
-    with pytest.raises(ValueError, match="returned no 'batch_moments' collection"):
+    with pytest.raises(ValueError, match="trained but reported no batch statistics"):
         jaxbn.update_bn(apply_fn, variables, data)
 
 

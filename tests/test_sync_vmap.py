@@ -164,3 +164,19 @@ def test_init_of_a_batch_norm_called_twice_counts_no_step_and_skips_the_collecti
     stats = variables["batch_stats"]["norm"]
     assert int(stats["num_batches_tracked"]) == 0
     np.testing.assert_array_equal(stats["mean"], jnp.zeros(C))
+
+
+def test_nested_vmaps_sync_over_both_axis_names_like_one_device():
+    model = jaxbn.BatchNorm1d(C, axis_name=("outer", "inner"))
+    x = jax.random.normal(jax.random.key(0), (2, 3, 4, C)) * 3 + 1  # 2 × 3 members of 4 rows
+    variables = model.init(jax.random.key(1), x[0, 0], train=False)
+
+    def member(x):
+        return model.apply(variables, x, train=True, mutable=["batch_stats"])
+
+    y, updates = jax.vmap(jax.vmap(member, axis_name="inner"), axis_name="outer")(x)
+    flat = np.asarray(x).reshape(-1, C)
+    expected = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)
+    np.testing.assert_allclose(np.asarray(y).reshape(-1, C), expected, rtol=1e-5, atol=1e-5)
+    running_var = 0.9 + 0.1 * flat.var(0, ddof=1)
+    np.testing.assert_allclose(updates["batch_stats"]["var"][1, 2], running_var, rtol=1e-6)

@@ -23,6 +23,7 @@ __all__ = [
     "check_momentum",
     "check_running_stat",
     "check_shape",
+    "is_real",
     "train_flag",
 ]
 
@@ -36,6 +37,8 @@ STATIC_TRAIN_HINT = (
 def train_flag(value: Any, name: str = "train") -> bool:
     """``value`` as a Python bool; a traced, None or non-bool value is a TypeError."""
     if isinstance(value, bool | np.bool_):
+        return bool(value)
+    if _concrete_scalar(value, jnp.bool_):
         return bool(value)
     if isinstance(value, jax.core.Tracer):
         raise TypeError(
@@ -59,17 +62,30 @@ def check_shape(shape: Sequence[Any], name: str) -> None:
         check_feature_count(d, name, allow_none=False)
 
 
+def _concrete_scalar(value: Any, kind) -> bool:
+    """A concrete (untraced) 0-d numpy or JAX array of ``kind``'s dtype family."""
+    if isinstance(value, jax.core.Tracer) or not isinstance(value, np.ndarray | jax.Array):
+        return False
+    return np.ndim(value) == 0 and jnp.issubdtype(value.dtype, kind)
+
+
+def is_real(value: Any) -> bool:
+    if isinstance(value, bool | np.bool_):
+        return False
+    return isinstance(value, numbers.Real) or _concrete_scalar(value, jnp.number)
+
+
 def check_momentum(momentum: Any) -> None:
     if momentum is None:
         return
-    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real):
+    if not is_real(momentum):
         raise TypeError(
             f"momentum must be float or None, not {type(momentum).__name__} ({momentum!r})"
         )
 
 
 def check_eps(eps: Any) -> None:
-    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+    if not is_real(eps):
         raise TypeError(f"eps must be float, not {type(eps).__name__} ({eps!r})")
     if eps < 0:
         raise ValueError(f"eps must be non-negative, but got {eps}")

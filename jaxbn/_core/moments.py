@@ -36,8 +36,11 @@ def merge_moments(
     One collective: the three arrays are stacked and all-gathered together. Devices with a
     count of zero contribute nothing.
     """
-    stacked = jnp.stack([count, mean, m2])
     names = {axis_name} if isinstance(axis_name, str) else set(axis_name)
+    if len(names) > 1 and axis_index_groups is None:
+        # all_gather over several vmap axes is refused by JAX; psum takes any set of axes.
+        return _merge_by_sums(count, mean, m2, tuple(names))
+    stacked = jnp.stack([count, mean, m2])
     if axis_index_groups is None and names <= varying_axes(stacked):
         # Under shard_map an invariant result lets it return the merged statistics
         # replicated; vmap and pmap track no varying axes (and refuse the conversion).
@@ -48,6 +51,15 @@ def merge_moments(
     total = jnp.sum(counts, axis=0)
     merged_mean = jnp.sum(counts * means, axis=0) / jnp.maximum(total, 1)
     merged_m2 = jnp.sum(m2s + counts * jnp.square(means - merged_mean), axis=0)
+    return total, merged_mean, merged_m2
+
+
+def _merge_by_sums(count, mean, m2, axis_names):
+    """Chan's merge with two psums: the global mean first, then each device's M2 around it
+    (stable: no E[x²] − E[x]² between devices)."""
+    total = jax.lax.psum(count, axis_names)
+    merged_mean = jax.lax.psum(count * mean, axis_names) / jnp.maximum(total, 1)
+    merged_m2 = jax.lax.psum(m2 + count * jnp.square(mean - merged_mean), axis_names)
     return total, merged_mean, merged_m2
 
 

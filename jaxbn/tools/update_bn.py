@@ -56,10 +56,12 @@ def update_bn(
       statistics (mean 0, var 1, count 0), as in PyTorch.
 
     Raises:
-      ValueError: ``apply_fn`` did not return the reported statistics (it must pass
-        ``mutable`` through to ``model.apply``).
+      ValueError: a batch norm was trained but reported no statistics: ``apply_fn`` did not
+        pass ``mutable`` through to ``model.apply``, or the norm sits inside ``nn.scan`` /
+        ``nn.vmap`` without ``"batch_moments"`` in ``variable_axes`` (then it says so).
     """
     variables = flax.core.unfreeze(variables)  # a mutable copy, also of a FrozenDict
+    variables.pop(MOMENTS_COLLECTION, None)  # reports of an earlier call are not batches
     layers = [path for path, _, _ in batch_norm_layers(variables)]
     if not layers:
         return variables
@@ -72,42 +74,66 @@ def update_bn(
             stats, (*path, "num_batches_tracked"), jnp.zeros_like(layer["num_batches_tracked"])
         )
 
-    mutable = ("batch_stats", MOMENTS_COLLECTION)
+    @jax.jit
+    def step(variables, running, x):
+        """One batch: the model's reports averaged into ``running`` ({path: stats})."""
+        _, updates = apply_fn(
+            variables, x, train=True, mutable=("batch_stats", MOMENTS_COLLECTION), **apply_kwargs
+        )
+        if not isinstance(updates, Mapping) or "batch_stats" not in updates:
+            raise ValueError(
+                "update_bn: apply_fn must return (y, updates) with the collections named in "
+                "`mutable` (batch_stats and batch_moments), like model.apply"
+            )
+        reports = updates.get(MOMENTS_COLLECTION, {})
+        unreported = {}
+        for path in layers:
+            layer_reports = _layer_reports(reports, path)
+            for moments in layer_reports:
+                running[path] = _accumulate(running[path], moments)
+            if not layer_reports:  # trained without a report: nn.scan/nn.vmap drop them
+                counter = get_path(updates["batch_stats"], path)["num_batches_tracked"]
+                unreported[path] = jnp.any(counter > 0)
+        return running, unreported
+
+    running = {path: _running(get_path(stats, path)) for path in layers}
     for batch in batches:
         x = batch[0] if isinstance(batch, tuple | list) else batch
-        _, updates = apply_fn(variables, x, train=True, mutable=mutable, **apply_kwargs)
-        reports = _reports(updates)
-        for path in layers:
-            for moments in _layer_reports(reports, path):
-                layer = get_path(stats, path)
-                running = {key: layer[key] for key in ("mean", "var", "num_batches_tracked")}
-                for key, value in _accumulate(running, moments).items():
-                    set_path(stats, (*path, key), value)
+        running, unreported = step(variables, running, x)
+        _refuse_unreported(unreported)
+    for path in layers:
+        for key, value in running[path].items():
+            set_path(stats, (*path, key), value)
     return variables
 
 
-def _reports(updates: Any) -> Mapping[str, Any]:
-    if not isinstance(updates, Mapping) or MOMENTS_COLLECTION not in updates:
+def _running(layer: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: layer[key] for key in ("mean", "var", "num_batches_tracked")}
+
+
+def _refuse_unreported(unreported: Mapping[tuple[str, ...], jax.Array]) -> None:
+    missing = ["/".join(path) or "(root)" for path, flag in unreported.items() if bool(flag)]
+    if missing:
         raise ValueError(
-            "update_bn: apply_fn returned no 'batch_moments' collection, so the batch "
-            "statistics cannot be read; apply_fn must forward its `mutable` argument to "
-            "model.apply (a jitted wrapper: jax.jit(model.apply, static_argnames=('train', "
-            "'mutable')))"
+            f"update_bn: batch norms {missing} were trained but reported no batch statistics. "
+            "Inside nn.scan / nn.vmap, list the collection in variable_axes, e.g. "
+            "variable_axes={'params': 0, 'batch_stats': 0, 'batch_moments': 0}; a wrapper "
+            "apply_fn must forward its `mutable` argument to model.apply"
         )
-    return updates[MOMENTS_COLLECTION]
 
 
 def _layer_reports(reports: Mapping[str, Any], path: tuple[str, ...]) -> tuple[Any, ...]:
     try:
         return tuple(get_path(reports, (*path, "moments")))
-    except KeyError:
+    except (KeyError, TypeError):
         return ()  # not called in training on this batch
 
 
-@jax.jit
 def _accumulate(layer: dict[str, Any], moments: dict[str, jax.Array]) -> dict[str, Any]:
-    """One cumulative-average step: the k-th report weighs ``1/k``."""
+    """One cumulative-average step: the k-th report weighs ``1/k``. Stacked layers (nn.scan,
+    replicated pmap variables) have a leading axis on the counter and every statistic."""
     count = layer["num_batches_tracked"]
     momentum = 1.0 / (count.astype(layer["mean"].dtype) + 1)
+    momentum = jnp.reshape(momentum, (*count.shape, *(1,) * (layer["mean"].ndim - count.ndim)))
     mean, var = update_running(layer["mean"], layer["var"], BatchMoments(**moments), momentum)
     return {"mean": mean, "var": var, "num_batches_tracked": count + 1}
