@@ -14,6 +14,14 @@ C++ kernels of :mod:`.build` when ``x`` (and ``g``) are float32, bfloat16 or flo
 read in their own dtype, no float32 copy — and the kept axes are contiguous; everywhere else
 (float64, GPU, ``vmap``, ``jax.export``, no compiler) they lower to the plain-JAX reference
 below, which they must agree with. Each primitive has a JVP, so derivatives of any order work.
+
+Why primitives and not the public ``jax.custom_jvp`` / ``jax.custom_vjp`` around
+``jax.ffi.ffi_call`` (which the CPU lowering does use): reverse mode must call the ``channel_dot``
+kernel, and only a primitive can declare that ``channel_dot`` and ``channel_affine`` are each
+other's transpose. A ``custom_jvp`` rule would be transposed through the plain-JAX reference
+(the backward pass would lose the kernel), and a ``custom_vjp`` would give up forward mode
+(``jax.jvp``, ``jacfwd``, ``grad`` of ``grad``), which jaxbn supports and tests. So the
+extension APIs below are the only way to get both; they are used nowhere else in jaxbn.
 """
 
 from __future__ import annotations
@@ -23,8 +31,12 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.core import Primitive
-from jax.interpreters import ad, batching, mlir
+from jax.extend.core import Primitive  # a primitive: the only way to declare a transpose
+from jax.interpreters import (
+    ad,  # JVP and transpose rules of the primitives
+    batching,  # vmap rule: lower to the reference per batch
+    mlir,  # lowering: the FFI kernel on CPU, the reference elsewhere
+)
 
 from jaxbn._core.moments import two_pass_moments
 from jaxbn._core.shapes import Axes, compute_dtype, kept_shape, reduced_count, varying_axes
