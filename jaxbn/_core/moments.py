@@ -89,6 +89,45 @@ def _center(x, mean, mask):
     return centered if mask is None else jnp.where(mask, centered, 0)
 
 
+SHIFT_SAMPLE = 32  # values per channel whose mean is the shift (as the CPU kernel)
+
+
+def shifted_moments(x: jax.Array, reduce_axes: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``(mean, M2)`` of an unmasked ``x`` (compute dtype) in one pass over the data.
+
+    Σ(x − s) and Σ(x − s)² around a per-channel shift ``s`` are sibling reductions that XLA
+    fuses into one read of ``x`` (the two-pass form reads it twice: the second sum needs the
+    mean). ``s`` is the mean of the first finite values along the first reduced axis, so it
+    lies near the data; M2 = Σ(x − s)² − (Σ(x − s))²/n then loses digits only in proportion to
+    ((mean − s)/σ)². Where a channel's shift lands more than 3σ from its mean (pathological
+    data), M2 is taken again around the mean (a second pass, only then: ``lax.cond``).
+    """
+    n = reduced_count(x.shape, reduce_axes)
+    first = reduce_axes[0]
+    sample = jax.lax.slice_in_dim(x, 0, min(SHIFT_SAMPLE, x.shape[first]), axis=first)
+    rest = tuple(a for a in reduce_axes if a != first)
+    sample = jax.lax.slice(
+        sample, (0,) * x.ndim, tuple(1 if a in rest else d for a, d in enumerate(sample.shape))
+    )
+    finite = jnp.isfinite(sample)
+    shift = jnp.sum(jnp.where(finite, sample, 0), reduce_axes, keepdims=True) / jnp.maximum(
+        jnp.sum(finite, reduce_axes, keepdims=True, dtype=x.dtype), 1
+    )
+    shift = jax.lax.stop_gradient(shift)
+    centered = x - shift
+    s1 = jnp.sum(centered, reduce_axes, keepdims=True)
+    s2 = jnp.sum(jnp.square(centered), reduce_axes, keepdims=True)
+    offset = s1 / max(n, 1)
+    mean = shift + offset
+    m2 = jnp.maximum(s2 - s1 * offset, 0)
+    far = jnp.any(jnp.square(offset) * n > 9 * m2)  # |mean − shift| > 3σ somewhere
+
+    def around_the_mean(m2):
+        return jnp.sum(jnp.square(x - mean), reduce_axes, keepdims=True)
+
+    return mean, jax.lax.cond(far, around_the_mean, lambda m2: m2, m2)
+
+
 def two_pass_moments(
     x: jax.Array, mask: jax.Array | None, reduce_axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
