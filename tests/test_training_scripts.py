@@ -13,6 +13,7 @@ from train import cnn, compare, mlp, resnet
 from train.checkpoint import Checkpoints
 from train.cli import parse_args
 from train.datasets import Dataset, load_dataset
+from train.files import WorkdirError
 from train.loop import TrainingDivergedError, run
 from train.parallel import DataParallel
 
@@ -175,7 +176,8 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
         mlp, "--use-bn", "--epochs", "3", "--batch-size", "32", "--workdir", str(tmp_path)
     )
     with pytest.raises(
-        TrainingDivergedError, match=r"loss became nan at epoch 2, step 1.*epoch 1 is intact"
+        TrainingDivergedError,
+        match=r"loss became nan at epoch 2, step 1.*kept: the checkpoint of epoch 1 ",
     ):
         run(args, mlp.make_model, data=data, log=lambda _: None)
     checkpoints = Checkpoints(tmp_path)
@@ -207,7 +209,7 @@ def test_a_batch_that_does_not_divide_across_devices_is_a_clear_error(capsys):
 def test_existing_checkpoints_are_not_overwritten_without_resume(tmp_path):
     flags = ["--use-bn", "--epochs", "1", "--batch-size", "32", "--workdir", str(tmp_path)]
     run(args_for(mlp, *flags), mlp.make_model, data=tiny(), log=lambda _: None)
-    with pytest.raises(ValueError, match="already holds checkpoints"):
+    with pytest.raises(WorkdirError, match=r"already holds a run \(checkpoints of epochs 1;"):
         run(args_for(mlp, *flags), mlp.make_model, data=tiny(), log=lambda _: None)
 
 

@@ -76,9 +76,20 @@ def build_parser(prog: str, description: str, defaults: Defaults) -> argparse.Ar
     run.add_argument("--coordinator", help="HOST:PORT of process 0, for multi-host runs")
     run.add_argument("--num-processes", type=int, default=1)
     run.add_argument("--process-id", type=int, default=0)
+    run.add_argument(
+        "--join-timeout",
+        type=float,
+        default=60,
+        help="seconds to wait for the coordinator and the other processes (default 60)",
+    )
     out = parser.add_argument_group("output")
     out.add_argument("--workdir", help="write metrics.jsonl and checkpoints here")
-    out.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    out.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --workdir from its newest good checkpoint (same flags; "
+        "--epochs may grow only with --schedule constant)",
+    )
     out.add_argument("--inspect", action="store_true", help="print the BN statistics table")
     return parser
 
@@ -102,6 +113,8 @@ def parse_args(
     for flag in ("epochs", "batch_size", "devices", "num_processes"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.join_timeout <= 0:
+        parser.error("--join-timeout must be positive")
     if args.resume and not args.workdir:
         parser.error("--resume needs --workdir")
     if args.num_processes > 1 and not args.coordinator:

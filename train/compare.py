@@ -8,14 +8,22 @@ Usage:
     python -m train.compare                                   # MLP, lr 0.01 / 0.1 / 1.0, digits
     python -m train.compare --lrs 0.01,0.1,1,3 --epochs 20 --plot runs/compare.png
 
-Prints a table of final train loss, test loss and accuracy per run, marks diverged runs, and
-writes a PNG of the loss and accuracy curves (default: compare.png).
+Prints a table of final train loss, test loss and accuracy per run, and writes a PNG of the
+loss and accuracy curves (default: compare.png). A run's status is "ok" only if it ended with
+finite losses above chance: "diverged in epoch N" if the loss became NaN/Inf, "failed: ..." if
+its last test loss is not finite or its test accuracy is at most 1.5 × the share of the most
+frequent test class (what a constant guess scores).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import pathlib
 import sys
+
+import numpy as np
 
 from train.cli import Defaults, build_parser, request_cpu_devices
 
@@ -43,32 +51,59 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from train import cnn, mlp
     from train.datasets import load_dataset
-    from train.download import ChecksumError, DatasetUnavailableError
-    from train.loop import TrainingDivergedError, run
+    from train.loop import EXPECTED_ERRORS, TrainingDivergedError, run
     from train.plot import plot_comparison
 
     make_model = {"mlp": mlp.make_model, "cnn": cnn.make_model}[args.model]
-    try:
-        data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    except (DatasetUnavailableError, ChecksumError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     results = []
-    for lr in args.lrs:
-        for norm in ("none", "batch"):
-            run_args = argparse.Namespace(**{**vars(args), "lr": lr, "norm": norm})
-            print(f"--- lr={lr:g} norm={norm}")
-            try:
-                history, diverged = run(run_args, make_model, data=data).history, None
-            except TrainingDivergedError as err:
-                print(f"    {err}")
-                history, diverged = err.history, len(err.history) + 1
-            results.append({"lr": lr, "norm": norm, "history": history, "diverged": diverged})
-    print()
-    print(format_table(results))
-    title = f"{args.model} on {data.name}: SGD lr sweep, with vs without batch norm"
-    print(f"\nplot: {plot_comparison(results, args.plot, title)}")
+    try:
+        check_plot_destination(args.plot)  # fail now, not after the whole sweep
+        data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
+        chance = float(np.bincount(data.y_test).max() / len(data.y_test))
+        for lr in args.lrs:
+            for norm in ("none", "batch"):
+                run_args = argparse.Namespace(**{**vars(args), "lr": lr, "norm": norm})
+                print(f"--- lr={lr:g} norm={norm}")
+                try:
+                    history, diverged = run(run_args, make_model, data=data).history, None
+                except TrainingDivergedError as err:
+                    print(f"    {err}")
+                    history, diverged = err.history, len(err.history) + 1
+                result = {"lr": lr, "norm": norm, "history": history, "diverged": diverged}
+                results.append({**result, "status": status(result, chance)})
+        print()
+        print(format_table(results))
+        title = f"{args.model} on {data.name}: SGD lr sweep, with vs without batch norm"
+        print(f"\nplot: {plot_comparison(results, args.plot, title)}")
+    except EXPECTED_ERRORS as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
     return 0
+
+
+def check_plot_destination(plot: str) -> None:
+    """Creates the directory of ``plot`` if needed; raises ``OSError`` if it cannot be written."""
+    path = pathlib.Path(plot).absolute()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"cannot create the directory of --plot {plot}: {err.strerror}") from err
+    if path.is_dir() or not os.access(path.parent, os.W_OK):
+        raise OSError(f"cannot write --plot {plot}: not a writable file path")
+
+
+def status(result: dict, chance: float) -> str:
+    """ "ok", "diverged in epoch N" or "failed: why" (see the module docstring)."""
+    if result["diverged"]:
+        return f"diverged in epoch {result['diverged']}"
+    last = result["history"][-1] if result["history"] else None
+    if last is None:
+        return "failed: no epoch finished"
+    if not (math.isfinite(last["train_loss"]) and math.isfinite(last["test_loss"])):
+        return "failed: non-finite loss"
+    if last["test_accuracy"] <= 1.5 * chance:
+        return f"failed: chance level (test acc <= 1.5 x {chance:.3f})"
+    return "ok"
 
 
 def format_table(results: list[dict]) -> str:
@@ -78,13 +113,12 @@ def format_table(results: list[dict]) -> str:
     ]
     for r in results:
         last = r["history"][-1] if r["history"] else None
-        status = f"diverged in epoch {r['diverged']}" if r["diverged"] else "ok"
         numbers = (
             f"{last['train_loss']:>10.4g} {last['test_loss']:>10.4g} {last['test_accuracy']:>9.4f}"
             if last
             else f"{'-':>10} {'-':>10} {'-':>9}"
         )
-        rows.append(f"{r['lr']:>6g}  {r['norm']:<6} {numbers}  {status}")
+        rows.append(f"{r['lr']:>6g}  {r['norm']:<6} {numbers}  {r['status']}")
     return "\n".join(rows)
 
 

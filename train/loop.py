@@ -13,26 +13,45 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm import tqdm
 
 import jaxbn
 from train.batching import eval_batches, train_batches
-from train.checkpoint import Checkpoints, MetricsLog
+from train.config import RunConfig
 from train.datasets import Dataset, load_dataset
 from train.download import ChecksumError, DatasetUnavailableError
+from train.files import WorkdirError
 from train.parallel import DataParallel
+from train.workdir import open_workdir
 
 ModelFactory = Callable[[argparse.Namespace, Dataset], nn.Module]
 
 
 class TrainingDivergedError(RuntimeError):
-    """The loss became NaN/Inf; ``history`` holds the finished epochs."""
+    """The loss, the evaluation or the state became NaN/Inf; ``history`` holds the finished
+    epochs (whose checkpoints, with ``--workdir``, are all finite)."""
 
     def __init__(self, message: str, history: list[dict]):
         super().__init__(message)
         self.history = history
+
+
+class RunError(RuntimeError):
+    """An expected failure outside the workdir (e.g. the cluster could not be joined)."""
+
+
+# What the scripts turn into a one-line ``error: ...`` and exit status 2.
+EXPECTED_ERRORS = (
+    DatasetUnavailableError,
+    ChecksumError,
+    ValueError,
+    WorkdirError,
+    RunError,
+    OSError,
+)
 
 
 @dataclass
@@ -64,11 +83,22 @@ def run(
     """Trains ``make_model(args, data)`` as the flags say; returns the history and variables.
 
     Raises:
-      TrainingDivergedError: the loss became NaN/Inf (the last checkpoint is left intact).
-      ValueError: flags that do not fit (batch vs devices, existing checkpoints, ...).
+      TrainingDivergedError: the loss, the test loss or the state became NaN/Inf; the epoch
+        is neither logged nor saved, the earlier checkpoints stay as they are.
+      WorkdirError: the workdir cannot be used (see ``train.workdir.open_workdir``).
+      ValueError: flags that do not fit (batch vs devices or data, ...).
+      RunError: the multi-host cluster could not be joined.
     """
     if args.coordinator:
-        jaxbn.multihost.initialize_multihost(args.coordinator, args.num_processes, args.process_id)
+        try:
+            jaxbn.multihost.initialize_multihost(
+                args.coordinator,
+                args.num_processes,
+                args.process_id,
+                timeout_seconds=args.join_timeout,
+            )
+        except RuntimeError as err:
+            raise RunError(_first_line(err)) from err
     main_process = jax.process_index() == 0
     say = log if main_process else (lambda _: None)
     data = data or load_dataset(args.dataset, args.data_dir, download=not args.no_download)
@@ -77,35 +107,39 @@ def run(
     steps_per_epoch = len(train_batches(len(data.y_train), args.batch_size, args.seed, 1))
     tx = make_optimizer(args, steps_per_epoch * args.epochs)
     model = make_model(args, data)
-    variables = model.init(jax.random.key(args.seed), data.x_train[:2], train=False)
-    state = parallel.replicate(
-        {
-            "params": variables["params"],
-            "batch_stats": variables.get("batch_stats", {}),
-            "opt_state": tx.init(variables["params"]),
-        }
-    )
+
+    def fresh_state():
+        variables = model.init(jax.random.key(args.seed), data.x_train[:2], train=False)
+        return parallel.replicate(
+            {
+                "params": variables["params"],
+                "batch_stats": variables.get("batch_stats", {}),
+                "opt_state": tx.init(variables["params"]),
+            }
+        )
 
     history: list[dict] = []
     start_epoch = 0
-    checkpoints = metrics = None
+    saved_epoch = None  # the newest checkpoint on disk
+    workdir = None
     if args.workdir:
-        checkpoints, metrics = Checkpoints(args.workdir), MetricsLog(args.workdir)
-        latest = checkpoints.latest_epoch()
-        if args.resume and latest is not None:
-            state = checkpoints.restore(latest, state)
-            start_epoch = latest
-            history = metrics.read(up_to_epoch=latest)
-            if main_process:
-                metrics.rewrite(history)  # drop rows of epochs whose checkpoint never landed
-            say(f"resumed from {args.workdir} after epoch {latest}")
-        elif args.resume:
-            say(f"no checkpoint in {args.workdir}: starting from scratch")
-        elif latest is not None:
-            raise ValueError(
-                f"{args.workdir} already holds checkpoints (epoch {latest}): pass --resume to "
-                "continue that run, or choose another --workdir"
-            )
+        config = RunConfig.from_args(
+            args,
+            model=type(model).__name__,
+            data=f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test)",
+        )
+        workdir = open_workdir(
+            args,
+            config,
+            fresh_state,
+            check_state=lambda s: _describe_nonfinite(nonfinite_leaves(s)),
+            say=say,
+            main_process=main_process,
+        )
+        state, start_epoch, history = workdir.state, workdir.start_epoch, workdir.history
+        saved_epoch = workdir.saved_epoch
+    else:
+        state = fresh_state()
     say(
         f"{type(model).__name__} norm={args.norm} on {data.name} "
         f"({len(data.y_train)} train / {len(data.y_test)} test), {parallel.size} device(s), "
@@ -129,10 +163,9 @@ def run(
             loss = float(step_metrics["loss"])
             if not math.isfinite(loss):
                 bar.close()
-                kept = f"; the checkpoint of epoch {epoch - 1} is intact" if checkpoints else ""
                 raise TrainingDivergedError(
                     f"loss became {loss} at epoch {epoch}, step {len(losses) + 1}: training "
-                    f"diverged (try a lower --lr){kept}",
+                    f"diverged (try a lower --lr){_kept(args, saved_epoch)}",
                     history,
                 )
             losses.append(loss)
@@ -147,19 +180,29 @@ def run(
             "test_accuracy": test_accuracy,
             "seconds": round(time.perf_counter() - started, 3),
         }
+        # Never report or save an epoch that ended in NaN/Inf: its checkpoint would be kept as
+        # "good" and every --resume would start from it.
+        bad = _describe_nonfinite(nonfinite_leaves(state))
+        if bad or not (math.isfinite(test_loss) and math.isfinite(row["train_loss"])):
+            raise TrainingDivergedError(
+                f"epoch {epoch} ended with {bad or f'test loss {test_loss}'}: training diverged "
+                f"(try a lower --lr){_kept(args, saved_epoch)}",
+                history,
+            )
         say(
             f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
             f"  test loss {test_loss:.4f} acc {test_accuracy:.4f}  {row['seconds']:.1f}s"
         )
-        if checkpoints:
+        if workdir:
             # Metrics first: a crash between the two leaves a row without a checkpoint, which
             # --resume drops and recomputes; the other order would lose the row for good.
             if main_process:
-                metrics.append(row)
-            checkpoints.save(epoch, state)
+                workdir.metrics.append(row)
+            workdir.checkpoints.save(epoch, state)
+            saved_epoch = epoch
         history.append(row)
-    if checkpoints:
-        checkpoints.close()
+    if workdir:
+        workdir.checkpoints.close()
     host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
     if args.inspect:
         say(str(jaxbn.inspect_batchnorm(host)))
@@ -185,9 +228,49 @@ def run_script(args: argparse.Namespace, make_model: ModelFactory) -> int:
     try:
         run(args, make_model)
     except TrainingDivergedError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"error: {_first_line(err)}", file=sys.stderr)
         return 1
-    except (DatasetUnavailableError, ChecksumError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except EXPECTED_ERRORS as err:
+        print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+@jax.jit
+def _finite_flags(tree: Any) -> list[jax.Array]:
+    return [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
+
+
+def nonfinite_leaves(tree: Any) -> list[str]:
+    """Paths (``params/Dense_0/kernel``) of the floating-point leaves holding NaN or Inf."""
+    paths = [
+        "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]
+        if jnp.issubdtype(leaf.dtype, jnp.floating)
+    ]
+    floats = [leaf for leaf in jax.tree.leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
+    return [p for p, ok in zip(paths, _finite_flags(floats), strict=True) if not bool(ok)]
+
+
+def _describe_nonfinite(paths: list[str]) -> str | None:
+    if not paths:
+        return None
+    more = f" (and {len(paths) - 1} more)" if len(paths) > 1 else ""
+    return f"NaN/Inf in {paths[0]}{more}"
+
+
+def _kept(args: argparse.Namespace, saved_epoch: int | None) -> str:
+    if not args.workdir:
+        return ""
+    if saved_epoch is None:
+        return f"; no checkpoint was saved in {args.workdir} (no epoch finished with finite values)"
+    return (
+        f"; kept: the checkpoint of epoch {saved_epoch} ({args.workdir}/checkpoints/"
+        f"{saved_epoch}, the newest; every saved checkpoint is finite) and the metrics of "
+        f"epochs 1-{saved_epoch}"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__

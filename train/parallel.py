@@ -9,6 +9,8 @@ replicated parameters arrive summed over the devices.
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,10 +34,9 @@ class DataParallel:
         available = jax.local_device_count()
         if devices_per_process > available:
             raise ValueError(
-                f"--devices {devices_per_process} requested but only {available} device(s) "
-                "exist in this process (on CPU the count is fixed when JAX starts: pass "
-                "--devices on the command line, or set XLA_FLAGS="
-                f"--xla_force_host_platform_device_count={devices_per_process})"
+                f"--devices {devices_per_process} requested but only {available} "
+                f"{jax.default_backend()} device(s) exist in this process"
+                + _why_fewer_devices(devices_per_process)
             )
         devices = [
             d
@@ -134,3 +135,22 @@ class DataParallel:
             out_specs=P(),
         )
         return jax.jit(step)
+
+
+def _why_fewer_devices(requested: int) -> str:
+    if jax.default_backend() != "cpu":
+        return ""
+    preset = re.search(
+        r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", "")
+    )
+    if preset:
+        return (
+            f": XLA_FLAGS in the environment fixes the CPU device count at {preset.group(1)} and "
+            f"wins over --devices; unset it, or set --xla_force_host_platform_device_count="
+            f"{requested} in it"
+        )
+    # JAX started before the flags were parsed (e.g. when the loop is called from Python).
+    return (
+        f": the CPU device count is fixed when JAX starts; set XLA_FLAGS="
+        f"--xla_force_host_platform_device_count={requested} before importing jax"
+    )
