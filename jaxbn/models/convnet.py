@@ -13,18 +13,20 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn.models.norms import NormKind, check_norm, norm
+from jaxbn.models.norms import NormalizedModel
 
 
-class ConvNet(nn.Module):
+class ConvNet(NormalizedModel):
     """Conv blocks with normalization before ReLU, then a normalized MLP classifier.
 
     Attributes:
       widths: channels of the three conv blocks (tutorial: 64, 128, 256).
       hidden: width of the classifier's hidden layer (tutorial: 512).
       num_classes: number of outputs.
-      bn_momentum: batch norm momentum (PyTorch meaning: weight of the new batch).
-      norm: "batch" (tutorial), "group", "layer", "none".
+      norm, bn_momentum, dtype, param_dtype: keyword-only, see
+        :class:`~jaxbn.models.norms.NormalizedModel`. ``norm``: "batch" (tutorial), "group",
+        "layer", "none", or a factory such as ``functools.partial(jaxbn.BatchNorm, momentum=0.2)``
+        (called for the 4-D conv slots and the 2-D classifier slot alike).
 
     Call: ``x`` [N, H, W, C_in] (H, W divisible by 4), ``train`` → logits [N, K].
     """
@@ -32,32 +34,22 @@ class ConvNet(nn.Module):
     widths: Sequence[int] = (64, 128, 256)
     hidden: int = 512
     num_classes: int = 10
-    norm: NormKind = "batch"
-    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        check_norm(self.norm)
         index = 0  # position in the PyTorch twin's `features` nn.Sequential
         for block, width in enumerate(self.widths):
-            x = nn.Conv(width, (3, 3), padding=1, name=f"features_{index}")(x)
-            x = norm(
-                self.norm,
-                x,
-                train=train,
-                name=f"features_{index + 1}",
-                bn_momentum=self.bn_momentum,
-            )
+            x = nn.Conv(width, (3, 3), padding=1, name=f"features_{index}", **self.layer_dtypes)(x)
+            x = self.normalize(x, train=train, name=f"features_{index + 1}")
             x = nn.relu(x)
             index += 3
             if block < len(self.widths) - 1:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
                 index += 1
         x = jnp.reshape(x, (x.shape[0], -1))
-        x = nn.Dense(self.hidden, name="classifier_0")(x)
-        x = norm(self.norm, x, train=train, name="classifier_1", bn_momentum=self.bn_momentum)
-        x = nn.relu(x)
-        return nn.Dense(self.num_classes, name="classifier_3")(x)
+        x = nn.Dense(self.hidden, name="classifier_0", **self.layer_dtypes)(x)
+        x = nn.relu(self.normalize(x, train=train, name="classifier_1"))
+        return nn.Dense(self.num_classes, name="classifier_3", **self.layer_dtypes)(x)
 
     def torch_flatten_shapes(self, height: int, width: int) -> dict[str, tuple[int, int, int]]:
         """The (C, H, W) feature map PyTorch flattens into ``classifier_0`` for an input of

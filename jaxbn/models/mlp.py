@@ -12,36 +12,33 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn.models.norms import NormKind, check_norm, norm
+from jaxbn.models.norms import NormalizedModel
 
 
-class MLP(nn.Module):
+class MLP(NormalizedModel):
     """Dense → norm → ReLU blocks, then a Dense classifier.
 
     Attributes:
       hidden: widths of the hidden layers (tutorial: 256, 128).
       num_classes: number of outputs.
-      bn_momentum: batch norm momentum (PyTorch meaning: weight of the new batch).
-      norm: "batch" (tutorial's NetWithBN), "none" (NetWithoutBN), "group", "layer".
+      norm, bn_momentum, dtype, param_dtype: keyword-only, see
+        :class:`~jaxbn.models.norms.NormalizedModel`. ``norm``: "batch" (tutorial's NetWithBN),
+        "none" (NetWithoutBN), "group", "layer", or a factory such as
+        ``functools.partial(jaxbn.BatchNorm, momentum=0.2)``.
 
     Call: ``x`` [N, ...] (flattened to [N, D]; D taken from the data), ``train`` → logits [N, K].
     """
 
     hidden: Sequence[int] = (256, 128)
     num_classes: int = 10
-    norm: NormKind = "batch"
-    bn_momentum: float | None = 0.1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-        check_norm(self.norm)
         x = jnp.reshape(x, (x.shape[0], -1))
         index = 0  # the position the layer has in the PyTorch twin's nn.Sequential
         for width in self.hidden:
-            x = nn.Dense(width, name=f"layers_{index}")(x)
-            x = norm(
-                self.norm, x, train=train, name=f"layers_{index + 1}", bn_momentum=self.bn_momentum
-            )
+            x = nn.Dense(width, name=f"layers_{index}", **self.layer_dtypes)(x)
+            x = self.normalize(x, train=train, name=f"layers_{index + 1}")
             x = nn.relu(x)
             index += 3
-        return nn.Dense(self.num_classes, name=f"layers_{index}")(x)
+        return nn.Dense(self.num_classes, name=f"layers_{index}", **self.layer_dtypes)(x)
