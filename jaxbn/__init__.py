@@ -3,22 +3,24 @@
 Layout: :mod:`jaxbn.functional` (the pure API) is built on the private numeric core
 (``jaxbn._core``) and its CPU kernels (``jaxbn._cpu_kernels``); :mod:`jaxbn.linen` holds the
 Flax modules, :mod:`jaxbn.models` the tutorial's networks, :mod:`jaxbn.tools` what works on
-variable trees (fold, update_bn, inspect, interop); :mod:`jaxbn.sync` and
-:mod:`jaxbn.multihost` the multi-device switch and cluster start.
+variable trees (fold, update_bn, inspect, interop, Flax checkpoints); :mod:`jaxbn.sync` and
+:mod:`jaxbn.multihost` the multi-device switch and cluster start; :mod:`jaxbn.flax_compat`
+``flax.linen.BatchNorm``'s spelling over jaxbn's numbers.
 """
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from jaxbn import functional, linen, models, multihost, tools
+from jaxbn import flax_compat, functional, linen, models, multihost, tools
 from jaxbn.linen import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
-from jaxbn.sync import sync_batch_norm
+from jaxbn.sync import sync_batch_norm, sync_batch_stats
 from jaxbn.tools import (
     BatchNormReport,
     FoldedModel,
     FoldResult,
     fold_batch_norm,
     fold_batch_norm_variables,
+    from_flax_batch_norm,
     fuse_conv_bn_weights,
     fuse_dense_bn_weights,
     inspect_batchnorm,
@@ -42,8 +44,10 @@ __all__ = [
     "GroupNorm",
     "LayerNorm",
     "__version__",
+    "flax_compat",
     "fold_batch_norm",
     "fold_batch_norm_variables",
+    "from_flax_batch_norm",
     "functional",
     "fuse_conv_bn_weights",
     "fuse_dense_bn_weights",
@@ -53,6 +57,7 @@ __all__ = [
     "models",
     "multihost",
     "sync_batch_norm",
+    "sync_batch_stats",
     "tools",
     "update_bn",
 ]

@@ -12,6 +12,11 @@ jitted function traced without the switch is traced again when called inside it 
 other way round), so no cached trace can run unsynced where sync was asked for, or synced
 where it was not. The explicit alternative is the module field ``axis_name``.
 
+:func:`sync_batch_stats` is the other kind of sync: it averages *running* statistics that were
+kept per device (batch norms without an ``axis_name``), like the cross-replica mean Flax's
+ImageNet example applies to ``batch_stats``, keeping ``num_batches_tracked`` an integer. With
+``axis_name`` (or this switch) the statistics are already identical on every device.
+
 Example:
     >>> import functools, jax
     >>> @functools.partial(jax.pmap, axis_name="batch")
@@ -24,11 +29,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 from jax._src import config as _jax_config  # JAX's own jit-keyed trace-time states
 
-__all__ = ["current_sync", "sync_batch_norm"]
+__all__ = ["current_sync", "sync_batch_norm", "sync_batch_stats"]
 
 
 class SyncSpec(NamedTuple):
@@ -54,7 +61,9 @@ if _SYNC is None:
 
 
 def _spec(
-    axis_name: str | Sequence[str], axis_index_groups: Sequence[Sequence[int]] | None
+    axis_name: str | Sequence[str],
+    axis_index_groups: Sequence[Sequence[int]] | None,
+    caller: str = "sync_batch_norm",
 ) -> SyncSpec:
     if isinstance(axis_name, str):
         name: str | tuple[str, ...] = axis_name
@@ -64,7 +73,7 @@ def _spec(
         name = tuple(axis_name)
     else:
         raise TypeError(
-            f"sync_batch_norm: axis_name must be a str or a sequence of str, got {axis_name!r}"
+            f"{caller}: axis_name must be a str or a sequence of str, got {axis_name!r}"
         )
     groups = None
     if axis_index_groups is not None:
@@ -90,3 +99,63 @@ def sync_batch_norm(
 def current_sync() -> SyncSpec | None:
     """The innermost active ``sync_batch_norm`` switch, or None."""
     return _SYNC.value
+
+
+def sync_batch_stats(
+    stats: Any,
+    axis_name: str | Sequence[str],
+    *,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+) -> Any:
+    """Average per-device running statistics over a mapped axis; counters stay integers.
+
+    Call it inside ``pmap`` / ``shard_map`` where ``axis_name`` is bound, on a ``batch_stats``
+    tree (jaxbn's or Flax's) or any tree of them. Float leaves (``mean``, ``var``) are averaged
+    with ``jax.lax.pmean``, as Flax's examples do. Integer leaves (``num_batches_tracked``) are
+    not averaged: ``pmean`` would turn them into floats, which jaxbn's modules refuse. Every
+    device counts the same steps, so the counters are equal by construction; the result is
+    their ``pmax``, in their own dtype (a difference cannot be seen at trace time, and a
+    run-time check would cost a host round trip every step).
+
+    With ``axis_name`` on the batch norms (or under :func:`sync_batch_norm`) the running
+    statistics are already identical on every device, and this changes nothing but rounding.
+
+    Args:
+      stats: a tree of arrays, e.g. ``variables["batch_stats"]``.
+      axis_name: the mapped axis (or axes) to average over.
+      axis_index_groups: optional device groups, each averaged separately (pmap only).
+
+    Returns:
+      ``stats`` with float leaves averaged and integer leaves kept.
+
+    Raises:
+      TypeError: a ``num_batches_tracked`` that is not an integer (averaged as a float
+        earlier, e.g. by ``jax.lax.pmean``), or a leaf that is neither float nor integer.
+
+    Example:
+        >>> @functools.partial(jax.pmap, axis_name="batch")
+        ... def cross_replica_mean(batch_stats):
+        ...     return jaxbn.sync_batch_stats(batch_stats, "batch")
+    """
+    spec = _spec(axis_name, axis_index_groups, "sync_batch_stats")
+    groups = None if spec.axis_index_groups is None else [list(g) for g in spec.axis_index_groups]
+
+    def sync(path, leaf):
+        leaf = jnp.asarray(leaf)
+        where = jax.tree_util.keystr(path, simple=True, separator="/")
+        if jnp.issubdtype(leaf.dtype, jnp.integer):
+            return jax.lax.pmax(leaf, spec.axis_name, axis_index_groups=groups)
+        if path and getattr(path[-1], "key", None) == "num_batches_tracked":
+            raise TypeError(
+                f"sync_batch_stats: {where} must be an integer counter, got dtype {leaf.dtype}: "
+                "it was averaged as a float (jax.lax.pmean of batch_stats?); restore it as an "
+                "integer (the number of training steps) and sync with jaxbn.sync_batch_stats"
+            )
+        if jnp.issubdtype(leaf.dtype, jnp.floating):
+            return jax.lax.pmean(leaf, spec.axis_name, axis_index_groups=groups)
+        raise TypeError(
+            f"sync_batch_stats: {where} has dtype {leaf.dtype}; running statistics are float "
+            "arrays and counters integers"
+        )
+
+    return jax.tree_util.tree_map_with_path(sync, stats)

@@ -22,7 +22,10 @@ Relation to ``flax.linen.BatchNorm``: Flax's ``momentum`` is ``1 - momentum`` he
 the biased running variance (jaxbn and PyTorch the unbiased one), Flax's ``use_running_average``
 is ``not train`` here and ``train`` is required, so forgetting eval mode cannot happen silently.
 Flax averages per-device means with equal weight; jaxbn merges counts, so uneven shards and
-masks are exact.
+masks are exact. A momentum above 0.5 (likely Flax's convention) warns once per value with a
+:class:`MomentumConventionWarning` unless ``momentum_convention_checked=True``;
+``jaxbn.flax_compat.BatchNorm`` takes Flax's spelling, and ``jaxbn.from_flax_batch_norm``
+converts Flax's variables (statistics without a counter are refused here, naming it).
 
 Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
@@ -39,7 +42,10 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -57,12 +63,85 @@ from jaxbn._core.checks import (
 )
 from jaxbn.sync import current_sync
 
-__all__ = ["MOMENTS_COLLECTION", "BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = [
+    "MOMENTS_COLLECTION",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "MomentumConventionWarning",
+]
+
+#: Flax's initializer signature: ``init(key, shape, dtype) -> array``.
+Initializer = Callable[..., jax.Array]
 
 #: The collection a training batch norm reports its batch statistics to (count, mean, biased
 #: var per channel, one entry per call) when the caller names it in ``mutable`` — how
 #: ``jaxbn.update_bn`` learns them as data instead of switching the modules' behaviour.
 MOMENTS_COLLECTION = "batch_moments"
+
+
+class MomentumConventionWarning(UserWarning):
+    """A momentum that reads like the other convention (PyTorch's vs Flax's); see the message."""
+
+
+# (message, file, line) of the warnings given: repeats stay silent. Changes no number.
+_WARNED: set[tuple[str, str, int]] = set()
+
+
+def warn_momentum_convention(message: str) -> None:
+    """Issue a :class:`MomentumConventionWarning` from the user's line that built the module.
+
+    Once per message (it holds the value) and line, whatever the warning filters: Flax's
+    clones of a module at ``init``/``apply`` and later traces do not repeat it. Changes no
+    number.
+    """
+    found = _user_frame()
+    if found is None:
+        return
+    level, builder = found
+    key = (message, builder.f_code.co_filename, builder.f_lineno)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, MomentumConventionWarning, stacklevel=level)
+
+
+_JAXBN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
+_FLAX_DIR = os.path.dirname(os.path.dirname(nn.__file__)) + os.sep
+_JAX_DIR = os.path.dirname(jax.__file__) + os.sep
+
+
+def _user_frame() -> tuple[int, Any] | None:
+    """``(stacklevel, builder)``: the level of the first frame outside jaxbn, Flax and JAX, and
+    the frame that built the module (the user's, or a jaxbn model's line); None when Flax built
+    it (a clone of a module the user built)."""
+    frame, level = sys._getframe(2), 2  # 2: warn_momentum_convention's caller
+    internal = (_JAXBN_DIR, _FLAX_DIR)
+
+    def constructing(frame) -> bool:
+        # __post_init__ (jaxbn's), the generated dataclass __init__, Flax's kw-only wrapper
+        name, file = frame.f_code.co_name, frame.f_code.co_filename
+        return file == "<string>" or (
+            name in ("__post_init__", "init_wrapper") and file.startswith(internal)
+        )
+
+    while frame is not None and constructing(frame):
+        frame, level = frame.f_back, level + 1
+    if frame is None or frame.f_code.co_filename.startswith(_FLAX_DIR):
+        return None
+    builder = frame
+    # built by jaxbn's own code (a model's norm): name the user's line that led there
+    while frame is not None and frame.f_code.co_filename.startswith((*internal, _JAX_DIR)):
+        frame, level = frame.f_back, level + 1
+    return None if frame is None else (level, builder)
+
+
+def check_initializer(init: Any, name: str) -> None:
+    if not callable(init):
+        raise TypeError(
+            f"{name} must be an initializer (key, shape, dtype) -> array, such as "
+            f"flax.linen.initializers.zeros_init(), got {init!r}"
+        )
 
 
 class BatchNorm(nn.Module):
@@ -81,6 +160,13 @@ class BatchNorm(nn.Module):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of ``scale``, ``bias`` and the running ``mean``/``var`` (float32
         also for half-precision inputs; float64 for float64 work).
+      scale_init: initializer of ``scale``, Flax's signature ``(key, shape, dtype)``; default
+        ones. ``nn.initializers.zeros_init()`` zero-initialises the last norm of a residual
+        block (torchvision's ``zero_init_residual``).
+      bias_init: initializer of ``bias``; default zeros.
+      momentum_convention_checked: silences the :class:`MomentumConventionWarning` that a
+        momentum above 0.5 gets (Flax's ``momentum=0.9`` is ``momentum=0.1`` here). Changes
+        no number.
 
     Call:
       ``x``: [N, ..., C] (C at ``axis``); ``train`` (keyword, required); optional ``mask``
@@ -98,6 +184,9 @@ class BatchNorm(nn.Module):
     axis_index_groups: Any = None
     dtype: Any = None
     param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    momentum_convention_checked: bool = False
 
     #: input ranks accepted (None: any) and the message when not; set by the 1d/2d/3d classes.
     expected_ranks: ClassVar[tuple[int, ...] | None] = None
@@ -108,6 +197,23 @@ class BatchNorm(nn.Module):
         check_eps(self.eps)
         check_momentum(self.momentum)
         check_axis(self.axis)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
+        if (
+            self.momentum is not None
+            and self.momentum > 0.5
+            and not self.momentum_convention_checked
+        ):
+            m = self.momentum
+            warn_momentum_convention(
+                f"jaxbn.{type(self).__name__}(momentum={m}): jaxbn follows PyTorch, where "
+                f"momentum is the weight of the new batch (running = (1 - momentum) * running "
+                f"+ momentum * batch; default 0.1), so {m} keeps only {1 - m:.3g} of the old "
+                f"value. Flax and Keras use the weight of the old value (Flax's momentum=0.9 "
+                f"is jaxbn's 0.1). If you meant Flax's convention pass momentum={1 - m:.6g} "
+                f"or use jaxbn.flax_compat.BatchNorm (Flax's spelling); if {m} is meant, pass "
+                f"momentum_convention_checked=True."
+            )
         super().__post_init__()
 
     @nn.compact
@@ -124,13 +230,11 @@ class BatchNorm(nn.Module):
                 f"got input of shape {tuple(x.shape)}"
             )
 
-        weight = bias = None
-        if self.affine:
-            weight = self.param("scale", nn.initializers.ones, (features,), self.param_dtype)
-            bias = self.param("bias", nn.initializers.zeros, (features,), self.param_dtype)
+        weight, bias = self._affine_params(features)
 
         running_mean = running_var = None
         if self.track_running_stats:
+            self._refuse_stats_without_counter()
             mean_v = self.variable(
                 "batch_stats", "mean", lambda: jnp.zeros((features,), self.param_dtype)
             )
@@ -186,6 +290,30 @@ class BatchNorm(nn.Module):
             if self._reporting_moments():
                 self.sow(MOMENTS_COLLECTION, "moments", dict(moments._asdict()))
         return y.astype(self.dtype) if self.dtype is not None else y
+
+    def _affine_params(self, features: int) -> tuple[jax.Array | None, jax.Array | None]:
+        """``(scale, bias)``, each None when absent (``jaxbn.flax_compat`` leaves one out)."""
+        if not self.affine:
+            return None, None
+        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        return scale, bias
+
+    def _refuse_stats_without_counter(self) -> None:
+        # Statistics without a counter are flax.linen.BatchNorm's (biased variance, no
+        # num_batches_tracked). Flax would create the counter at 0 in training and go on with
+        # the wrong variance; a fresh tree (none of the three) is created as usual.
+        names = ("mean", "var", "num_batches_tracked")
+        present = [n for n in names if self.has_variable("batch_stats", n)]
+        if present and len(present) < len(names):
+            where = "/".join(("batch_stats", *self.path))
+            missing = ", ".join(f"{where}/{n}" for n in names if n not in present)
+            raise ValueError(
+                f"{missing} missing next to {', '.join(present)}: these look like "
+                "flax.linen.BatchNorm statistics (biased running variance, no counter). "
+                "Convert them with jaxbn.from_flax_batch_norm(variables, batch_count=..., "
+                "num_batches_tracked=..., flax_momentum=...), which states what it assumes"
+            )
 
     def _reporting_moments(self) -> bool:
         # Only when the caller names the collection (jaxbn.update_bn does): with mutable=True

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxbn import functional
 from jaxbn._core.checks import check_axis, check_eps, check_feature_count
+from jaxbn.linen.batch_norm import Initializer, check_initializer
 
 __all__ = ["GroupNorm"]
 
@@ -42,6 +43,9 @@ class GroupNorm(nn.Module):
       affine: learn per-channel ``scale`` and ``bias``.
       axis: the channel axis.
       param_dtype: dtype of ``scale`` and ``bias``.
+      scale_init: initializer of ``scale``, Flax's signature ``(key, shape, dtype)``; default
+        ones.
+      bias_init: initializer of ``bias``; default zeros.
     """
 
     num_groups: int
@@ -50,6 +54,8 @@ class GroupNorm(nn.Module):
     affine: bool = True
     axis: int = -1
     param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
 
     def __post_init__(self) -> None:
         if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, numbers.Integral):
@@ -66,6 +72,8 @@ class GroupNorm(nn.Module):
                 f"({self.num_groups})"
             )
         check_eps(self.eps)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
         check_axis(self.axis)
         super().__post_init__()
 
@@ -79,8 +87,8 @@ class GroupNorm(nn.Module):
             channels = x.shape[functional._feature_axis(self.axis, max(x.ndim, 1))]
         weight = bias = None
         if self.affine:
-            weight = self.param("scale", nn.initializers.ones, (channels,), self.param_dtype)
-            bias = self.param("bias", nn.initializers.zeros, (channels,), self.param_dtype)
+            weight = self.param("scale", self.scale_init, (channels,), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
         elif x.ndim >= 2 and x.shape[self.axis] != channels:
             raise ValueError(f"expected {channels} channels, got input of shape {x.shape}")
         return functional.group_norm(x, self.num_groups, weight, bias, self.eps, axis=self.axis)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 
 from jaxbn import functional
 from jaxbn._core.checks import check_eps, check_shape
+from jaxbn.linen.batch_norm import Initializer, check_initializer
 
 __all__ = ["LayerNorm"]
 
@@ -40,17 +41,24 @@ class LayerNorm(nn.Module):
       eps: added to the variance.
       elementwise_affine: learn ``scale`` and ``bias`` of shape ``normalized_shape``.
       param_dtype: dtype of ``scale`` and ``bias``.
+      scale_init: initializer of ``scale``, Flax's signature ``(key, shape, dtype)``; default
+        ones.
+      bias_init: initializer of ``bias``; default zeros.
     """
 
     normalized_shape: int | Sequence[int]
     eps: float = 1e-5
     elementwise_affine: bool = True
     param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
 
     def __post_init__(self) -> None:
         shape = self.normalized_shape
         check_shape((shape,) if isinstance(shape, numbers.Integral) else shape, "normalized_shape")
         check_eps(self.eps)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
         super().__post_init__()
 
     @nn.compact
@@ -60,6 +68,6 @@ class LayerNorm(nn.Module):
         shape = functional._as_shape(self.normalized_shape)
         weight = bias = None
         if self.elementwise_affine:
-            weight = self.param("scale", nn.initializers.ones, shape, self.param_dtype)
-            bias = self.param("bias", nn.initializers.zeros, shape, self.param_dtype)
+            weight = self.param("scale", self.scale_init, shape, self.param_dtype)
+            bias = self.param("bias", self.bias_init, shape, self.param_dtype)
         return functional.layer_norm(x, shape, weight, bias, self.eps)

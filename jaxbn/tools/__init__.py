@@ -1,7 +1,8 @@
-"""Tools on variable trees: fold, update_bn, inspect, interop. They import the core and the
-modules; nothing in the core or the modules imports them."""
+"""Tools on variable trees: fold, update_bn, inspect, interop, Flax checkpoints. They import
+the core and the modules; nothing in the core or the modules imports them."""
 
 from jaxbn.tools import interop
+from jaxbn.tools.flax_checkpoint import from_flax_batch_norm
 from jaxbn.tools.fold import (
     FoldedModel,
     FoldResult,
@@ -19,6 +20,7 @@ __all__ = [
     "FoldedModel",
     "fold_batch_norm",
     "fold_batch_norm_variables",
+    "from_flax_batch_norm",
     "fuse_conv_bn_weights",
     "fuse_dense_bn_weights",
     "inspect_batchnorm",
