@@ -2,16 +2,17 @@
 
 Layout: :mod:`jaxbn.functional` (the pure API) is built on the private numeric core
 (``jaxbn._core``) and its CPU kernels (``jaxbn._cpu_kernels``); :mod:`jaxbn.linen` holds the
-Flax modules, :mod:`jaxbn.models` the tutorial's networks, :mod:`jaxbn.tools` what works on
-variable trees (fold, update_bn, inspect, interop, Flax checkpoints); :mod:`jaxbn.sync` and
-:mod:`jaxbn.multihost` the multi-device switch and cluster start; :mod:`jaxbn.flax_compat`
-``flax.linen.BatchNorm``'s spelling over jaxbn's numbers.
+Flax linen modules, :mod:`jaxbn.nnx` the same for Flax NNX (both thin shells over
+``jaxbn._module_logic``), :mod:`jaxbn.models` the tutorial's networks, :mod:`jaxbn.tools` what
+works on variable trees (fold, update_bn, inspect, interop, Flax checkpoints);
+:mod:`jaxbn.sync` and :mod:`jaxbn.multihost` the multi-device switch and cluster start;
+:mod:`jaxbn.flax_compat` ``flax.linen.BatchNorm``'s spelling over jaxbn's numbers.
 """
 
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
-from jaxbn import flax_compat, functional, linen, models, multihost, tools
+from jaxbn import flax_compat, functional, linen, models, multihost, nnx, tools
 from jaxbn.linen import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
 from jaxbn.sync import sync_batch_norm, sync_batch_stats
 from jaxbn.tools import (
@@ -56,6 +57,7 @@ __all__ = [
     "linen",
     "models",
     "multihost",
+    "nnx",
     "sync_batch_norm",
     "sync_batch_stats",
     "tools",

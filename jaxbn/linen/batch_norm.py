@@ -42,9 +42,6 @@ Example:
 
 from __future__ import annotations
 
-import os
-import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -52,16 +49,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn import functional
-from jaxbn._core.checks import (
-    check_axis,
-    check_eps,
-    check_feature_count,
-    check_momentum,
-    check_running_stat,
-    train_flag,
+from jaxbn import _module_logic as logic
+from jaxbn._core.checks import train_flag
+from jaxbn._module_logic import (  # noqa: F401  (check_initializer: re-exported)
+    MomentumConventionWarning,
+    check_initializer,
+    warn_momentum_convention,
 )
-from jaxbn.sync import current_sync
 
 __all__ = [
     "MOMENTS_COLLECTION",
@@ -79,69 +73,6 @@ Initializer = Callable[..., jax.Array]
 #: var per channel, one entry per call) when the caller names it in ``mutable`` — how
 #: ``jaxbn.update_bn`` learns them as data instead of switching the modules' behaviour.
 MOMENTS_COLLECTION = "batch_moments"
-
-
-class MomentumConventionWarning(UserWarning):
-    """A momentum that reads like the other convention (PyTorch's vs Flax's); see the message."""
-
-
-# (message, file, line) of the warnings given: repeats stay silent. Changes no number.
-_WARNED: set[tuple[str, str, int]] = set()
-
-
-def warn_momentum_convention(message: str) -> None:
-    """Issue a :class:`MomentumConventionWarning` from the user's line that built the module.
-
-    Once per message (it holds the value) and line, whatever the warning filters: Flax's
-    clones of a module at ``init``/``apply`` and later traces do not repeat it. Changes no
-    number.
-    """
-    found = _user_frame()
-    if found is None:
-        return
-    level, builder = found
-    key = (message, builder.f_code.co_filename, builder.f_lineno)
-    if key not in _WARNED:
-        _WARNED.add(key)
-        warnings.warn(message, MomentumConventionWarning, stacklevel=level)
-
-
-_JAXBN_DIR = os.path.dirname(os.path.dirname(__file__)) + os.sep
-_FLAX_DIR = os.path.dirname(os.path.dirname(nn.__file__)) + os.sep
-_JAX_DIR = os.path.dirname(jax.__file__) + os.sep
-
-
-def _user_frame() -> tuple[int, Any] | None:
-    """``(stacklevel, builder)``: the level of the first frame outside jaxbn, Flax and JAX, and
-    the frame that built the module (the user's, or a jaxbn model's line); None when Flax built
-    it (a clone of a module the user built)."""
-    frame, level = sys._getframe(2), 2  # 2: warn_momentum_convention's caller
-    internal = (_JAXBN_DIR, _FLAX_DIR)
-
-    def constructing(frame) -> bool:
-        # __post_init__ (jaxbn's), the generated dataclass __init__, Flax's kw-only wrapper
-        name, file = frame.f_code.co_name, frame.f_code.co_filename
-        return file == "<string>" or (
-            name in ("__post_init__", "init_wrapper") and file.startswith(internal)
-        )
-
-    while frame is not None and constructing(frame):
-        frame, level = frame.f_back, level + 1
-    if frame is None or frame.f_code.co_filename.startswith(_FLAX_DIR):
-        return None
-    builder = frame
-    # built by jaxbn's own code (a model's norm): name the user's line that led there
-    while frame is not None and frame.f_code.co_filename.startswith((*internal, _JAX_DIR)):
-        frame, level = frame.f_back, level + 1
-    return None if frame is None else (level, builder)
-
-
-def check_initializer(init: Any, name: str) -> None:
-    if not callable(init):
-        raise TypeError(
-            f"{name} must be an initializer (key, shape, dtype) -> array, such as "
-            f"flax.linen.initializers.zeros_init(), got {init!r}"
-        )
 
 
 class BatchNorm(nn.Module):
@@ -193,46 +124,23 @@ class BatchNorm(nn.Module):
     rank_message: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
-        check_feature_count(self.num_features, "num_features")
-        check_eps(self.eps)
-        check_momentum(self.momentum)
-        check_axis(self.axis)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
-        if (
-            self.momentum is not None
-            and self.momentum > 0.5
-            and not self.momentum_convention_checked
-        ):
-            m = self.momentum
-            warn_momentum_convention(
-                f"jaxbn.{type(self).__name__}(momentum={m}): jaxbn follows PyTorch, where "
-                f"momentum is the weight of the new batch (running = (1 - momentum) * running "
-                f"+ momentum * batch; default 0.1), so {m} keeps only {1 - m:.3g} of the old "
-                f"value. Flax and Keras use the weight of the old value (Flax's momentum=0.9 "
-                f"is jaxbn's 0.1). If you meant Flax's convention pass momentum={1 - m:.6g} "
-                f"or use jaxbn.flax_compat.BatchNorm (Flax's spelling); if {m} is meant, pass "
-                f"momentum_convention_checked=True."
-            )
+        logic.check_batch_norm_fields(self.num_features, self.eps, self.momentum, self.axis)
+        logic.check_initializer(self.scale_init, "scale_init")
+        logic.check_initializer(self.bias_init, "bias_init")
+        message = logic.momentum_convention_message(
+            type(self).__name__, self.momentum, self.momentum_convention_checked
+        )
+        if message:
+            warn_momentum_convention(message)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         train = train_flag(train)
-        x = jnp.asarray(x)
-        if self.expected_ranks is not None and x.ndim not in self.expected_ranks:
-            raise ValueError(self.rank_message.format(ndim=x.ndim))
-        ax = functional._feature_axis(self.axis, x.ndim)
-        features = self.num_features if self.num_features is not None else x.shape[ax]
-        if not (self.affine or self.track_running_stats) and x.shape[ax] != features:
-            raise ValueError(
-                f"expected {features} features on axis {self.axis}, "
-                f"got input of shape {tuple(x.shape)}"
-            )
-
+        x, features = logic.input_features(self, x)
         weight, bias = self._affine_params(features)
 
-        running_mean = running_var = None
+        stats = None
         if self.track_running_stats:
             self._refuse_stats_without_counter()
             mean_v = self.variable(
@@ -244,52 +152,24 @@ class BatchNorm(nn.Module):
             count_v = self.variable(
                 "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
             )
-            running_mean, running_var = mean_v.value, var_v.value
-            self._check_batch_stats(running_mean, running_var, count_v.value, features)
+            stats = logic.RunningStats(mean_v.value, var_v.value, count_v.value)
+            logic.check_running_stats("/".join(("batch_stats", *self.path)), stats, features)
 
-        # As in PyTorch: without running statistics, batch statistics are used in eval too.
-        use_batch_stats = train or not self.track_running_stats
-        initializing = self.is_initializing()
-        updating = train and self.track_running_stats and not initializing
-        momentum = self.momentum
-        if updating and momentum is None:
-            # In float: an int32 count + 1 could wrap at 2**31 - 1.
-            momentum = 1.0 / (count_v.value.astype(running_mean.dtype) + 1)
-        elif momentum is None:
-            momentum = 0.0  # unused: nothing is updated
-
-        axis_name, axis_index_groups = self.axis_name, self.axis_index_groups
-        sync = current_sync()
-        if axis_name is None and sync is not None:
-            axis_name, axis_index_groups = sync
-        # Like SyncBatchNorm: only training syncs, so eval needs no mapped axis. Like Flax,
-        # init skips the collective: variables are created outside any mapped axis.
-        synced = train and not initializing
-        y, new_mean, new_var, moments = functional.batch_norm_with_moments(
+        y, new, moments = logic.batch_norm_call(
+            self,
             x,
-            running_mean,
-            running_var,
             weight,
             bias,
-            training=use_batch_stats,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
-            axis_name=axis_name if synced else None,
-            axis_index_groups=axis_index_groups if synced else None,
+            stats,
+            train=train,
+            initializing=self.is_initializing(),
             mask=mask,
-            # init runs on whatever slice of the data is at hand (one row per device of a
-            # synced model); its statistics are never kept.
-            check_count=not initializing,
         )
-        if updating:
-            mean_v.value, var_v.value = new_mean, new_var
-            count = count_v.value
-            # Saturates instead of wrapping (int32 unless jax_enable_x64).
-            count_v.value = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+        if new is not None:
+            mean_v.value, var_v.value, count_v.value = new
             if self._reporting_moments():
                 self.sow(MOMENTS_COLLECTION, "moments", dict(moments._asdict()))
-        return y.astype(self.dtype) if self.dtype is not None else y
+        return y
 
     def _affine_params(self, features: int) -> tuple[jax.Array | None, jax.Array | None]:
         """``(scale, bias)``, each None when absent (``jaxbn.flax_compat`` leaves one out)."""
@@ -320,17 +200,6 @@ class BatchNorm(nn.Module):
         # the report would be merged back into the variables and grow at every step.
         requested = self.scope.mutable
         return requested is not True and self.is_mutable_collection(MOMENTS_COLLECTION)
-
-    def _check_batch_stats(self, mean, var, count, features: int) -> None:
-        where = "/".join(("batch_stats", *self.path))
-        check_running_stat(mean, f"{where}/mean", features)
-        check_running_stat(var, f"{where}/var", features)
-        dtype = jnp.result_type(count)
-        if jnp.shape(count) != () or not jnp.issubdtype(dtype, jnp.integer):
-            raise TypeError(
-                f"{where}/num_batches_tracked must be an integer scalar, got shape "
-                f"{jnp.shape(count)} and dtype {dtype}"
-            )
 
 
 class BatchNorm1d(BatchNorm):

@@ -19,16 +19,15 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import check_axis, check_eps, check_feature_count
-from jaxbn.linen.batch_norm import Initializer, check_initializer
+from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["GroupNorm"]
 
@@ -58,23 +57,9 @@ class GroupNorm(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
 
     def __post_init__(self) -> None:
-        if isinstance(self.num_groups, bool) or not isinstance(self.num_groups, numbers.Integral):
-            raise TypeError(
-                f"num_groups must be an int, not {type(self.num_groups).__name__} "
-                f"({self.num_groups!r})"
-            )
-        if self.num_groups <= 0:
-            raise ValueError(f"num_groups must be positive, got {self.num_groups}")
-        check_feature_count(self.num_channels, "num_channels")
-        if self.num_channels is not None and self.num_channels % self.num_groups:
-            raise ValueError(
-                f"num_channels ({self.num_channels}) must be divisible by num_groups "
-                f"({self.num_groups})"
-            )
-        check_eps(self.eps)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
-        check_axis(self.axis)
+        logic.check_group_norm_fields(self.num_groups, self.num_channels, self.eps, self.axis)
+        logic.check_initializer(self.scale_init, "scale_init")
+        logic.check_initializer(self.bias_init, "bias_init")
         super().__post_init__()
 
     @nn.compact
@@ -82,13 +67,9 @@ class GroupNorm(nn.Module):
         """``x``: [N, ..., C] → y like ``x``. ``train`` is accepted and ignored."""
         del train  # same in train and eval; accepted so model code can pass it uniformly
         x = jnp.asarray(x)
-        channels = self.num_channels
-        if channels is None:
-            channels = x.shape[functional._feature_axis(self.axis, max(x.ndim, 1))]
+        channels = logic.group_norm_channels(self.num_channels, self.affine, self.axis, x)
         weight = bias = None
         if self.affine:
             weight = self.param("scale", self.scale_init, (channels,), self.param_dtype)
             bias = self.param("bias", self.bias_init, (channels,), self.param_dtype)
-        elif x.ndim >= 2 and x.shape[self.axis] != channels:
-            raise ValueError(f"expected {channels} channels, got input of shape {x.shape}")
         return functional.group_norm(x, self.num_groups, weight, bias, self.eps, axis=self.axis)

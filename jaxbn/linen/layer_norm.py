@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,9 +25,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import check_eps, check_shape
-from jaxbn.linen.batch_norm import Initializer, check_initializer
+from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["LayerNorm"]
 
@@ -54,11 +53,9 @@ class LayerNorm(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
 
     def __post_init__(self) -> None:
-        shape = self.normalized_shape
-        check_shape((shape,) if isinstance(shape, numbers.Integral) else shape, "normalized_shape")
-        check_eps(self.eps)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
+        logic.check_layer_norm_fields(self.normalized_shape, self.eps)
+        logic.check_initializer(self.scale_init, "scale_init")
+        logic.check_initializer(self.bias_init, "bias_init")
         super().__post_init__()
 
     @nn.compact

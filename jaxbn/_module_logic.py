@@ -1,0 +1,298 @@
+"""What a batch norm *module* does around :func:`jaxbn.functional.batch_norm_with_moments`,
+written once for the Linen and the NNX modules.
+
+A module holds variables; everything else is here: the checks of its fields, the rank and
+feature checks of its input, the ``momentum=None`` factor (cumulative average), which mapped
+axis it syncs over (its own ``axis_name`` or the :func:`jaxbn.sync_batch_norm` switch), when it
+checks for one value per channel, and the saturating ``num_batches_tracked``. The group and
+layer norm field checks are here for the same reason.
+
+The functions read the module's fields by name (``num_features, eps, momentum, affine,
+track_running_stats, axis, axis_name, axis_index_groups, dtype, expected_ranks,
+rank_message``), which both module families define with the same meaning.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import flax
+import jax
+import jax.numpy as jnp
+
+from jaxbn import functional
+from jaxbn._core.checks import (
+    check_axis,
+    check_eps,
+    check_feature_count,
+    check_momentum,
+    check_running_stat,
+    check_shape,
+)
+from jaxbn._core.running import BatchMoments
+from jaxbn.sync import current_sync
+
+__all__ = [
+    "MomentumConventionWarning",
+    "RunningStats",
+    "batch_norm_call",
+    "check_batch_norm_fields",
+    "check_group_norm_fields",
+    "check_initializer",
+    "check_layer_norm_fields",
+    "check_running_stats",
+    "group_norm_channels",
+    "input_features",
+    "momentum_convention_message",
+    "warn_momentum_convention",
+]
+
+
+class RunningStats(NamedTuple):
+    """A batch norm's running statistics: ``mean``, ``var`` [C] floats and an integer
+    scalar ``num_batches_tracked``."""
+
+    mean: jax.Array
+    var: jax.Array
+    num_batches_tracked: jax.Array
+
+
+# --- the momentum convention warning -----------------------------------------------------
+
+
+class MomentumConventionWarning(UserWarning):
+    """A momentum that reads like the other convention (PyTorch's vs Flax's); see the message."""
+
+
+# (message, file, line) of the warnings given: repeats stay silent. Changes no number.
+_WARNED: set[tuple[str, str, int]] = set()
+
+
+def warn_momentum_convention(message: str) -> None:
+    """Issue a :class:`MomentumConventionWarning` from the user's line that built the module.
+
+    Once per message (it holds the value) and line, whatever the warning filters: Flax's
+    clones of a module at ``init``/``apply`` and later traces do not repeat it. Changes no
+    number.
+    """
+    found = _user_frame()
+    if found is None:
+        return
+    level, builder = found
+    key = (message, builder.f_code.co_filename, builder.f_lineno)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, MomentumConventionWarning, stacklevel=level)
+
+
+_JAXBN_DIR = os.path.dirname(__file__) + os.sep
+_FLAX_DIR = os.path.dirname(flax.__file__) + os.sep
+_JAX_DIR = os.path.dirname(jax.__file__) + os.sep
+
+
+def _user_frame() -> tuple[int, Any] | None:
+    """``(stacklevel, builder)``: the level of the first frame outside jaxbn, Flax and JAX, and
+    the frame that built the module (the user's, or a jaxbn model's line); None when Flax built
+    it (a clone of a module the user built)."""
+    frame, level = sys._getframe(2), 2  # 2: warn_momentum_convention's caller
+    internal = (_JAXBN_DIR, _FLAX_DIR)
+
+    def constructing(frame) -> bool:
+        # __post_init__ (jaxbn's), the generated dataclass __init__, Flax's kw-only wrapper
+        name, file = frame.f_code.co_name, frame.f_code.co_filename
+        return file == "<string>" or (
+            name in ("__post_init__", "init_wrapper") and file.startswith(internal)
+        )
+
+    while frame is not None and constructing(frame):
+        frame, level = frame.f_back, level + 1
+    if frame is None or frame.f_code.co_filename.startswith(_FLAX_DIR):
+        return None
+    builder = frame
+    # built by jaxbn's own code (a model's norm): name the user's line that led there
+    while frame is not None and frame.f_code.co_filename.startswith((*internal, _JAX_DIR)):
+        frame, level = frame.f_back, level + 1
+    return None if frame is None else (level, builder)
+
+
+# --- fields (construction time) --------------------------------------------------------------
+
+
+def check_batch_norm_fields(num_features: Any, eps: Any, momentum: Any, axis: Any) -> None:
+    """The checks of a batch norm's constructor arguments (``num_features`` may be None)."""
+    check_feature_count(num_features, "num_features")
+    check_eps(eps)
+    check_momentum(momentum)
+    check_axis(axis)
+
+
+def check_initializer(init: Any, name: str) -> None:
+    if not callable(init):
+        raise TypeError(
+            f"{name} must be an initializer (key, shape, dtype) -> array, such as "
+            f"flax.linen.initializers.zeros_init(), got {init!r}"
+        )
+
+
+def momentum_convention_message(cls_name: str, momentum: Any, checked: bool) -> str | None:
+    """The warning text for a momentum that reads like Flax's convention (> 0.5), or None."""
+    if momentum is None or momentum <= 0.5 or checked:
+        return None
+    m = momentum
+    return (
+        f"jaxbn.{cls_name}(momentum={m}): jaxbn follows PyTorch, where "
+        f"momentum is the weight of the new batch (running = (1 - momentum) * running "
+        f"+ momentum * batch; default 0.1), so {m} keeps only {1 - m:.3g} of the old "
+        f"value. Flax and Keras use the weight of the old value (Flax's momentum=0.9 "
+        f"is jaxbn's 0.1). If you meant Flax's convention pass momentum={1 - m:.6g} "
+        f"or use jaxbn.flax_compat.BatchNorm (Flax's spelling); if {m} is meant, pass "
+        f"momentum_convention_checked=True."
+    )
+
+
+def check_group_norm_fields(num_groups: Any, num_channels: Any, eps: Any, axis: Any) -> None:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+        raise TypeError(
+            f"num_groups must be an int, not {type(num_groups).__name__} ({num_groups!r})"
+        )
+    if num_groups <= 0:
+        raise ValueError(f"num_groups must be positive, got {num_groups}")
+    check_feature_count(num_channels, "num_channels")
+    if num_channels is not None and num_channels % num_groups:
+        raise ValueError(
+            f"num_channels ({num_channels}) must be divisible by num_groups ({num_groups})"
+        )
+    check_eps(eps)
+    check_axis(axis)
+
+
+def check_layer_norm_fields(normalized_shape: Any, eps: Any) -> None:
+    shape = normalized_shape
+    check_shape((shape,) if isinstance(shape, numbers.Integral) else shape, "normalized_shape")
+    check_eps(eps)
+
+
+# --- inputs and variables (trace time) -------------------------------------------------------
+
+
+def input_features(module: Any, x: jax.Array) -> tuple[jax.Array, int]:
+    """``(x as an array, C)``: the rank check of BatchNorm1d/2d/3d, C from the field or ``x``.
+
+    Without parameters nor statistics nothing else would notice a wrong C: checked here.
+    """
+    x = jnp.asarray(x)
+    if module.expected_ranks is not None and x.ndim not in module.expected_ranks:
+        raise ValueError(module.rank_message.format(ndim=x.ndim))
+    ax = functional._feature_axis(module.axis, x.ndim)
+    features = module.num_features if module.num_features is not None else x.shape[ax]
+    if not (module.affine or module.track_running_stats) and x.shape[ax] != features:
+        raise ValueError(
+            f"expected {features} features on axis {module.axis}, "
+            f"got input of shape {tuple(x.shape)}"
+        )
+    return x, features
+
+
+def check_running_stats(where: str, stats: RunningStats, features: int) -> None:
+    """Shapes and dtypes of loaded statistics; ``where`` names them (``batch_stats/bn1``)."""
+    check_running_stat(stats.mean, f"{where}/mean", features)
+    check_running_stat(stats.var, f"{where}/var", features)
+    count = stats.num_batches_tracked
+    dtype = jnp.result_type(count)
+    if jnp.shape(count) != () or not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(
+            f"{where}/num_batches_tracked must be an integer scalar, got shape "
+            f"{jnp.shape(count)} and dtype {dtype}"
+        )
+
+
+def group_norm_channels(num_channels: int | None, affine: bool, axis: int, x: jax.Array) -> int:
+    """C of a group norm: the field, else the input's; checked against ``x`` without affine
+    parameters (with them, :func:`jaxbn.functional.group_norm` checks their size)."""
+    x = jnp.asarray(x)
+    if num_channels is None:
+        return x.shape[functional._feature_axis(axis, max(x.ndim, 1))]
+    if not affine and x.ndim >= 2 and x.shape[axis] != num_channels:
+        raise ValueError(f"expected {num_channels} channels, got input of shape {x.shape}")
+    return num_channels
+
+
+# --- the call ---------------------------------------------------------------------------------
+
+
+def batch_norm_call(
+    module: Any,
+    x: jax.Array,
+    weight: jax.Array | None,
+    bias: jax.Array | None,
+    stats: RunningStats | None,
+    *,
+    train: bool,
+    initializing: bool = False,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, RunningStats | None, BatchMoments | None]:
+    """One batch norm call of ``module`` on ``x`` (already through :func:`input_features`).
+
+    Args:
+      module: the module (its fields are read).
+      x: the input. weight, bias: [C] or None.
+      stats: the running statistics, or None (``track_running_stats=False``).
+      train: the mode, a Python bool.
+      initializing: Linen's init: no sync (variables are created outside any mapped axis), no
+        one-value check (init runs on whatever slice is at hand), nothing updated.
+      mask: boolean, broadcastable to ``x``.
+
+    Returns:
+      ``(y, new_stats, moments)``: ``y`` in ``module.dtype`` (or the input's); ``new_stats``
+      when the running statistics are to be replaced (training, tracking, not initializing),
+      else None; the batch's moments when the statistics were updated, else None.
+    """
+    updating = train and stats is not None and not initializing
+    momentum = module.momentum
+    if updating and momentum is None:
+        # In float: an int32 count + 1 could wrap at 2**31 - 1.
+        momentum = 1.0 / (stats.num_batches_tracked.astype(stats.mean.dtype) + 1)
+    elif momentum is None:
+        momentum = 0.0  # unused: nothing is updated
+    axis_name, axis_index_groups = _sync_axis(module, synced=train and not initializing)
+    y, new_mean, new_var, moments = functional.batch_norm_with_moments(
+        x,
+        None if stats is None else stats.mean,
+        None if stats is None else stats.var,
+        weight,
+        bias,
+        # As in PyTorch: without running statistics, batch statistics are used in eval too.
+        training=train or stats is None,
+        momentum=momentum,
+        eps=module.eps,
+        axis=module.axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        check_count=not initializing,
+    )
+    if module.dtype is not None:
+        y = y.astype(module.dtype)
+    if not updating:
+        return y, None, None
+    count = stats.num_batches_tracked
+    # Saturates instead of wrapping (int32 unless jax_enable_x64).
+    count = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+    return y, RunningStats(new_mean, new_var, count), moments
+
+
+def _sync_axis(module: Any, *, synced: bool) -> tuple[Any, Sequence[Sequence[int]] | None]:
+    """The module's own ``axis_name`` or else the :func:`jaxbn.sync_batch_norm` switch's; like
+    SyncBatchNorm, only training syncs, so eval needs no mapped axis."""
+    if not synced:
+        return None, None
+    axis_name, axis_index_groups = module.axis_name, module.axis_index_groups
+    sync = current_sync()
+    if axis_name is None and sync is not None:
+        axis_name, axis_index_groups = sync
+    return axis_name, axis_index_groups

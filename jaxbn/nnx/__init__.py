@@ -1,0 +1,54 @@
+"""jaxbn for Flax NNX: the batch, group and layer norms as ``flax.nnx.Module`` s, the
+tutorial's models, and the tools through the Linen variables layout.
+
+The modules are thin shells over :mod:`jaxbn.functional` (the same numbers as the Linen
+modules and PyTorch); the mode follows NNX's idiom — ``model.train()`` / ``model.eval()`` or
+a per-call ``train=`` — and a batch norm that was never given one raises on its first call.
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxbn.nnx
+    >>> class Net(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
+    ...         self.bn = jaxbn.nnx.BatchNorm2d(16)          # was nnx.BatchNorm(16, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return nnx.relu(self.bn(self.conv(x)))
+    >>> net = Net(nnx.Rngs(0))
+    >>> net.train(); y = net(jnp.ones((8, 6, 6, 3)))
+"""
+
+from jaxbn.nnx.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
+from jaxbn.nnx.group_norm import GroupNorm
+from jaxbn.nnx.layer_norm import LayerNorm
+from jaxbn.nnx.models import MLP, ConvNet, ResidualBlock, ResNet
+from jaxbn.nnx.tools import (
+    fold_batch_norm,
+    from_linen_variables,
+    inspect_batchnorm,
+    nnx_to_torch,
+    to_linen_variables,
+    torch_to_nnx,
+    update_bn,
+)
+
+__all__ = [
+    "MLP",
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "ConvNet",
+    "GroupNorm",
+    "LayerNorm",
+    "ResNet",
+    "ResidualBlock",
+    "fold_batch_norm",
+    "from_linen_variables",
+    "inspect_batchnorm",
+    "nnx_to_torch",
+    "to_linen_variables",
+    "torch_to_nnx",
+    "update_bn",
+]

@@ -1,0 +1,246 @@
+"""Flax NNX modules ``BatchNorm`` and the rank-checked ``BatchNorm1d/2d/3d``.
+
+The same numbers as :class:`jaxbn.linen.BatchNorm` (and PyTorch), per feature c::
+
+    y = (x - mean_c) / sqrt(var_c + eps) * scale_c + bias_c
+
+* training: ``mean_c``/``var_c`` are the batch's mean and **biased** variance over every axis
+  but the feature axis; ``mean ← (1-momentum)·mean + momentum·μ_B``, ``var ←
+  (1-momentum)·var + momentum·σ²_B·n/(n-1)`` (the **unbiased** variance) and
+  ``num_batches_tracked`` grows by one (saturating). ``momentum=None`` is the cumulative
+  average (factor ``1/num_batches_tracked``).
+* eval: the running statistics are used, nothing changes — unless
+  ``track_running_stats=False``, in which case there are none and batch statistics are used.
+
+Variables: ``scale``, ``bias`` are ``nnx.Param`` (PyTorch ``weight``, ``bias``); ``mean``,
+``var``, ``num_batches_tracked`` are ``nnx.BatchStat`` (PyTorch ``running_mean``,
+``running_var``, ``num_batches_tracked``; the counter an int32 scalar).
+
+Mode, in NNX's idiom: ``model.train()`` / ``model.eval()`` set ``use_running_average`` on every
+module that has it (``nnx.view(model, use_running_average=...)`` makes a view), and a call
+may override it with ``train=True/False`` (jaxbn's spelling) or ``use_running_average=``
+(``flax.nnx.BatchNorm``'s). Unlike ``flax.nnx.BatchNorm``, whose ``use_running_average``
+defaults to False (a model never switched to eval silently normalizes inference batches with
+their own statistics), the default here is *no mode*: the first call of a model that was
+never put in a mode nor given one raises. The mode is a static attribute, so ``nnx.jit``
+traces each mode once and never reuses one mode's trace for the other.
+
+Relation to ``flax.nnx.BatchNorm``: Flax's ``momentum`` (weight of the old value, 0.99) is
+``1 - momentum`` here (weight of the new batch, PyTorch's 0.1); Flax stores the biased
+running variance, jaxbn the unbiased one and a counter; Flax's ``epsilon`` is ``eps``,
+``use_scale``/``use_bias`` are ``affine``; Flax averages per-device means with equal weight,
+jaxbn merges counts (uneven shards and masks exact); a batch with one value per channel is an
+error, not a silent ``bias``. ``rngs`` is optional (only a random ``scale_init`` needs it).
+
+Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxbn.nnx
+    >>> bn = jaxbn.nnx.BatchNorm2d(16)
+    >>> x = jnp.ones((8, 6, 6, 16))                           # [N, H, W, C]
+    >>> bn.train(); y = bn(x)                                 # updates mean/var/counter
+    >>> bn.eval(); y = bn(x)                                  # running statistics
+    >>> y = bn(x, train=True)                                 # per-call override
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn import _module_logic as logic
+from jaxbn._core.checks import check_feature_count, train_flag
+from jaxbn._module_logic import warn_momentum_convention
+
+__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "resolve_mode"]
+
+Initializer = Callable[..., jax.Array]
+
+#: The collection a training batch norm sows its batch moments to when ``_report_moments`` is
+#: set (``jaxbn.nnx.update_bn`` sets it on a copy of the model); the Linen name.
+MOMENTS_NAME = "moments"
+
+
+def resolve_mode(module: nnx.Module, train: Any, use_running_average: Any, attribute: Any) -> bool:
+    """The training flag of one call: the per-call ``train`` / ``use_running_average``, else
+    the module's ``use_running_average`` attribute (set by ``.train()`` / ``.eval()``)."""
+    per_call = None
+    if train is not None:
+        per_call = train_flag(train, "train")
+    if use_running_average is not None:
+        other = not train_flag(use_running_average, "use_running_average")
+        if per_call is not None and per_call != other:
+            raise ValueError(
+                f"train={train} and use_running_average={use_running_average} disagree: "
+                "pass one of them"
+            )
+        per_call = other
+    if per_call is not None:
+        return per_call
+    if attribute is None:
+        name = type(module).__name__
+        raise TypeError(
+            f"jaxbn.nnx.{name} was called without a mode (train): call model.train() or "
+            f"model.eval() first (or use nnx.view(model, use_running_average=...)), or pass "
+            f"train=True/False to the call. jaxbn has no default mode, so that a model never "
+            f"switched to eval cannot silently use batch statistics at inference "
+            f"(flax.nnx.BatchNorm defaults to use_running_average=False, i.e. training)"
+        )
+    return not train_flag(attribute, "use_running_average")
+
+
+class BatchNorm(nnx.Module):
+    """Batch normalization with PyTorch's semantics over any input rank (see module docstring).
+
+    Args:
+      num_features: C, the size of the feature axis.
+      eps: added to the variance.
+      momentum: weight of the new batch in the running average; None = cumulative average.
+      affine: learn ``scale`` (init 1) and ``bias`` (init 0).
+      track_running_stats: keep ``mean``/``var``/``num_batches_tracked``; if False, eval uses
+        batch statistics too.
+      axis: the feature axis (-1 channels-last; 1 for PyTorch's NC... layout).
+      axis_name: mapped axis (``nnx.vmap`` / ``nnx.shard_map`` / ``nnx.pmap``) to sync
+        statistics over, count-weighted (training only). Unset: ``jaxbn.sync_batch_norm``
+        decides.
+      axis_index_groups: device groups within ``axis_name`` (pmap only).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of ``scale``, ``bias`` and the running ``mean``/``var``.
+      scale_init, bias_init: initializers ``(key, shape, dtype)``; default ones / zeros.
+      use_running_average: the mode: None (default: none yet, the first call needs one),
+        True (eval) or False (train); ``.train()`` / ``.eval()`` set it.
+      momentum_convention_checked: silences the warning a momentum above 0.5 gets.
+      rngs: ``nnx.Rngs``, needed only by a random ``scale_init`` / ``bias_init``.
+
+    Call:
+      ``bn(x, use_running_average=None, *, train=None, mask=None)``: ``x`` [N, ..., C] (C at
+      ``axis``); ``mask`` boolean, broadcastable to ``x`` (False elements do not count and
+      output 0). Returns ``y`` shaped like ``x``.
+    """
+
+    #: input ranks accepted (None: any) and the message when not; set by the 1d/2d/3d classes.
+    expected_ranks: ClassVar[tuple[int, ...] | None] = None
+    rank_message: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = -1,
+        axis_name: str | Sequence[str] | None = None,
+        axis_index_groups: Sequence[Sequence[int]] | None = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        *,
+        scale_init: Initializer = nn.initializers.ones,
+        bias_init: Initializer = nn.initializers.zeros,
+        use_running_average: bool | None = None,
+        momentum_convention_checked: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        check_feature_count(num_features, "num_features", allow_none=False)
+        logic.check_batch_norm_fields(num_features, eps, momentum, axis)
+        logic.check_initializer(scale_init, "scale_init")
+        logic.check_initializer(bias_init, "bias_init")
+        if use_running_average is not None:
+            train_flag(use_running_average, "use_running_average")
+        message = logic.momentum_convention_message(
+            f"nnx.{type(self).__name__}", momentum, momentum_convention_checked
+        )
+        if message is not None:
+            warn_momentum_convention(message)
+        self.num_features = int(num_features)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        # Static attributes are part of the graph definition: hashable forms.
+        self.axis_name = (
+            axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
+        )
+        self.axis_index_groups = (
+            None
+            if axis_index_groups is None
+            else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+        )
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_running_average = use_running_average
+        self._report_moments = False
+        shape = (self.num_features,)
+        if self.affine:
+            key = None if rngs is None else rngs.params()
+            self.scale = nnx.Param(scale_init(key, shape, param_dtype))
+            self.bias = nnx.Param(bias_init(key, shape, param_dtype))
+        else:
+            self.scale = nnx.data(None)
+            self.bias = nnx.data(None)
+        if self.track_running_stats:
+            self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
+            self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
+            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+        else:
+            self.mean = self.var = self.num_batches_tracked = nnx.data(None)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        training = resolve_mode(self, train, use_running_average, self.use_running_average)
+        x, features = logic.input_features(self, x)
+        weight = bias = None
+        if self.scale is not None:
+            weight, bias = self.scale[...], self.bias[...]
+        stats = None
+        if self.mean is not None:
+            stats = logic.RunningStats(self.mean[...], self.var[...], self.num_batches_tracked[...])
+            logic.check_running_stats(type(self).__name__, stats, features)
+        y, new, moments = logic.batch_norm_call(
+            self, x, weight, bias, stats, train=training, mask=mask
+        )
+        if new is not None:
+            self.mean[...] = new.mean
+            self.var[...] = new.var
+            self.num_batches_tracked[...] = new.num_batches_tracked
+            if self._report_moments:
+                self.sow(nnx.Intermediate, MOMENTS_NAME, dict(moments._asdict()))
+        return y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view(model, use_running_average=...)``."""
+        if use_running_average is not None:
+            self.use_running_average = train_flag(use_running_average, "use_running_average")
+
+
+class BatchNorm1d(BatchNorm):
+    """``torch.nn.BatchNorm1d``: input [N, C] or [N, L, C] (``axis=1``: [N, C] or [N, C, L])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (2, 3)
+    rank_message: ClassVar[str] = "expected 2D or 3D input (got {ndim}D input)"
+
+
+class BatchNorm2d(BatchNorm):
+    """``torch.nn.BatchNorm2d``: input [N, H, W, C] (``axis=1``: [N, C, H, W])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (4,)
+    rank_message: ClassVar[str] = "expected 4D input (got {ndim}D input)"
+
+
+class BatchNorm3d(BatchNorm):
+    """``torch.nn.BatchNorm3d``: input [N, D, H, W, C] (``axis=1``: [N, C, D, H, W])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (5,)
+    rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"

@@ -1,0 +1,86 @@
+"""Flax NNX module ``GroupNorm`` (``torch.nn.GroupNorm``): the small-batch alternative.
+
+Per example, channels are split into ``num_groups`` groups and each group is normalized over
+its channels and spatial positions (biased variance), then scaled and shifted per channel::
+
+    y = (x - mean_group) / sqrt(var_group + eps) * scale_c + bias_c
+
+No batch statistics: the same in train and eval, fine with a batch of one. The numbers are
+:func:`jaxbn.functional.group_norm`'s, as in :class:`jaxbn.linen.GroupNorm`.
+
+Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> gn = jaxbn.nnx.GroupNorm(4, 16)
+    >>> y = gn(jnp.ones((1, 8, 8, 16)))                        # [N, H, W, C]
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn import _module_logic as logic
+from jaxbn import functional
+from jaxbn._core.checks import check_feature_count
+
+__all__ = ["GroupNorm"]
+
+
+class GroupNorm(nnx.Module):
+    """Group normalization over [N, ..., C] inputs (channel axis ``axis``, batch axis 0).
+
+    Args:
+      num_groups: number of channel groups; must divide C.
+      num_channels: C (PyTorch requires it too: the parameters are created here).
+      eps: added to the variance.
+      affine: learn per-channel ``scale`` and ``bias`` (``nnx.Param``).
+      axis: the channel axis.
+      param_dtype: dtype of ``scale`` and ``bias``.
+      scale_init, bias_init: initializers ``(key, shape, dtype)``; default ones / zeros.
+      rngs: ``nnx.Rngs``, needed only by a random initializer.
+
+    Call: ``gn(x, *, train=None)``: ``x`` [N, ..., C] → ``y`` like ``x``; ``train`` (and
+    ``use_running_average``) are accepted and ignored, so model code can pass them uniformly.
+    """
+
+    def __init__(
+        self,
+        num_groups: int,
+        num_channels: int,
+        eps: float = 1e-5,
+        affine: bool = True,
+        axis: int = -1,
+        *,
+        param_dtype: Any = jnp.float32,
+        scale_init: Any = nn.initializers.ones,
+        bias_init: Any = nn.initializers.zeros,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        check_feature_count(num_channels, "num_channels", allow_none=False)
+        logic.check_group_norm_fields(num_groups, num_channels, eps, axis)
+        logic.check_initializer(scale_init, "scale_init")
+        logic.check_initializer(bias_init, "bias_init")
+        self.num_groups = int(num_groups)
+        self.num_channels = int(num_channels)
+        self.eps = eps
+        self.affine = bool(affine)
+        self.axis = axis
+        if self.affine:
+            key = None if rngs is None else rngs.params()
+            self.scale = nnx.Param(scale_init(key, (self.num_channels,), param_dtype))
+            self.bias = nnx.Param(bias_init(key, (self.num_channels,), param_dtype))
+        else:
+            self.scale = self.bias = nnx.data(None)
+
+    def __call__(
+        self, x: jax.Array, use_running_average: Any = None, *, train: Any = None
+    ) -> jax.Array:
+        del use_running_average, train  # the same in train and eval
+        logic.group_norm_channels(self.num_channels, self.affine, self.axis, x)
+        weight = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        return functional.group_norm(x, self.num_groups, weight, bias, self.eps, axis=self.axis)

@@ -1,0 +1,194 @@
+"""jaxbn's tools for NNX models, through the Linen variables layout.
+
+An NNX model's ``nnx.Param`` state is a Linen ``params`` tree and its ``nnx.BatchStat`` state a
+``batch_stats`` tree, keyed by attribute names: :func:`to_linen_variables` and
+:func:`from_linen_variables` convert between the two, and every tool that works on Linen
+variable trees then works on an NNX model — :mod:`jaxbn.interop` (:func:`torch_to_nnx`,
+:func:`nnx_to_torch`), :func:`jaxbn.inspect_batchnorm` (:func:`inspect_batchnorm`),
+:func:`jaxbn.update_bn` (:func:`update_bn`, which runs the NNX model itself) and, for the
+tutorial models, which have a Linen twin, :func:`jaxbn.fold_batch_norm`
+(:func:`fold_batch_norm`).
+
+Example:
+    >>> model = jaxbn.nnx.ConvNet(1, 8, (8, 16, 32), 32, rngs=nnx.Rngs(0))
+    >>> jaxbn.nnx.torch_to_nnx(net.state_dict(), model,
+    ...                        flatten_shapes=model.torch_flatten_shapes(8, 8))
+    >>> print(jaxbn.nnx.inspect_batchnorm(model))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
+from jaxbn.tools import fold as _fold
+from jaxbn.tools import inspect_bn as _inspect
+from jaxbn.tools import interop as _interop
+from jaxbn.tools.update_bn import update_bn as _linen_update_bn
+
+__all__ = [
+    "fold_batch_norm",
+    "from_linen_variables",
+    "inspect_batchnorm",
+    "nnx_to_torch",
+    "to_linen_variables",
+    "torch_to_nnx",
+    "update_bn",
+]
+
+#: Linen collection ← the NNX variable type that holds it.
+COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
+
+
+def to_linen_variables(model: nnx.Module) -> dict[str, Any]:
+    """``{"params": …, "batch_stats": …}`` of an NNX model, keyed by attribute names.
+
+    ``nnx.Param`` leaves go to ``params`` and ``nnx.BatchStat`` leaves to ``batch_stats``
+    (a collection without leaves is left out, as Linen's ``init`` does); list indices become
+    strings. Other variable types (RNG state, intermediates) are not variables of a Linen
+    tree and are left out. The arrays are the model's, not copies.
+    """
+    _check_model(model, "to_linen_variables")
+    out = {}
+    for collection, kind in COLLECTIONS:
+        tree = _string_keys(nnx.to_pure_dict(nnx.state(model, kind)))
+        if tree:
+            out[collection] = tree
+    return out
+
+
+def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx.Module:
+    """Sets the model's ``nnx.Param`` / ``nnx.BatchStat`` values from a Linen variables tree.
+
+    The tree must hold exactly the model's leaves (names as :func:`to_linen_variables` gives
+    them) with the same shapes; values keep their dtypes. Returns ``model``, updated in place.
+
+    Raises:
+      KeyError: naming the missing and the unexpected leaves.
+      ValueError: naming a leaf whose shape differs.
+    """
+    _check_model(model, "from_linen_variables")
+    unknown = sorted(set(variables) - {c for c, _ in COLLECTIONS})
+    missing, unexpected, states = [], [f"{c}/..." for c in unknown], []
+    for collection, kind in COLLECTIONS:
+        state = nnx.state(model, kind)
+        have = _flat(_string_keys(nnx.to_pure_dict(state)))
+        given = _flat(variables.get(collection, {}))
+        missing += [f"{collection}/{'/'.join(p)}" for p in have if p not in given]
+        unexpected += [f"{collection}/{'/'.join(p)}" for p in given if p not in have]
+        for path, value in given.items():
+            if path in have and jnp.shape(value) != jnp.shape(have[path]):
+                raise ValueError(
+                    f"{collection}/{'/'.join(path)}: shape {tuple(jnp.shape(value))} does not "
+                    f"fit the model's {tuple(jnp.shape(have[path]))}"
+                )
+        states.append((state, variables.get(collection, {})))
+    if missing or unexpected:
+        raise KeyError(
+            f"variables do not match the NNX model: missing {missing}, unexpected {unexpected}"
+        )
+    for state, tree in states:
+        if tree:
+            nnx.replace_by_pure_dict(state, tree)
+            nnx.update(model, state)
+    return model
+
+
+def torch_to_nnx(state_dict: Mapping[str, Any], model: nnx.Module, **kwargs: Any) -> nnx.Module:
+    """Loads a PyTorch ``state_dict`` into an NNX model in place (and returns it).
+
+    :func:`jaxbn.interop.torch_to_flax` on the model's Linen layout; ``kwargs`` are its
+    (``flatten_shapes``, ``rename``, ``norm_layouts``). Lossless, in the model's dtypes.
+    """
+    template = to_linen_variables(model)
+    return from_linen_variables(model, _interop.torch_to_flax(state_dict, template, **kwargs))
+
+
+def nnx_to_torch(model: nnx.Module, **kwargs: Any) -> dict[str, Any]:
+    """A torch ``state_dict`` (numpy arrays) of an NNX model: :func:`jaxbn.interop.flax_to_torch`
+    on its Linen layout; ``kwargs`` are its."""
+    return _interop.flax_to_torch(to_linen_variables(model), **kwargs)
+
+
+def inspect_batchnorm(model: nnx.Module) -> _inspect.BatchNormReport:
+    """:func:`jaxbn.inspect_batchnorm` of an NNX model's jaxbn batch norms."""
+    return _inspect.inspect_batchnorm(to_linen_variables(model))
+
+
+def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> nnx.Module:
+    """Re-estimates every jaxbn batch norm's running statistics, in place (see
+    :func:`jaxbn.update_bn`): statistics reset, then the plain cumulative average over
+    ``batches`` (the model's momentum plays no part). The model runs on a copy in training
+    mode (``use_running_average=False``; dropout is left as it is) and is called as
+    ``model(x, **call_kwargs)``. ``batches``: inputs, or tuples whose first element is the
+    input. Returns ``model``, whose mode is left as it was.
+    """
+    _check_model(model, "update_bn")
+    graphdef, state = nnx.split(model)
+
+    def apply_fn(variables, x, *, train, mutable, **kwargs):
+        del train, mutable  # training with reports, as update_bn asks
+        # New Variable objects at this trace level (merge would reuse the split's).
+        copy = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+        from_linen_variables(copy, variables)
+        copy.set_attributes(
+            use_running_average=False, _report_moments=True, raise_if_not_found=False
+        )
+        y, reports = nnx.capture(lambda model, x: model(x, **kwargs), nnx.Intermediate)(copy, x)
+        reports = _string_keys(nnx.to_pure_dict(reports))
+        stats = to_linen_variables(copy).get("batch_stats", {})
+        return y, {"batch_stats": stats, MOMENTS_COLLECTION: reports}
+
+    variables = _linen_update_bn(apply_fn, to_linen_variables(model), batches, **call_kwargs)
+    return from_linen_variables(model, variables)
+
+
+def fold_batch_norm(model: nnx.Module, x: jax.Array) -> _fold.FoldResult:
+    """:func:`jaxbn.fold_batch_norm` of a tutorial NNX model, through its Linen twin.
+
+    Folding traces a Linen model; the NNX tutorial models name their layers like their Linen
+    twins (``model.linen_twin()``), so the result is the folded *Linen* model and variables.
+
+    Raises:
+      TypeError: the model has no ``linen_twin`` (an NNX model of one's own): fold its
+        Linen counterpart with ``jaxbn.fold_batch_norm(linen_model,
+        jaxbn.nnx.to_linen_variables(model), x)``, or use ``jaxbn.fuse_conv_bn_weights``.
+    """
+    _check_model(model, "fold_batch_norm")
+    if not hasattr(model, "linen_twin"):
+        raise TypeError(
+            f"fold_batch_norm: {type(model).__name__} has no Linen twin; folding traces a Linen "
+            "model: fold its Linen counterpart with jaxbn.fold_batch_norm(linen_model, "
+            "jaxbn.nnx.to_linen_variables(model), x), or fuse layer pairs with "
+            "jaxbn.fuse_conv_bn_weights / fuse_dense_bn_weights"
+        )
+    return _fold.fold_batch_norm(model.linen_twin(), to_linen_variables(model), x)
+
+
+def _check_model(model: Any, name: str) -> None:
+    if not isinstance(model, nnx.Module):
+        raise TypeError(
+            f"jaxbn.nnx.{name} takes a flax.nnx.Module, got {type(model).__name__}; for a Linen "
+            "variables tree use the jaxbn tools directly"
+        )
+
+
+def _string_keys(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {str(k): _string_keys(v) for k, v in tree.items()}
+    return tree
+
+
+def _flat(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(_flat(value, (*prefix, str(key))))
+        else:
+            out[(*prefix, str(key))] = value
+    return out
