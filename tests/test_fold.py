@@ -328,3 +328,236 @@ def test_a_model_without_a_norm_switch_is_folded_into_a_folded_model():
         1e-5,
         1e-5,
     )
+
+
+# Real models: bias-free producers, partial folds, torch.fx's `fuse` on a torch twin as the oracle.
+
+
+class BiasFreeConv(nn.Module):
+    """torchvision's pattern: ``Conv2d(..., bias=False)`` then ``BatchNorm2d``; no norm field."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.Conv(4, (3, 3), padding=1, use_bias=False, name="conv")(x)
+        x = nn.relu(jaxbn.BatchNorm2d(name="bn")(x, train=train))
+        return nn.Dense(3, use_bias=False, name="head")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_a_batch_norm_after_a_bias_free_conv_is_folded_and_the_conv_gets_a_bias():
+    model = BiasFreeConv()
+    x = 3.0 * jax.random.normal(jax.random.key(9), (8, 6, 6, 2)) + 1.0
+    variables = model.init(jax.random.key(0), x, train=False)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    variables = {**variables, **updates}
+    result = jaxbn.fold_batch_norm(model, variables, x[:1])
+    assert result.folded == {"bn": "conv"} and not result.left
+    assert set(result.variables["params"]["conv"]) == {"kernel", "bias"}
+    assert result.model.biased == ("conv",)
+    assert_close(
+        "fold bias-free conv eval logits",
+        result.model.apply(result.variables, x, train=False),
+        model.apply(variables, x, train=False),
+        1e-5,
+        1e-5,
+    )
+    # and the variables alone, for a copy of the model with use_bias=True and no batch norm
+    folded = jaxbn.fold_batch_norm_variables(model, variables, x[:1])
+    np.testing.assert_array_equal(
+        folded["params"]["conv"]["bias"], result.variables["params"]["conv"]["bias"]
+    )
+
+
+def randomized_statistics(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Trained-looking batch norms: affine parameters and running statistics away from 1/0."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                c = module.num_features
+                module.weight.copy_(torch.rand(c, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(c, generator=generator))
+                module.running_mean.copy_(torch.randn(c, generator=generator))
+                module.running_var.copy_(torch.rand(c, generator=generator) + 0.3)
+                module.num_batches_tracked.fill_(5)
+    return net.eval()
+
+
+def fold_like_torch_fx(net, model, x_torch, *, rename=None):
+    """Ports ``net`` to ``model``, folds both (jaxbn and ``torch.fx.experimental.optimization
+    .fuse``) and checks that they fold the same batch norms into the same weights and agree on
+    the outputs. Returns the FoldResult."""
+    from torch.fx.experimental.optimization import fuse
+
+    x = jnp.asarray(np.moveaxis(x_torch.numpy(), 1, -1))
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    variables = jaxbn.interop.torch_to_flax(net.state_dict(), template, rename=rename)
+    result = jaxbn.fold_batch_norm(model, variables, x[:1])
+    fused = fuse(net.eval())
+    fused_state = fused.state_dict()
+    ported = jaxbn.interop.flax_to_torch(result.variables, rename=rename)
+    assert sorted(ported) == sorted(fused_state)  # the same batch norms folded away, and kept
+    for key, value in fused_state.items():
+        np.testing.assert_allclose(ported[key], value.numpy(), 1e-5, 1e-6, err_msg=key)
+    with torch.no_grad():
+        expected = fused(x_torch).numpy()
+    assert_close(
+        "fold like torch.fx outputs",
+        result.model.apply(result.variables, x, train=False),
+        expected,
+        1e-4,
+        1e-5,
+    )
+    return result
+
+
+class TorchDenseLayer(torch.nn.Module):
+    """torchvision's ``_DenseLayer``: pre-activation, bias-free convs, input concatenated."""
+
+    def __init__(self, channels, growth):
+        super().__init__()
+        self.norm1 = torch.nn.BatchNorm2d(channels)
+        self.conv1 = torch.nn.Conv2d(channels, 2 * growth, 1, bias=False)
+        self.norm2 = torch.nn.BatchNorm2d(2 * growth)
+        self.conv2 = torch.nn.Conv2d(2 * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, features):
+        x = torch.cat(features, 1)
+        x = self.conv1(torch.relu(self.norm1(x)))
+        return self.conv2(torch.relu(self.norm2(x)))
+
+
+class TorchDenseNet(torch.nn.Module):
+    def __init__(self, growth=4):
+        super().__init__()
+        self.conv0 = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.norm0 = torch.nn.BatchNorm2d(8)
+        self.layer1 = TorchDenseLayer(8, growth)
+        self.layer2 = TorchDenseLayer(8 + growth, growth)
+        self.norm5 = torch.nn.BatchNorm2d(8 + 2 * growth)
+        self.classifier = torch.nn.Linear(8 + 2 * growth, 5)
+
+    def forward(self, x):
+        features = [torch.relu(self.norm0(self.conv0(x)))]
+        features.append(self.layer1(features))
+        features.append(self.layer2(features))
+        x = torch.relu(self.norm5(torch.cat(features, 1)))
+        return self.classifier(x.mean((2, 3)))
+
+
+class DenseLayer(nn.Module):
+    growth: int
+
+    @nn.compact
+    def __call__(self, features, *, train):
+        x = jnp.concatenate(features, axis=-1)
+        x = nn.relu(jaxbn.BatchNorm2d(name="norm1")(x, train=train))
+        x = nn.Conv(2 * self.growth, (1, 1), use_bias=False, name="conv1")(x)
+        x = nn.relu(jaxbn.BatchNorm2d(name="norm2")(x, train=train))
+        return nn.Conv(self.growth, (3, 3), padding=1, use_bias=False, name="conv2")(x)
+
+
+class DenseNet(nn.Module):
+    growth: int = 4
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.Conv(8, (3, 3), padding=1, use_bias=False, name="conv0")(x)
+        features = [nn.relu(jaxbn.BatchNorm2d(name="norm0")(x, train=train))]
+        features.append(DenseLayer(self.growth, name="layer1")(features, train=train))
+        features.append(DenseLayer(self.growth, name="layer2")(features, train=train))
+        x = nn.relu(jaxbn.BatchNorm2d(name="norm5")(jnp.concatenate(features, -1), train=train))
+        return nn.Dense(5, name="classifier")(jnp.mean(x, axis=(1, 2)))
+
+
+def test_a_densenet_folds_partially_like_torch_fx_keeping_its_pre_activation_batch_norms():
+    torch.manual_seed(0)
+    net = randomized_statistics(TorchDenseNet())
+    result = fold_like_torch_fx(net, DenseNet(), torch.randn(4, 3, 8, 8))
+    assert result.folded == {
+        "norm0": "conv0",
+        "layer1/norm2": "layer1/conv1",
+        "layer2/norm2": "layer2/conv1",
+    }
+    assert sorted(result.left) == ["layer1/norm1", "layer2/norm1", "norm5"]
+    for path in result.left:
+        assert "does not come straight from a Conv or Dense layer" in result.left[path]
+
+
+class TorchBranches(torch.nn.Module):
+    """Every case in one net: conv → bn → bn, two batch norms reading one conv, a batch norm
+    after an addition and after an activation, and linear → BatchNorm1d."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.stem_bn = torch.nn.BatchNorm2d(6)
+        self.stem_bn_again = torch.nn.BatchNorm2d(6)
+        self.shared = torch.nn.Conv2d(6, 6, 1)
+        self.left_bn = torch.nn.BatchNorm2d(6)
+        self.right_bn = torch.nn.BatchNorm2d(6)
+        self.a = torch.nn.Conv2d(6, 6, 3, padding=1, bias=False)
+        self.b = torch.nn.Conv2d(6, 6, 1, bias=False)
+        self.sum_bn = torch.nn.BatchNorm2d(6)
+        self.act_bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6, 4, bias=False)
+        self.fc_bn = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        x = self.stem_bn_again(self.stem_bn(self.stem(x)))
+        h = self.shared(x)
+        x = self.left_bn(h) * self.right_bn(h)
+        x = self.sum_bn(self.a(x) + self.b(x))
+        x = self.act_bn(torch.relu(x))
+        return self.fc_bn(self.fc(x.mean((2, 3))))
+
+
+class Branches(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        def bn(name, x):
+            return jaxbn.BatchNorm(name=name)(x, train=train)
+
+        x = bn(
+            "stem_bn_again",
+            bn("stem_bn", nn.Conv(6, (3, 3), padding=1, use_bias=False, name="stem")(x)),
+        )
+        h = nn.Conv(6, (1, 1), name="shared")(x)
+        x = bn("left_bn", h) * bn("right_bn", h)
+        a = nn.Conv(6, (3, 3), padding=1, use_bias=False, name="a")(x)
+        x = bn("sum_bn", a + nn.Conv(6, (1, 1), use_bias=False, name="b")(x))
+        x = bn("act_bn", nn.relu(x))
+        return bn("fc_bn", nn.Dense(4, use_bias=False, name="fc")(jnp.mean(x, axis=(1, 2))))
+
+
+def test_what_can_be_folded_is_folded_and_the_rest_kept_like_torch_fx():
+    torch.manual_seed(1)
+    net = randomized_statistics(TorchBranches())
+    result = fold_like_torch_fx(net, Branches(), torch.randn(4, 3, 6, 6))
+    assert result.folded == {"stem_bn": "stem", "stem_bn_again": "stem", "fc_bn": "fc"}
+    assert result.model.biased == ("stem", "fc")
+    assert sorted(result.left) == ["act_bn", "left_bn", "right_bn", "sum_bn"]
+    assert result.left["left_bn"].startswith(
+        "the output of shared is also used elsewhere (the batch norm at right_bn)"
+    )
+    assert result.left["sum_bn"] == "its input does not come straight from a Conv or Dense layer"
+    assert result.left["act_bn"] == "its input does not come straight from a Conv or Dense layer"
+
+
+class FoldedNormWithSkip(nn.Module):
+    """``h = bn1(stem(x)); head(bn2(h) + h)``: bn1 folds into stem, bn2 reads a value that the
+    skip connection also reads."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        h = jaxbn.BatchNorm1d(6, name="bn1")(nn.Dense(6, name="stem")(x), train=train)
+        return nn.Dense(3, name="head")(jaxbn.BatchNorm1d(6, name="bn2")(h, train=train) + h)
+
+
+def test_a_batch_norm_after_a_folded_one_whose_output_has_other_uses_is_kept_and_named():
+    model = FoldedNormWithSkip()
+    result = fold_and_compare(model, trained(model), "fold chain with skip eval logits")
+    assert result.folded == {"bn1": "stem"}
+    assert result.left == {
+        "bn2": "the output of the batch norm at bn1 is also used elsewhere (add), e.g. a skip "
+        "connection; folding would change that use"
+    }

@@ -48,3 +48,56 @@ def test_nan_collapsed_variance_and_dead_channels_are_flagged():
         "features_5: 2 channel(s) with collapsed variance (< 1e-6)",
         "features_9: 7 dead channel(s) (|scale| < 1e-3)",
     ]
+
+
+def bn_stats(channels=2):
+    return {"mean": jnp.zeros(channels), "var": jnp.ones(channels), "num_batches_tracked": 1}
+
+
+def test_a_tree_sorted_by_jax_is_listed_numerically():
+    # jax.jit and jax.tree functions return dicts with their keys sorted as strings
+    variables = jax.jit(lambda v: v)(
+        {"batch_stats": {f"features_{i}": bn_stats() for i in (1, 2, 10, 11, 20)}}
+    )
+    assert list(variables["batch_stats"])[:3] == ["features_1", "features_10", "features_11"]
+    paths = [layer.path for layer in jaxbn.inspect_batchnorm(variables).layers]
+    assert paths == ["features_1", "features_2", "features_10", "features_11", "features_20"]
+
+
+def test_a_deep_model_keeps_its_order_after_a_jitted_train_step():
+    model = jaxbn.models.MLP(hidden=(2,) * 5)
+    x = jax.random.normal(jax.random.key(1), (4, 3))
+    variables = model.init(jax.random.key(0), x, train=False)
+
+    @jax.jit
+    def step(variables):
+        _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        return {**variables, **updates}
+
+    trained = step(variables)
+    assert list(trained["batch_stats"])[:2] == ["layers_1", "layers_10"]  # sorted as strings
+    report = jaxbn.inspect_batchnorm(trained)
+    assert [layer.path for layer in report.layers] == [
+        "layers_1",
+        "layers_4",
+        "layers_7",
+        "layers_10",
+        "layers_13",
+    ]
+
+
+def test_the_path_column_is_as_wide_as_the_longest_path():
+    variables = {
+        "batch_stats": {
+            "features": {
+                "norm0": bn_stats(),
+                "denseblock1": {"denselayer1": {"norm1": bn_stats()}},
+            }
+        }
+    }
+    header, _, *rows = str(jaxbn.inspect_batchnorm(variables)).splitlines()
+    longest = "features/denseblock1/denselayer1/norm1"
+    assert [row.split()[0] for row in rows] == ["features/norm0", longest]
+    # every row's channel count ends under the header's "C"
+    assert {row.index(" 2 ") + 1 for row in rows} == {header.index(" C ") + 1}
+    assert header.index(" C ") == len(longest) + 4  # "C" right-aligned in 5 columns

@@ -372,6 +372,208 @@ def test_a_model_that_is_a_single_layer_uses_bare_torch_keys():
     assert sorted(interop.flax_to_torch(variables)) == sorted(bn.state_dict())
 
 
+def test_a_flax_list_of_lists_maps_to_torchs_nested_sequentials_by_default():
+    # MobileNetV2's `features.0.0` (a Conv2dNormActivation inside a Sequential) is what Flax
+    # names `features_0_0` for a list of lists in setup.
+    class Net(nn.Module):
+        def setup(self):
+            self.features = [
+                [nn.Conv(4, (3, 3), use_bias=False), jaxbn.BatchNorm2d()],
+                [nn.Conv(4, (1, 1), use_bias=False), jaxbn.BatchNorm2d()],
+            ]
+
+        def __call__(self, x, *, train):
+            for conv, bn in self.features:
+                x = nn.relu(bn(conv(x), train=train))
+            return x
+
+    class TorchNet(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.features = torch.nn.Sequential(
+                torch.nn.Sequential(
+                    torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+                    torch.nn.BatchNorm2d(4),
+                    torch.nn.ReLU(),
+                ),
+                torch.nn.Sequential(
+                    torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.BatchNorm2d(4), torch.nn.ReLU()
+                ),
+            )
+
+        def forward(self, x):
+            return self.features(x)
+
+    net = randomize_norms(TorchNet())
+    assert interop.torch_module_path(("features_0_0",)) == "features.0.0"
+    x = torch.randn(2, 3, 6, 6)
+    variables = interop.torch_module_to_flax(net, Net(), x, input_layout="channels_first")
+    assert sorted(interop.flax_to_torch(variables)) == sorted(net.state_dict())
+
+
+class TorchBasicConv2d(torch.nn.Module):
+    def __init__(self, c_in, c_out, kernel):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(c_in, c_out, kernel, padding=kernel // 2, bias=False)
+        self.bn = torch.nn.BatchNorm2d(c_out, eps=0.001)
+
+    def forward(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+
+class TorchInceptionStem(torch.nn.Module):
+    """torchvision Inception-v3's names: segments that really end in `_<digits>`."""
+
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = TorchBasicConv2d(3, 4, 3)
+        self.Mixed_5b = torch.nn.Module()
+        self.Mixed_5b.branch1x1 = TorchBasicConv2d(4, 2, 1)
+        self.Mixed_5b.branch5x5_1 = TorchBasicConv2d(4, 3, 1)
+        self.Mixed_5b.branch5x5_2 = TorchBasicConv2d(3, 2, 5)
+
+    def forward(self, x):
+        x = self.Conv2d_1a_3x3(x)
+        m = self.Mixed_5b
+        return torch.cat([m.branch1x1(x), m.branch5x5_2(m.branch5x5_1(x))], 1)
+
+
+class BasicConv2d(nn.Module):
+    features: int
+    kernel: int
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = nn.Conv(
+            self.features, (self.kernel,) * 2, padding=self.kernel // 2, use_bias=False, name="conv"
+        )(x)
+        return nn.relu(jaxbn.BatchNorm2d(eps=0.001, name="bn")(x, train=train))
+
+
+class InceptionStem(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = BasicConv2d(4, 3, name="Conv2d_1a_3x3")(x, train=train)
+        return MixedBlock(name="Mixed_5b")(x, train=train)
+
+
+class MixedBlock(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        a = BasicConv2d(2, 1, name="branch1x1")(x, train=train)
+        b = BasicConv2d(3, 1, name="branch5x5_1")(x, train=train)
+        b = BasicConv2d(2, 5, name="branch5x5_2")(b, train=train)
+        return jnp.concatenate([a, b], axis=-1)
+
+
+def test_torch_names_that_end_in_digits_are_reached_with_rename_both_ways():
+    net = randomize_norms(TorchInceptionStem())
+    x = torch.randn(2, 3, 7, 7)
+    model = InceptionStem()
+    template = jax.eval_shape(lambda: model.init(jax.random.key(0), nhwc(x), train=False))
+    with pytest.raises(KeyError, match=re.escape("'Mixed_5b.branch5x5.1.bn.num_batches_tracked'")):
+        interop.torch_to_flax(net.state_dict(), template)  # the default rule reads `_1` as an index
+    by_table = {
+        "Conv2d_1a_3x3": "Conv2d_1a_3x3",
+        "Mixed_5b/branch5x5_1": "Mixed_5b.branch5x5_1",
+        "Mixed_5b/branch5x5_2": "Mixed_5b.branch5x5_2",
+    }
+    for rename in (by_table, lambda path: path.replace("/", ".")):
+        variables = interop.torch_module_to_flax(
+            net, model, x, input_layout="channels_first", rename=rename
+        )
+        back = interop.flax_to_torch(variables, rename=rename)
+        net.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})  # strict
+        for key, value in net.state_dict().items():
+            np.testing.assert_array_equal(back[key], value.numpy(), err_msg=key)
+
+
+def test_a_flax_name_with_two_indices_can_be_renamed_to_a_torch_name_with_one():
+    class Net(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            return nn.Dense(3, name="conv_0_0")(x)
+
+    net = torch.nn.Module()
+    net.conv_0 = torch.nn.ModuleList([torch.nn.Linear(4, 3)])
+    net.forward = lambda x: net.conv_0[0](x)
+    template = jax.eval_shape(lambda: Net().init(jax.random.key(0), jnp.zeros((1, 4)), train=False))
+    assert sorted(interop.flax_to_torch(jax.tree.map(jnp.zeros_like, template))) == [
+        "conv.0.0.bias",
+        "conv.0.0.weight",
+    ]
+    variables = interop.torch_module_to_flax(
+        net, Net(), torch.randn(2, 4), rename={"conv_0_0": "conv_0.0"}
+    )
+    assert sorted(interop.flax_to_torch(variables, rename={"conv_0_0": "conv_0.0"})) == sorted(
+        net.state_dict()
+    )
+
+
+@pytest.mark.parametrize(
+    "torch_layer, flax_layer, shape",
+    [
+        (
+            lambda: torch.nn.Conv2d(3, 5, 3),
+            lambda: nn.Conv(5, (3, 3), padding="VALID"),
+            (2, 3, 6, 6),
+        ),
+        (
+            lambda: randomize_norms(torch.nn.BatchNorm2d(3)),
+            lambda: jaxbn.BatchNorm2d(3),
+            (2, 3, 4, 4),
+        ),
+    ],
+    ids=["Conv2d", "BatchNorm2d"],
+)
+def test_a_bare_layers_state_dict_converts_with_an_eval_shape_template(
+    torch_layer, flax_layer, shape
+):
+    layer, module = torch_layer(), flax_layer()
+    x = torch.randn(shape)
+    template = jax.eval_shape(
+        lambda: module.init(
+            jax.random.key(0),
+            nhwc(x),
+            **({"train": False} if isinstance(module, jaxbn.BatchNorm) else {}),
+        )
+    )
+    assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(template))
+    variables = interop.torch_to_flax(layer.state_dict(), template)
+    kwargs = {"train": False} if isinstance(module, jaxbn.BatchNorm) else {}
+    layer.eval()
+    with torch.no_grad():
+        expected = np.moveaxis(layer(x).numpy(), 1, -1)
+    np.testing.assert_allclose(module.apply(variables, nhwc(x), **kwargs), expected, atol=1e-5)
+    back = interop.flax_to_torch(variables)
+    layer.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})  # strict
+
+
+def test_flax_to_torch_refuses_an_eval_shape_template_naming_the_key():
+    template = jax.eval_shape(lambda: batch_norm_template())
+    with pytest.raises(
+        TypeError, match=re.escape("weight: params/scale is a shape without values")
+    ):
+        interop.flax_to_torch(template)
+
+
+def test_torch_module_to_flax_builds_its_template_without_computing_weights():
+    seen = []
+
+    class Recorder(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train):
+            if self.is_initializing():
+                seen.append(isinstance(x, jax.core.Tracer))
+            return nn.Dense(3, name="fc")(x)
+
+    net = torch.nn.Module()
+    net.fc = torch.nn.Linear(4, 3)
+    net.forward = lambda x: net.fc(x)
+    interop.torch_module_to_flax(net, Recorder(), torch.randn(2, 4))
+    assert seen == [True]  # traced by jax.eval_shape, not run
+
+
 # --- counters and dtypes -----------------------------------------------------------------------
 
 

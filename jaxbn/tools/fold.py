@@ -11,7 +11,9 @@ The identity holds only where the conv's output goes to that batch norm and nowh
 skip connection ``bn(h) + h``, or a conv whose weights serve a second call, folding would change
 the other use. ``fold_batch_norm(model, variables, x)`` therefore traces one eval-mode call to a
 jaxpr and folds a batch norm only when it is the single consumer of a Conv/Dense output and that
-layer runs once; every other batch norm stays, and the result says which and why. Before
+layer runs once; every other batch norm stays (pre-activation batch norms after a concatenation,
+an addition or an activation, two batch norms reading one conv), and the result says which and
+why. It works on any Flax linen model, and a ``use_bias=False`` layer gets a bias. Before
 returning, the folded model is run against the original on ``x``; a difference beyond rounding
 raises.
 
@@ -136,17 +138,23 @@ class FoldResult(_ModelAndVariables):
 class FoldedModel(nn.Module):
     """``model`` with the batch norms named in ``folded`` replaced by the identity.
 
-    What :func:`fold_batch_norm` returns when some batch norms must stay (or the model has no
-    ``norm="none"`` switch): the same module code and variable names, the folded batch norms
-    skipped (their scale and shift live in the Conv/Dense weights), the others run as before.
+    What :func:`fold_batch_norm` returns for any Flax model (unless every batch norm was folded
+    and the model has a ``norm="none"`` switch that reproduces it): the same module code and
+    variable names, the folded batch norms skipped (their scale and shift live in the Conv/Dense
+    weights), the others run as before. A Conv/Dense layer built with ``use_bias=False`` that a
+    batch norm was folded into gets a ``bias`` in its variables; the layers named in ``biased``
+    add it to their output (what the layer would compute with ``use_bias=True``).
 
     Attributes:
       model: the original model.
       folded: ``/``-joined paths (relative to ``model``) of the batch norms to skip.
+      biased: ``/``-joined paths of the ``use_bias=False`` layers that add the ``bias`` found in
+        their ``params``.
     """
 
     model: nn.Module
     folded: tuple[str, ...] = ()
+    biased: tuple[str, ...] = ()
 
     def setup(self) -> None:
         nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
@@ -154,15 +162,23 @@ class FoldedModel(nn.Module):
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         base = tuple(self.scope.path)
         skipped = {tuple(path.split("/")) for path in self.folded}
+        biased = {tuple(path.split("/")) for path in self.biased}
 
         def skip_folded(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name == "__call__" and isinstance(module, BatchNorm):
-                path = tuple(module.scope.path)
-                if path[: len(base)] == base and path[len(base) :] in skipped:
-                    x = args[0] if args else kwargs["x"]
-                    return x if module.dtype is None else jnp.asarray(x).astype(module.dtype)
-            return next_fun(*args, **kwargs)
+            if context.method_name != "__call__":
+                return next_fun(*args, **kwargs)
+            path = tuple(module.scope.path)
+            relative = path[len(base) :] if path[: len(base)] == base else None
+            if isinstance(module, BatchNorm) and relative in skipped:
+                x = args[0] if args else kwargs["x"]
+                return x if module.dtype is None else jnp.asarray(x).astype(module.dtype)
+            out = next_fun(*args, **kwargs)
+            if relative in biased:
+                # nn.Conv/nn.Dense add their bias last, in the output's (promoted) dtype
+                bias = module.get_variable("params", "bias")
+                out = out + jnp.asarray(bias).astype(out.dtype)
+            return out
 
         with nn.intercept_methods(skip_folded):
             return self.model(*args, **kwargs)
@@ -170,8 +186,9 @@ class FoldedModel(nn.Module):
 
 @dataclasses.dataclass
 class _Plan:
-    folded: dict[Path, tuple[Path, float]]  # batch norm path → (producer path, eps)
+    folded: dict[Path, tuple[Path, float]]  # batch norm path → (producer path, eps), call order
     left: dict[Path, str]  # batch norm path → why it stays
+    biased: list[Path]  # use_bias=False producers that get a bias
 
 
 def fold_batch_norm_variables(
@@ -188,11 +205,14 @@ def fold_batch_norm_variables(
       variables: its variables, with tracked statistics.
       x: an example input (only shapes matter; one example is enough).
 
+    A layer built with ``use_bias=False`` gets a ``bias``: the copy of the model must build it
+    with ``use_bias=True``.
+
     Raises:
       ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded:
         its input does not come straight from a Conv/Dense layer, that layer's output is also
-        used elsewhere (a skip connection), the layer runs more than once (shared weights), has
-        no bias, or the batch norm has no running statistics.
+        used elsewhere (a skip connection), the layer runs more than once (shared weights), or
+        the batch norm has no running statistics.
     """
     plan = _plan(model, variables, x)
     for path, reason in plan.left.items():
@@ -203,18 +223,21 @@ def fold_batch_norm_variables(
 def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> FoldResult:
     """The model with every foldable batch norm folded into the Conv/Dense layer feeding it.
 
-    A batch norm is folded when it is the only consumer of a Conv/Dense output and that layer
-    runs once per call (found by tracing ``model.apply(variables, x, train=False)``). The others
-    stay as they are: a layer whose output also feeds a skip connection (``bn(h) + h``), a layer
-    called twice with the same weights, a batch norm after an activation, without running
-    statistics, or after a layer without bias. The folded model is
+    Works on any Flax linen model: a batch norm is folded when it is the only consumer of a
+    Conv/Dense output (or of a batch norm folded that way) and that layer runs once per call
+    (found by tracing ``model.apply(variables, x, train=False)``); a layer with
+    ``use_bias=False`` gets a bias. The others stay as they are, in eval mode with their
+    statistics: a layer whose output also feeds a skip connection (``bn(h) + h``) or a second
+    batch norm, a layer called twice with the same weights, a batch norm after an activation, a
+    concatenation or an addition, or without running statistics. The folded model is
     ``model.clone(norm="none")`` when every batch norm was folded and the model has a ``norm``
     field (the jaxbn models) whose ``"none"`` reproduces the outputs; otherwise a
-    :class:`FoldedModel`, which runs ``model`` with the folded batch norms skipped. Either is
-    checked against the original on ``x`` before it is returned.
+    :class:`FoldedModel`, which runs ``model`` with the folded batch norms skipped (and the
+    biases added). Either is checked against the original on ``x`` before it is returned.
 
     Args:
-      model: a Flax model using jaxbn batch norms, called as ``model.apply(v, x, train=...)``.
+      model: a Flax linen model using jaxbn batch norms, called as
+        ``model.apply(v, x, train=...)``; no ``norm`` field or other change is needed.
       variables: its variables, with tracked statistics.
       x: an example input; the folded model is checked against the original on it.
 
@@ -237,7 +260,13 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
     candidates: list[nn.Module] = []
     if not plan.left and hasattr(model, "norm"):
         candidates.append(model.clone(norm="none"))
-    candidates.append(FoldedModel(model, tuple("/".join(path) for path in plan.folded)))
+    candidates.append(
+        FoldedModel(
+            model,
+            tuple("/".join(path) for path in plan.folded),
+            tuple("/".join(path) for path in plan.biased),
+        )
+    )
     mismatch = None
     for candidate in candidates:
         if isinstance(candidate, FoldedModel):
@@ -270,20 +299,20 @@ def _plan(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> _Plan
                 "tracked (num_batches_tracked == 0); train it or run jaxbn.update_bn first"
             )
     params = variables.get("params", {})
-    plan = _Plan({}, {})
+    plan = _Plan({}, {}, [])
     for bn_path, (producer, eps_or_why) in _find_producers(model, variables, x).items():
         if producer is None:
             plan.left[bn_path] = eps_or_why
             continue
         stats, bn_params = layers.get(bn_path, (None, None))
         layer = get_path(params, producer)
+        channels = None if stats is None else stats["mean"].shape
         if stats is None:
             plan.left[bn_path] = "it has no running statistics (track_running_stats=False)"
-        elif "bias" not in layer:
-            plan.left[bn_path] = f"{'/'.join(producer)} has no bias (use_bias=False)"
         elif not (
-            layer["kernel"].shape[-1:] == layer["bias"].shape == stats["mean"].shape
-            and all(p.shape == stats["mean"].shape for p in bn_params.values())
+            layer["kernel"].shape[-1:] == channels
+            and ("bias" not in layer or layer["bias"].shape == channels)
+            and all(p.shape == channels for p in bn_params.values())
         ):
             plan.left[bn_path] = (
                 f"the weights of {'/'.join(producer)} do not have one output channel per "
@@ -291,6 +320,8 @@ def _plan(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> _Plan
             )
         else:
             plan.folded[bn_path] = (producer, eps_or_why)
+            if "bias" not in layer and producer not in plan.biased:
+                plan.biased.append(producer)
     return plan
 
 
@@ -303,9 +334,11 @@ def _find_producers(
     """Batch norm path → (the Conv/Dense path it alone consumes, eps), or (None, why not).
 
     One eval-mode call is traced to a jaxpr, with every Conv/Dense output and every batch norm
-    input tagged by a named identity (``checkpoint_name``). A batch norm input that is a
-    Conv/Dense output used by nothing else (no other operation, not the model's output), from a
-    layer called once whose kernel and bias are read by nothing else, can be folded.
+    input and output tagged by a named identity (``checkpoint_name``). A batch norm input that
+    is a Conv/Dense output used by nothing else (no other operation, not the model's output),
+    from a layer called once whose kernel and bias are read by nothing else, can be folded; so
+    can a batch norm fed in the same way by a batch norm that is folded (conv → bn → bn, as
+    ``torch.fx.experimental.optimization.fuse`` does).
     """
     producers: list[Path] = []  # Conv/Dense call index → path
     norms: list[tuple[Path, float, bool]] = []  # batch norm call → (path, eps, feature axis last)
@@ -326,7 +359,10 @@ def _find_producers(
             else:
                 last = False
             norms.append((path, module.eps, last))
-            return next_fun(*args, **kwargs)
+            out = next_fun(*args, **kwargs)
+            if isinstance(out, jax.Array):  # a batch norm folded away may feed the next one
+                out = checkpoint_name(out, f"{_MARK}bn{len(norms) - 1}")
+            return out
         out = next_fun(*args, **kwargs)
         if isinstance(module, nn.Conv | nn.Dense) and isinstance(out, jax.Array):
             out = checkpoint_name(out, f"{_MARK}out{len(producers)}")
@@ -342,6 +378,7 @@ def _find_producers(
     uses: dict[Any, list[str]] = defaultdict(list)
     tagged_out: dict[Any, int] = {}  # value → Conv/Dense call that produced it
     tagged_in: dict[int, Any] = {}  # batch norm call → its input value
+    tagged_bn: dict[int, Any] = {}  # batch norm call → its output value
     for eqn in jaxpr.eqns:
         name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
         for var in eqn.invars:
@@ -351,6 +388,8 @@ def _find_producers(
             tagged_out[eqn.outvars[0]] = int(name.removeprefix(f"{_MARK}out"))
         elif name.startswith(f"{_MARK}in"):
             tagged_in[int(name.removeprefix(f"{_MARK}in"))] = eqn.invars[0]
+        elif name.startswith(f"{_MARK}bn"):
+            tagged_bn[int(name.removeprefix(f"{_MARK}bn"))] = eqn.outvars[0]
     for var in jaxpr.outvars:
         if not isinstance(var, jax_core.Literal):
             uses[var].append("the model's output")
@@ -370,6 +409,7 @@ def _find_producers(
     producer_calls = Counter(producers)
     norm_calls = Counter(path for path, _, _ in norms)
     found: dict[Path, tuple[Path, float] | tuple[None, str]] = {}
+    chained: dict[Any, str] = {}  # output of a folded batch norm → its path
     for index, (path, eps, last) in enumerate(norms):
         source = tagged_out.get(tagged_in.get(index))
         producer = None if source is None else producers[source]
@@ -397,8 +437,10 @@ def _find_producers(
                 else use
                 for use in others
             ]
+            folded_before = chained.get(tagged_in[index])
+            what = name if folded_before is None else f"the batch norm at {folded_before}"
             why = (
-                f"the output of {name} is also used elsewhere ({', '.join(others)}), "
+                f"the output of {what} is also used elsewhere ({', '.join(others)}), "
                 "e.g. a skip connection; folding would change that use"
             )
         elif any(
@@ -407,6 +449,9 @@ def _find_producers(
             why = f"the weights of {name} are also read outside it"
         else:
             found[path] = (producer, eps)
+            if index in tagged_bn:  # conv → bn → bn: the second folds into the same layer
+                tagged_out[tagged_bn[index]] = source
+                chained[tagged_bn[index]] = "/".join(path)
             continue
         found[path] = (None, why)
     return found
@@ -445,7 +490,7 @@ def _folded_variables(
         layer = get_path(params, producer)
         kernel, bias = fuse_conv_bn_weights(
             layer["kernel"],
-            layer["bias"],
+            layer.get("bias"),
             stats["mean"],
             stats["var"],
             eps,

@@ -9,6 +9,11 @@ Flax variables tree, plus the checks one does by eye:
 * collapsed variance — running variance below ``1e-6`` (a dead input channel);
 * dead channels — ``|scale|`` below ``1e-3`` (the layer outputs only its bias there).
 
+Rows come in the order the model created its layers when the tree still has it (as
+``model.init`` returns it); a tree whose keys JAX has sorted as strings (after ``jax.jit`` or
+``jax.tree`` operations) is listed in numeric order instead: ``features_2`` before
+``features_10``.
+
 Example:
     >>> report = jaxbn.inspect_batchnorm(variables)
     >>> print(report)                 # the table; report.layers / report.problems for code
@@ -16,13 +21,14 @@ Example:
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from jaxbn.tools._tree import batch_norm_layers
+from jaxbn.tools._tree import Path, batch_norm_layers
 
 __all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
 
@@ -57,14 +63,15 @@ class BatchNormReport:
     def __str__(self) -> str:
         if not self.layers:
             return "no batch norm layers with running statistics"
+        width = max(len("layer"), *(len(layer.path) for layer in self.layers))
         header = (
-            f"{'layer':<28} {'C':>5} {'steps':>6} {'mean (avg, range)':>22} "
+            f"{'layer':<{width}} {'C':>5} {'steps':>6} {'mean (avg, range)':>22} "
             f"{'var (avg, range)':>24} {'scale avg':>9} {'bias avg':>9}  flags"
         )
         rows = [header, "-" * len(header)]
         for layer in self.layers:
             rows.append(
-                f"{layer.path:<28} {layer.channels:>5} {layer.num_batches_tracked:>6} "
+                f"{layer.path:<{width}} {layer.channels:>5} {layer.num_batches_tracked:>6} "
                 f"{_summary(layer.mean):>22} {_summary(layer.var):>24} "
                 f"{_avg(layer.scale):>9} {_avg(layer.bias):>9}  {'; '.join(layer.problems) or 'ok'}"
             )
@@ -72,9 +79,15 @@ class BatchNormReport:
 
 
 def inspect_batchnorm(variables: Mapping[str, Any]) -> BatchNormReport:
-    """Summarises every jaxbn batch norm in ``variables`` (``params`` + ``batch_stats``)."""
+    """Summarises every jaxbn batch norm in ``variables`` (``params`` + ``batch_stats``).
+
+    Layers are listed in the model's order where the tree keeps it, else numerically (see the
+    module docstring).
+    """
     layers = []
-    for path, stats, params in batch_norm_layers(variables):
+    order = _layer_order(variables.get("batch_stats", {}))
+    found = sorted(batch_norm_layers(variables), key=lambda layer: order[layer[0]])
+    for path, stats, params in found:
         mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
         scale = np.asarray(params["scale"], np.float64) if "scale" in params else None
         bias = np.asarray(params["bias"], np.float64) if "bias" in params else None
@@ -98,6 +111,25 @@ def inspect_batchnorm(variables: Mapping[str, Any]) -> BatchNormReport:
                 summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
         layers.append(summary)
     return BatchNormReport(layers)
+
+
+def _layer_order(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, int]:
+    """Module path → rank: each level in its insertion order (the order ``model.init`` created
+    the layers), unless its keys are sorted as strings — what JAX's tree functions leave, which
+    says nothing about the model — then in natural order (``features_2`` < ``features_10``)."""
+    keys = list(tree)
+    if all(isinstance(key, str) for key in keys) and keys == sorted(keys):
+        keys.sort(key=_natural)
+    order = {prefix: 0}
+    for key in keys:
+        if isinstance(tree[key], Mapping):
+            for path in _layer_order(tree[key], (*prefix, key)):
+                order[path] = len(order)
+    return order
+
+
+def _natural(name: str) -> tuple:
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
 def _summary(a: np.ndarray) -> str:
