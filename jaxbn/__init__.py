@@ -13,19 +13,34 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from jaxbn import flax_compat, functional, linen, models, multihost, nnx, tools
-from jaxbn.linen import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d, GroupNorm, LayerNorm
+from jaxbn.linen import (
+    BatchNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm,
+    FrozenBatchNorm,
+    GhostBatchNorm,
+    GroupNorm,
+    LayerNorm,
+    renorm_schedule,
+)
 from jaxbn.sync import sync_batch_norm, sync_batch_stats
 from jaxbn.tools import (
     BatchNormReport,
     FoldedModel,
     FoldResult,
+    FreezeResult,
+    FrozenModel,
     fold_batch_norm,
     fold_batch_norm_variables,
+    freeze_batch_norm,
     from_flax_batch_norm,
     fuse_conv_bn_weights,
     fuse_dense_bn_weights,
     inspect_batchnorm,
     interop,
+    unfreeze_batch_norm,
     update_bn,
 )
 
@@ -40,14 +55,20 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "BatchNormReport",
+    "BatchRenorm",
     "FoldResult",
     "FoldedModel",
+    "FreezeResult",
+    "FrozenBatchNorm",
+    "FrozenModel",
+    "GhostBatchNorm",
     "GroupNorm",
     "LayerNorm",
     "__version__",
     "flax_compat",
     "fold_batch_norm",
     "fold_batch_norm_variables",
+    "freeze_batch_norm",
     "from_flax_batch_norm",
     "functional",
     "fuse_conv_bn_weights",
@@ -58,8 +79,10 @@ __all__ = [
     "models",
     "multihost",
     "nnx",
+    "renorm_schedule",
     "sync_batch_norm",
     "sync_batch_stats",
     "tools",
+    "unfreeze_batch_norm",
     "update_bn",
 ]

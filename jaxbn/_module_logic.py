@@ -19,7 +19,7 @@ import os
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import flax
 import jax
@@ -39,11 +39,15 @@ from jaxbn.sync import current_sync
 
 __all__ = [
     "MomentumConventionWarning",
+    "Ranks1d",
+    "Ranks2d",
+    "Ranks3d",
     "RunningStats",
     "batch_norm_call",
     "check_batch_norm_fields",
     "check_group_norm_fields",
     "check_initializer",
+    "check_initializers",
     "check_layer_norm_fields",
     "check_running_stats",
     "group_norm_channels",
@@ -120,6 +124,30 @@ def _user_frame() -> tuple[int, Any] | None:
     return None if frame is None else (level, builder)
 
 
+# --- BatchNorm1d/2d/3d: PyTorch's rank checks, mixed into both module families ------------
+
+
+class Ranks1d:
+    """``torch.nn.BatchNorm1d``: input [N, C] or [N, L, C] (``axis=1``: [N, C] or [N, C, L])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (2, 3)
+    rank_message: ClassVar[str] = "expected 2D or 3D input (got {ndim}D input)"
+
+
+class Ranks2d:
+    """``torch.nn.BatchNorm2d``: input [N, H, W, C] (``axis=1``: [N, C, H, W])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (4,)
+    rank_message: ClassVar[str] = "expected 4D input (got {ndim}D input)"
+
+
+class Ranks3d:
+    """``torch.nn.BatchNorm3d``: input [N, D, H, W, C] (``axis=1``: [N, C, D, H, W])."""
+
+    expected_ranks: ClassVar[tuple[int, ...]] = (5,)
+    rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"
+
+
 # --- fields (construction time) --------------------------------------------------------------
 
 
@@ -153,6 +181,11 @@ def momentum_convention_message(cls_name: str, momentum: Any, checked: bool) -> 
         f"or use jaxbn.flax_compat.BatchNorm (Flax's spelling); if {m} is meant, pass "
         f"momentum_convention_checked=True."
     )
+
+
+def check_initializers(scale_init: Any, bias_init: Any) -> None:
+    check_initializer(scale_init, "scale_init")
+    check_initializer(bias_init, "bias_init")
 
 
 def check_group_norm_fields(num_groups: Any, num_channels: Any, eps: Any, axis: Any) -> None:

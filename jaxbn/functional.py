@@ -33,7 +33,15 @@ from jaxbn._core.normalize import normalize
 from jaxbn._core.running import BatchMoments, update_running
 from jaxbn._core.shapes import compute_dtype
 
-__all__ = ["BatchMoments", "batch_norm", "batch_norm_with_moments", "group_norm", "layer_norm"]
+__all__ = [
+    "BatchMoments",
+    "batch_norm",
+    "batch_norm_with_moments",
+    "batch_renorm",
+    "ghost_batch_norm",
+    "group_norm",
+    "layer_norm",
+]
 
 
 def batch_norm(
@@ -361,3 +369,257 @@ def _affine(xhat, weight, bias, stat_shape, mask, out_dtype) -> jax.Array:
     if mask is not None:
         y = jnp.where(mask, y, 0)
     return y.astype(out_dtype)
+
+
+# --- variants: batch renormalization, ghost batch norm -------------------------------------
+
+
+def batch_renorm(
+    x: jax.Array,
+    running_mean: jax.Array,
+    running_var: jax.Array,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    training: bool = False,
+    momentum: float | jax.Array = 0.1,
+    eps: float = 1e-5,
+    *,
+    r_max: float | jax.Array = 3.0,
+    d_max: float | jax.Array = 5.0,
+    axis: int = -1,
+    axis_name: str | Sequence[str] | None = None,
+    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    mask: jax.Array | None = None,
+    update_rule: str = "torch",
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Batch Renormalization (Ioffe 2017): batch norm whose training output is corrected
+    towards the running statistics, so that training and eval compute the same function.
+
+    With the running ``σ = sqrt(running_var + eps)`` and the batch's ``μ_B``,
+    ``σ_B = sqrt(σ²_B + eps)`` (biased variance), in training::
+
+        r = stop_gradient(clip(σ_B / σ, 1/r_max, r_max))
+        d = stop_gradient(clip((μ_B − μ) / σ, −d_max, d_max))
+        y = x̂ · (weight · r) + (weight · d + bias)          x̂ = (x − μ_B) / σ_B
+
+    ``x̂`` and the batch moments come from :func:`batch_norm_with_moments` (the same core and
+    derivative as :func:`batch_norm`; gradients flow through ``μ_B`` and ``σ_B`` but not
+    through ``r``, ``d``). In eval ``y = (x − μ)/σ · weight + bias``: :func:`batch_norm` in eval.
+    ``r_max=1, d_max=0`` is :func:`batch_norm` exactly (the paper's warm-up).
+
+    Running statistics (``update_rule``):
+      * ``"torch"`` (default): :func:`batch_norm`'s update, ``mean ← (1−m)·mean + m·μ_B``,
+        ``var ← (1−m)·var + m·σ²_B·n/(n−1)``; the paper's single pair (μ, σ) serves both the
+        correction and eval, and the variables are a ``BatchNorm``'s.
+      * ``"keras"``: Keras 3's ``BatchNormalization(renorm=True)`` — the mean as above, the
+        **standard deviation** ``sqrt(var + eps)`` averaged with the biased ``σ_B``, stored as
+        ``var = max(std² − eps, 0)`` (Keras's ``moving_variance``). With
+        ``renorm_momentum == momentum`` (Keras's default) Keras's ``renorm_mean/renorm_stddev``
+        equal its ``moving_mean/moving_stddev``, so this one pair reproduces all four.
+
+    Keras's spelling → this: ``momentum_keras = 1 − momentum``, ``epsilon`` (1e-3) = ``eps``,
+    ``renorm_clipping={"rmax": R, "rmin": 1/R, "dmax": D}`` = ``r_max=R, d_max=D``
+    (``float("inf")`` for a missing key), ``moving_mean/moving_variance`` = ``running_mean/var``.
+
+    Args:
+      x: [N, ..., C] with the feature axis at ``axis``.
+      running_mean, running_var: [C] (required: ``r`` and ``d`` compare the batch with them).
+      weight, bias: [C] or None (ones / zeros).
+      training: correct the batch statistics and update the running ones.
+      momentum: weight of the new batch (PyTorch's meaning); may be a traced scalar.
+      eps: added to both variances.
+      r_max: ``r`` is clipped to ``[1/r_max, r_max]``; ≥ 1, may be a traced scalar (schedules).
+      d_max: ``d`` is clipped to ``[−d_max, d_max]``; ≥ 0, may be a traced scalar.
+      axis, axis_name, axis_index_groups, mask: as in :func:`batch_norm`; with ``axis_name``
+        the batch moments, hence ``r`` and ``d``, are global (identical on every device).
+      update_rule: ``"torch"`` or ``"keras"`` (see above).
+
+    Returns:
+      ``(y, new_running_mean, new_running_var)``, ``y`` like ``x`` in ``x``'s dtype.
+
+    Example:
+        >>> y, rm, rv = batch_renorm(x, rm, rv, training=True, r_max=3.0, d_max=5.0)
+    """
+    if running_mean is None or running_var is None:
+        raise ValueError(
+            "batch_renorm needs running_mean and running_var: r and d compare the batch "
+            "statistics with them"
+        )
+    if update_rule not in ("torch", "keras"):
+        raise ValueError(f"update_rule must be 'torch' or 'keras', got {update_rule!r}")
+    _check_clipping(r_max, d_max)
+    options = {"axis": axis, "mask": mask}
+    x = jnp.asarray(x)
+    if not train_flag(training, "training"):
+        y, _, _, _ = batch_norm_with_moments(
+            x, running_mean, running_var, weight, bias, False, momentum, eps, **options
+        )
+        return y, running_mean, running_var
+    check_floating_input(x, "batch_renorm")
+    ax = _feature_axis(axis, x.ndim)
+    _check_numel(x.shape[ax], weight=weight, bias=bias)
+    # x̂ in float32: a half-precision x̂ would be rounded before the correction is applied.
+    dtype = compute_dtype(x.dtype)
+    xhat, new_mean, new_var, moments = batch_norm_with_moments(
+        x.astype(dtype) if x.dtype != dtype else x,
+        running_mean,
+        running_var,
+        None,
+        None,
+        True,
+        momentum,
+        eps,
+        axis=axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )
+    _, mu_b, var_b = (jax.lax.stop_gradient(a) for a in moments)
+    sigma = jnp.sqrt(running_var.astype(dtype) + eps)
+    r = jnp.clip(jnp.sqrt(var_b + eps) / sigma, 1 / r_max, r_max)
+    d = jnp.clip((mu_b - running_mean.astype(dtype)) / sigma, -d_max, d_max)
+    r, d = jax.lax.stop_gradient(r), jax.lax.stop_gradient(d)
+    gamma = r if weight is None else jnp.reshape(weight, r.shape).astype(dtype) * r
+    beta = d if weight is None else jnp.reshape(weight, d.shape).astype(dtype) * d
+    if bias is not None:
+        beta = beta + jnp.reshape(bias, d.shape).astype(dtype)
+    stat_shape = tuple(x.shape[ax] if i == ax else 1 for i in range(x.ndim))
+    y = _affine(xhat, gamma, beta, stat_shape, _broadcast_mask(mask, x.shape), dtype)
+    if update_rule == "keras":
+        new_mean, new_var = _keras_running(running_mean, running_var, moments, momentum, eps)
+    return y.astype(_output_dtype(x.dtype)), new_mean, new_var
+
+
+def ghost_batch_norm(
+    x: jax.Array,
+    running_mean: jax.Array | None,
+    running_var: jax.Array | None,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
+    training: bool = False,
+    momentum: float | jax.Array = 0.1,
+    eps: float = 1e-5,
+    *,
+    virtual_batch_size: int,
+    axis: int = -1,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
+    """Ghost (virtual) batch norm (Hoffer et al. 2017): :func:`batch_norm` on each run of
+    ``virtual_batch_size`` examples of the batch (axis 0) in turn, outputs concatenated.
+
+    In training each virtual batch is normalized with its own mean and biased variance, and the
+    running statistics are updated once per virtual batch, in order — exactly what
+    ``torch.cat([bn(s) for s in x.split(virtual_batch_size)])`` does to ``bn``'s buffers. In
+    eval the running statistics are used and the batch may have any size (as
+    :func:`batch_norm`). Without running statistics eval also splits, like torch would.
+    Statistics never cross devices: there is no ``axis_name``.
+
+    Args:
+      x: [N, ..., C], the batch on axis 0, the features at ``axis`` (not 0).
+      running_mean, running_var: [C] or None.
+      weight, bias: [C] or None.
+      training: batch statistics per virtual batch, running statistics updated.
+      momentum: the new batch's weight, the same for every virtual batch (a scalar), or one
+        per virtual batch (shape [N / virtual_batch_size]; e.g. ``1/(n + k)`` for the
+        cumulative average).
+      eps: added to the variance.
+      virtual_batch_size: examples per virtual batch; must divide N where batch statistics
+        are used.
+      axis: the feature axis. mask: as in :func:`batch_norm`.
+
+    Returns:
+      ``(y, new_running_mean, new_running_var)``.
+
+    Example:
+        >>> y, rm, rv = ghost_batch_norm(x, rm, rv, training=True, virtual_batch_size=32)
+    """
+    if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int | np.integer):
+        raise TypeError(
+            f"virtual_batch_size must be an int, not {type(virtual_batch_size).__name__} "
+            f"({virtual_batch_size!r})"
+        )
+    if virtual_batch_size < 1:
+        raise ValueError(f"virtual_batch_size must be positive, got {virtual_batch_size}")
+    x = jnp.asarray(x)
+    training = train_flag(training, "training")
+    if not training and running_mean is not None:
+        return batch_norm(
+            x, running_mean, running_var, weight, bias, False, momentum, eps, axis=axis, mask=mask
+        )
+    if x.ndim < 2 or _feature_axis(axis, x.ndim) == 0:
+        raise ValueError(
+            f"ghost_batch_norm splits the batch on axis 0, which must not be the feature axis "
+            f"(axis={axis}, input of shape {tuple(x.shape)})"
+        )
+    n = x.shape[0]
+    if n % virtual_batch_size:
+        raise ValueError(
+            f"virtual_batch_size={virtual_batch_size} does not divide the batch of {n} "
+            f"examples (input of shape {tuple(x.shape)}); pass a batch size that is a multiple "
+            "of it (e.g. drop the last partial batch)"
+        )
+    splits = n // virtual_batch_size
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must both be given or both be None")
+    if momentum is None:
+        raise ValueError(
+            "momentum=None (cumulative average) needs num_batches_tracked: use "
+            "jaxbn GhostBatchNorm, or pass one momentum per virtual batch, 1/(n + k)"
+        )
+    per_split = jnp.shape(momentum) != ()
+    if per_split and jnp.shape(momentum) != (splits,):
+        raise ValueError(
+            f"momentum of shape {jnp.shape(momentum)} given for {splits} virtual batches: "
+            f"pass a scalar or one value per virtual batch ({splits},)"
+        )
+    if running_mean is not None and not per_split and not isinstance(momentum, jax.Array):
+        check_momentum(momentum)
+    grouped = x.reshape(splits, virtual_batch_size, *x.shape[1:])
+    masks = _broadcast_mask(mask, x.shape)
+    masks = None if masks is None else masks.reshape(grouped.shape)
+
+    def one(xs, ms):
+        y, _, _, moments = batch_norm_with_moments(
+            xs, None, None, weight, bias, True, 0.0, eps, axis=axis, mask=ms
+        )
+        return y, moments
+
+    ys, moments = jax.vmap(one, in_axes=(0, None if masks is None else 0))(grouped, masks)
+    y = ys.reshape(x.shape)
+    if running_mean is None or not training:
+        return y, running_mean, running_var
+    _check_numel(x.shape[axis], running_mean=running_mean, running_var=running_var)
+    check_running_stat(running_mean, "running_mean", x.shape[axis])
+    check_running_stat(running_var, "running_var", x.shape[axis])
+    factors = jnp.broadcast_to(jnp.asarray(momentum), (splits,))
+
+    def update(stats, step):
+        split_moments, factor = step
+        return update_running(*stats, split_moments, factor), None
+
+    (new_mean, new_var), _ = jax.lax.scan(update, (running_mean, running_var), (moments, factors))
+    return y, new_mean, new_var
+
+
+def _check_clipping(r_max, d_max) -> None:
+    for name, value, low in (("r_max", r_max, 1), ("d_max", d_max, 0)):
+        if isinstance(value, jax.core.Tracer):
+            continue  # a schedule's traced value cannot be checked at trace time
+        if not is_real(value):
+            raise TypeError(f"{name} must be a float, not {type(value).__name__} ({value!r})")
+        if not float(value) >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")
+
+
+def _keras_running(running_mean, running_var, moments, momentum, eps):
+    """Keras 3's renorm update on (mean, var): the standard deviation is what is averaged."""
+    count, mean, var = (jax.lax.stop_gradient(a) for a in moments)
+    dtype = mean.dtype
+    std = (1 - momentum) * jnp.sqrt(running_var.astype(dtype) + eps) + momentum * jnp.sqrt(
+        var + eps
+    )
+    new_var = jnp.maximum(std * std - eps, 0)
+    new_mean = (1 - momentum) * running_mean.astype(dtype) + momentum * mean
+    new_mean = jnp.where(count > 0, new_mean, running_mean).astype(running_mean.dtype)
+    new_var = jnp.where(count > 0, new_var, running_var).astype(running_var.dtype)
+    return new_mean, new_var

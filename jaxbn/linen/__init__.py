@@ -7,6 +7,9 @@ from jaxbn.linen.batch_norm import (
     BatchNorm2d,
     BatchNorm3d,
 )
+from jaxbn.linen.batch_renorm import BatchRenorm, renorm_schedule
+from jaxbn.linen.frozen_batch_norm import FrozenBatchNorm
+from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
 from jaxbn.linen.group_norm import GroupNorm
 from jaxbn.linen.layer_norm import LayerNorm
 
@@ -16,6 +19,10 @@ __all__ = [
     "BatchNorm1d",
     "BatchNorm2d",
     "BatchNorm3d",
+    "BatchRenorm",
+    "FrozenBatchNorm",
+    "GhostBatchNorm",
     "GroupNorm",
     "LayerNorm",
+    "renorm_schedule",
 ]

@@ -125,8 +125,7 @@ class BatchNorm(nn.Module):
 
     def __post_init__(self) -> None:
         logic.check_batch_norm_fields(self.num_features, self.eps, self.momentum, self.axis)
-        logic.check_initializer(self.scale_init, "scale_init")
-        logic.check_initializer(self.bias_init, "bias_init")
+        logic.check_initializers(self.scale_init, self.bias_init)
         message = logic.momentum_convention_message(
             type(self).__name__, self.momentum, self.momentum_convention_checked
         )
@@ -202,22 +201,13 @@ class BatchNorm(nn.Module):
         return requested is not True and self.is_mutable_collection(MOMENTS_COLLECTION)
 
 
-class BatchNorm1d(BatchNorm):
-    """``torch.nn.BatchNorm1d``: input [N, C] or [N, L, C] (``axis=1``: [N, C] or [N, C, L])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (2, 3)
-    rank_message: ClassVar[str] = "expected 2D or 3D input (got {ndim}D input)"
+class BatchNorm1d(logic.Ranks1d, BatchNorm):
+    __doc__ = logic.Ranks1d.__doc__
 
 
-class BatchNorm2d(BatchNorm):
-    """``torch.nn.BatchNorm2d``: input [N, H, W, C] (``axis=1``: [N, C, H, W])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (4,)
-    rank_message: ClassVar[str] = "expected 4D input (got {ndim}D input)"
+class BatchNorm2d(logic.Ranks2d, BatchNorm):
+    __doc__ = logic.Ranks2d.__doc__
 
 
-class BatchNorm3d(BatchNorm):
-    """``torch.nn.BatchNorm3d``: input [N, D, H, W, C] (``axis=1``: [N, C, D, H, W])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (5,)
-    rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"
+class BatchNorm3d(logic.Ranks3d, BatchNorm):
+    __doc__ = logic.Ranks3d.__doc__

@@ -58,8 +58,7 @@ class GroupNorm(nn.Module):
 
     def __post_init__(self) -> None:
         logic.check_group_norm_fields(self.num_groups, self.num_channels, self.eps, self.axis)
-        logic.check_initializer(self.scale_init, "scale_init")
-        logic.check_initializer(self.bias_init, "bias_init")
+        logic.check_initializers(self.scale_init, self.bias_init)
         super().__post_init__()
 
     @nn.compact

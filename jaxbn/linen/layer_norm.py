@@ -54,8 +54,7 @@ class LayerNorm(nn.Module):
 
     def __post_init__(self) -> None:
         logic.check_layer_norm_fields(self.normalized_shape, self.eps)
-        logic.check_initializer(self.scale_init, "scale_init")
-        logic.check_initializer(self.bias_init, "bias_init")
+        logic.check_initializers(self.scale_init, self.bias_init)
         super().__post_init__()
 
     @nn.compact

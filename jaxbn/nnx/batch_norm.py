@@ -94,6 +94,16 @@ def resolve_mode(module: nnx.Module, train: Any, use_running_average: Any, attri
     return not train_flag(attribute, "use_running_average")
 
 
+def affine_params(affine: bool, shape, scale_init, bias_init, param_dtype, rngs):
+    """``(scale, bias)`` as ``nnx.Param`` of ``shape``, or both empty without ``affine``."""
+    if not affine:
+        return nnx.data(None), nnx.data(None)
+    key = None if rngs is None else rngs.params()
+    return nnx.Param(scale_init(key, shape, param_dtype)), nnx.Param(
+        bias_init(key, shape, param_dtype)
+    )
+
+
 class BatchNorm(nnx.Module):
     """Batch normalization with PyTorch's semantics over any input rank (see module docstring).
 
@@ -148,8 +158,7 @@ class BatchNorm(nnx.Module):
     ) -> None:
         check_feature_count(num_features, "num_features", allow_none=False)
         logic.check_batch_norm_fields(num_features, eps, momentum, axis)
-        logic.check_initializer(scale_init, "scale_init")
-        logic.check_initializer(bias_init, "bias_init")
+        logic.check_initializers(scale_init, bias_init)
         if use_running_average is not None:
             train_flag(use_running_average, "use_running_average")
         message = logic.momentum_convention_message(
@@ -177,13 +186,9 @@ class BatchNorm(nnx.Module):
         self.use_running_average = use_running_average
         self._report_moments = False
         shape = (self.num_features,)
-        if self.affine:
-            key = None if rngs is None else rngs.params()
-            self.scale = nnx.Param(scale_init(key, shape, param_dtype))
-            self.bias = nnx.Param(bias_init(key, shape, param_dtype))
-        else:
-            self.scale = nnx.data(None)
-            self.bias = nnx.data(None)
+        self.scale, self.bias = affine_params(
+            self.affine, shape, scale_init, bias_init, param_dtype, rngs
+        )
         if self.track_running_stats:
             self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
             self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
@@ -225,22 +230,13 @@ class BatchNorm(nnx.Module):
             self.use_running_average = train_flag(use_running_average, "use_running_average")
 
 
-class BatchNorm1d(BatchNorm):
-    """``torch.nn.BatchNorm1d``: input [N, C] or [N, L, C] (``axis=1``: [N, C] or [N, C, L])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (2, 3)
-    rank_message: ClassVar[str] = "expected 2D or 3D input (got {ndim}D input)"
+class BatchNorm1d(logic.Ranks1d, BatchNorm):
+    __doc__ = logic.Ranks1d.__doc__
 
 
-class BatchNorm2d(BatchNorm):
-    """``torch.nn.BatchNorm2d``: input [N, H, W, C] (``axis=1``: [N, C, H, W])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (4,)
-    rank_message: ClassVar[str] = "expected 4D input (got {ndim}D input)"
+class BatchNorm2d(logic.Ranks2d, BatchNorm):
+    __doc__ = logic.Ranks2d.__doc__
 
 
-class BatchNorm3d(BatchNorm):
-    """``torch.nn.BatchNorm3d``: input [N, D, H, W, C] (``axis=1``: [N, C, D, H, W])."""
-
-    expected_ranks: ClassVar[tuple[int, ...]] = (5,)
-    rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"
+class BatchNorm3d(logic.Ranks3d, BatchNorm):
+    __doc__ = logic.Ranks3d.__doc__

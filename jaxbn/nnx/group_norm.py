@@ -26,6 +26,7 @@ from flax import nnx
 from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core.checks import check_feature_count
+from jaxbn.nnx.batch_norm import affine_params
 
 __all__ = ["GroupNorm"]
 
@@ -62,19 +63,15 @@ class GroupNorm(nnx.Module):
     ) -> None:
         check_feature_count(num_channels, "num_channels", allow_none=False)
         logic.check_group_norm_fields(num_groups, num_channels, eps, axis)
-        logic.check_initializer(scale_init, "scale_init")
-        logic.check_initializer(bias_init, "bias_init")
+        logic.check_initializers(scale_init, bias_init)
         self.num_groups = int(num_groups)
         self.num_channels = int(num_channels)
         self.eps = eps
         self.affine = bool(affine)
         self.axis = axis
-        if self.affine:
-            key = None if rngs is None else rngs.params()
-            self.scale = nnx.Param(scale_init(key, (self.num_channels,), param_dtype))
-            self.bias = nnx.Param(bias_init(key, (self.num_channels,), param_dtype))
-        else:
-            self.scale = self.bias = nnx.data(None)
+        self.scale, self.bias = affine_params(
+            self.affine, (self.num_channels,), scale_init, bias_init, param_dtype, rngs
+        )
 
     def __call__(
         self, x: jax.Array, use_running_average: Any = None, *, train: Any = None

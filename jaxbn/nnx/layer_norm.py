@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
+from jaxbn.nnx.batch_norm import affine_params
 
 __all__ = ["LayerNorm"]
 
@@ -57,17 +58,13 @@ class LayerNorm(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> None:
         logic.check_layer_norm_fields(normalized_shape, eps)
-        logic.check_initializer(scale_init, "scale_init")
-        logic.check_initializer(bias_init, "bias_init")
+        logic.check_initializers(scale_init, bias_init)
         self.normalized_shape = functional._as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
-        if self.elementwise_affine:
-            key = None if rngs is None else rngs.params()
-            self.scale = nnx.Param(scale_init(key, self.normalized_shape, param_dtype))
-            self.bias = nnx.Param(bias_init(key, self.normalized_shape, param_dtype))
-        else:
-            self.scale = self.bias = nnx.data(None)
+        self.scale, self.bias = affine_params(
+            self.elementwise_affine, self.normalized_shape, scale_init, bias_init, param_dtype, rngs
+        )
 
     def __call__(
         self, x: jax.Array, use_running_average: Any = None, *, train: Any = None

@@ -11,6 +11,12 @@ from jaxbn.tools.fold import (
     fuse_conv_bn_weights,
     fuse_dense_bn_weights,
 )
+from jaxbn.tools.freeze import (
+    FreezeResult,
+    FrozenModel,
+    freeze_batch_norm,
+    unfreeze_batch_norm,
+)
 from jaxbn.tools.inspect_bn import BatchNormReport, inspect_batchnorm
 from jaxbn.tools.update_bn import update_bn
 
@@ -18,12 +24,16 @@ __all__ = [
     "BatchNormReport",
     "FoldResult",
     "FoldedModel",
+    "FreezeResult",
+    "FrozenModel",
     "fold_batch_norm",
     "fold_batch_norm_variables",
+    "freeze_batch_norm",
     "from_flax_batch_norm",
     "fuse_conv_bn_weights",
     "fuse_dense_bn_weights",
     "inspect_batchnorm",
     "interop",
+    "unfreeze_batch_norm",
     "update_bn",
 ]

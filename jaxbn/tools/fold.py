@@ -83,18 +83,9 @@ def fuse_conv_bn_weights(
     return new_kernel, new_bias
 
 
-def fuse_dense_bn_weights(
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    mean: jax.Array,
-    var: jax.Array,
-    eps: float,
-    scale: jax.Array | None,
-    bn_bias: jax.Array | None,
-) -> tuple[jax.Array, jax.Array]:
-    """Dense kernel [I, O] and bias [O] with a following batch norm folded in (see
-    :func:`fuse_conv_bn_weights`; the output axis is last in both layouts)."""
-    return fuse_conv_bn_weights(kernel, bias, mean, var, eps, scale, bn_bias)
+#: Dense kernel [I, O] and bias [O] with a following batch norm folded in: the same function
+#: as :func:`fuse_conv_bn_weights` (the output axis is last in both Flax layouts).
+fuse_dense_bn_weights = fuse_conv_bn_weights
 
 
 class _ModelAndVariables(NamedTuple):

@@ -1,0 +1,264 @@
+"""Flax module ``BatchRenorm``: Batch Renormalization (Ioffe 2017) over any input rank.
+
+Per feature c, with the running ``μ_c`` and ``σ_c = sqrt(var_c + eps)``::
+
+    train:  r = stop_gradient(clip(σ_B / σ, 1/r_max, r_max))
+            d = stop_gradient(clip((μ_B − μ) / σ, −d_max, d_max))
+            y = (x − μ_B) / σ_B · (scale · r) + (scale · d + bias)      σ_B = sqrt(σ²_B + eps)
+    eval:   y = (x − μ) / σ · scale + bias                              (BatchNorm's eval)
+
+``μ_B`` and ``σ²_B`` are the batch's mean and biased variance (merged over devices with
+``axis_name``, so ``r`` and ``d`` are the same on every device). Gradients flow through the
+batch statistics as in batch norm, not through ``r`` and ``d``. Training therefore computes the
+eval function up to the clipping: with small or non-i.i.d. batches the model does not learn to
+depend on the batch. ``r_max=1, d_max=0`` is :class:`jaxbn.BatchNorm` exactly; the paper trains
+that way for a warm-up (``warmup_steps``, counted by ``num_batches_tracked``) and then relaxes
+the clipping (:func:`renorm_schedule`, or any per-call ``r_max=``/``d_max=``, traced values
+welcome: no retrace when they change).
+
+Variables: a ``BatchNorm``'s tree (``params: scale, bias``; ``batch_stats: mean, var,
+num_batches_tracked``), so checkpoints, ``fold_batch_norm``, ``update_bn``, interop and
+``freeze_batch_norm`` treat it as one. With ``update_rule="torch"`` (default) the running
+statistics follow PyTorch's BatchNorm rule (mean and **unbiased** variance, ``momentum`` the
+weight of the new batch); the paper's single pair (μ, σ) drives both the correction and eval.
+
+Relation to Keras 3 ``BatchNormalization(renorm=True)``, which is reproduced exactly (outputs,
+gradients, moving statistics) with ``update_rule="keras"``:
+
+================================  ===================================================
+Keras                             jaxbn
+================================  ===================================================
+``momentum=0.99`` (old weight)    ``momentum=0.01`` (new weight): ``1 − momentum``
+``renorm_momentum``               must equal ``momentum`` (Keras's default): jaxbn keeps one
+                                  pair; Keras's ``renorm_mean/renorm_stddev`` are then its
+                                  ``moving_mean/moving_stddev``
+``epsilon=1e-3``                  ``eps`` (default 1e-5, PyTorch's): pass ``eps=1e-3``
+``renorm_clipping`` rmax/rmin/dmax ``r_max=R`` is ``{"rmax": R, "rmin": 1/R}``; ``d_max`` is
+                                  ``"dmax"``; a missing key is ``float("inf")``
+moving stddev averaged, biased    ``update_rule="keras"``: ``sqrt(var + eps)`` averaged with
+                                  ``σ_B``, stored as ``var = std² − eps`` (Keras's
+                                  ``moving_variance``); ``"torch"`` averages the unbiased var
+``moving_stddev`` starts at 1     ``var`` starts at 1: Keras's first ``σ`` is ``1``, jaxbn's
+                                  ``sqrt(1 + eps)``; set ``var = 1 − eps`` to follow it bit
+                                  for bit (only the first steps differ, by O(eps))
+``gamma, beta``                   ``scale, bias``
+================================  ===================================================
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> bn = jaxbn.BatchRenorm(8, r_max=3.0, d_max=5.0, warmup_steps=5000)
+    >>> x = jnp.ones((4, 8))                                           # [N, C]
+    >>> variables = bn.init(jax.random.key(0), x, train=False)
+    >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> r_max, d_max = jaxbn.renorm_schedule(step)                    # the paper's relaxation
+    >>> y, updates = bn.apply(variables, x, train=True, r_max=r_max, d_max=d_max,
+    ...                       mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn import functional
+from jaxbn._core.checks import (
+    check_axis,
+    check_eps,
+    check_feature_count,
+    check_momentum,
+    check_running_stat,
+    is_real,
+    train_flag,
+)
+from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
+from jaxbn.sync import current_sync
+
+__all__ = ["BatchRenorm", "renorm_schedule"]
+
+
+def renorm_schedule(
+    step: int | jax.Array,
+    *,
+    r_max: float = 3.0,
+    d_max: float = 5.0,
+    warmup_steps: int = 5000,
+    r_max_steps: int = 40000,
+    d_max_steps: int = 25000,
+) -> tuple[jax.Array, jax.Array]:
+    """The paper's clipping schedule: ``(r_max, d_max)`` at training step ``step``.
+
+    ``r_max = 1, d_max = 0`` (plain batch norm) for the first ``warmup_steps`` steps, then
+    linearly relaxed to reach ``r_max`` at step ``r_max_steps`` and ``d_max`` at
+    ``d_max_steps`` (Ioffe 2017, §4: 5000, 40k and 25k steps for 3 and 5). ``step`` may be
+    traced (e.g. an optimizer's step count, or ``num_batches_tracked``).
+    """
+    step = jnp.asarray(step, jnp.float32)
+
+    def ramp(final: float, start_value: float, end: int) -> jax.Array:
+        span = max(end - warmup_steps, 1)
+        progress = jnp.clip((step - warmup_steps) / span, 0.0, 1.0)
+        return start_value + (final - start_value) * progress
+
+    return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
+
+
+class BatchRenorm(nn.Module):
+    """Batch Renormalization with PyTorch-style fields (see the module docstring).
+
+    Attributes:
+      num_features: C, the size of the feature axis; inferred from the input when None.
+      eps: added to the variances (PyTorch's 1e-5; Keras's is 1e-3).
+      momentum: weight of the new batch in the running averages (PyTorch's meaning; Keras's
+        ``momentum`` is ``1 − momentum``); None = cumulative average.
+      affine: learn ``scale`` (init 1) and ``bias`` (init 0).
+      axis: the feature axis (-1 channels-last; 1 for NC...).
+      axis_name: mapped axis to merge the batch statistics over (training only), count-weighted
+        like :class:`jaxbn.BatchNorm`. Unset: ``jaxbn.sync_batch_norm`` decides.
+      axis_index_groups: device groups within ``axis_name`` (pmap only).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of ``scale``, ``bias`` and the running statistics.
+      r_max: ``r`` is clipped to ``[1/r_max, r_max]`` (≥ 1; paper's final value 3).
+      d_max: ``d`` is clipped to ``[−d_max, d_max]`` (≥ 0; paper's final value 5).
+      warmup_steps: the first ``warmup_steps`` training steps (by ``num_batches_tracked``)
+        use ``r_max=1, d_max=0``: plain batch norm while the running statistics settle.
+      update_rule: ``"torch"`` (PyTorch's running update) or ``"keras"`` (Keras 3's).
+      scale_init, bias_init: Flax initializers ``(key, shape, dtype)``.
+      momentum_convention_checked: silences the warning a momentum above 0.5 gets.
+
+    Call:
+      ``x``: [N, ..., C]; ``train`` (keyword, required); optional ``mask`` (as BatchNorm's);
+      optional ``r_max``, ``d_max``: this call's clipping (floats or traced scalars, e.g. from
+      :func:`renorm_schedule`), replacing the fields and the warm-up.
+    """
+
+    num_features: int | None = None
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    axis: int = -1
+    axis_name: str | Sequence[str] | None = None
+    axis_index_groups: Any = None
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    r_max: float = 3.0
+    d_max: float = 5.0
+    warmup_steps: int = 0
+    update_rule: str = "torch"
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    momentum_convention_checked: bool = False
+
+    def __post_init__(self) -> None:
+        check_feature_count(self.num_features, "num_features")
+        check_eps(self.eps)
+        check_momentum(self.momentum)
+        check_axis(self.axis)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
+        functional._check_clipping(self.r_max, self.d_max)
+        check_feature_count(self.warmup_steps, "warmup_steps", allow_none=False)
+        if self.update_rule not in ("torch", "keras"):
+            raise ValueError(f"update_rule must be 'torch' or 'keras', got {self.update_rule!r}")
+        m = self.momentum
+        if m is not None and m > 0.5 and not self.momentum_convention_checked:
+            warn_momentum_convention(
+                f"jaxbn.BatchRenorm(momentum={m}): jaxbn follows PyTorch, where momentum is "
+                f"the weight of the new batch (default 0.1), so {m} keeps only {1 - m:.3g} of "
+                f"the old value. Keras and Flax use the weight of the old value (Keras's "
+                f"momentum=0.99 is jaxbn's 0.01): pass momentum={1 - m:.6g}, or "
+                f"momentum_convention_checked=True if {m} is meant."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool,
+        mask: jax.Array | None = None,
+        r_max: float | jax.Array | None = None,
+        d_max: float | jax.Array | None = None,
+    ) -> jax.Array:
+        train = train_flag(train)
+        x = jnp.asarray(x)
+        ax = functional._feature_axis(self.axis, x.ndim)
+        features = self.num_features if self.num_features is not None else x.shape[ax]
+        weight = bias = None
+        if self.affine:
+            weight = self.param("scale", self.scale_init, (features,), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        elif x.shape[ax] != features:
+            raise ValueError(
+                f"expected {features} features on axis {self.axis}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        mean_v = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), self.param_dtype)
+        )
+        var_v = self.variable("batch_stats", "var", lambda: jnp.ones((features,), self.param_dtype))
+        count_v = self.variable(
+            "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
+        )
+        where = "/".join(("batch_stats", *self.path))
+        check_running_stat(mean_v.value, f"{where}/mean", features)
+        check_running_stat(var_v.value, f"{where}/var", features)
+        count = count_v.value
+        if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+            raise TypeError(f"{where}/num_batches_tracked must be an integer scalar")
+
+        initializing = self.is_initializing()
+        if not train or initializing:
+            # init: variables are created outside any mapped axis, on whatever slice is at
+            # hand; its statistics are never kept, so eval's formula serves.
+            y = functional.batch_renorm(
+                x, mean_v.value, var_v.value, weight, bias, False, 0.0, self.eps, axis=self.axis
+            )[0]
+            return y.astype(self.dtype) if self.dtype is not None else y
+
+        momentum = self.momentum
+        if momentum is None:  # cumulative average; in float, an int32 count + 1 could wrap
+            momentum = 1.0 / (count.astype(mean_v.value.dtype) + 1)
+        r_max, d_max = self._clipping(r_max, d_max, count)
+        axis_name, axis_index_groups = self.axis_name, self.axis_index_groups
+        sync = current_sync()
+        if axis_name is None and sync is not None:
+            axis_name, axis_index_groups = sync
+        y, mean_v.value, var_v.value = functional.batch_renorm(
+            x,
+            mean_v.value,
+            var_v.value,
+            weight,
+            bias,
+            True,
+            momentum,
+            self.eps,
+            r_max=r_max,
+            d_max=d_max,
+            axis=self.axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            update_rule=self.update_rule,
+        )
+        count_v.value = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+    def _clipping(self, r_max, d_max, count) -> tuple[Any, Any]:
+        """This call's ``(r_max, d_max)``: the call's values, else the fields after warm-up."""
+        for name, value in (("r_max", r_max), ("d_max", d_max)):
+            if value is not None and not isinstance(value, jax.core.Tracer) and not is_real(value):
+                raise TypeError(f"{name} must be a float, not {type(value).__name__}")
+        if r_max is not None or d_max is not None:
+            return (
+                self.r_max if r_max is None else r_max,
+                self.d_max if d_max is None else d_max,
+            )
+        if not self.warmup_steps:
+            return self.r_max, self.d_max
+        warm = count >= self.warmup_steps
+        return jnp.where(warm, self.r_max, 1.0), jnp.where(warm, self.d_max, 0.0)

@@ -1,0 +1,124 @@
+"""Flax module ``FrozenBatchNorm``: batch norm with every statistic and parameter constant.
+
+torchvision's and detectron2's ``FrozenBatchNorm2d``, over any rank::
+
+    y = (x − mean) · rsqrt(var + eps) · scale + bias          (train and eval alike)
+
+``mean``, ``var``, ``scale`` and ``bias`` are read from a :class:`jaxbn.BatchNorm`'s variables
+tree (``params: scale, bias``; ``batch_stats: mean, var, num_batches_tracked``) and are
+constants: ``stop_gradient`` gives them zero gradients, and nothing is ever updated (``train``
+is accepted and ignored, so the module drops into code that passes it). The gradient with
+respect to ``x`` flows as through an affine map. Checkpoints move freely between a
+``BatchNorm`` and a ``FrozenBatchNorm`` with the same fields; :func:`jaxbn.freeze_batch_norm`
+turns every batch norm of a model into this without rebuilding it.
+
+Relation to PyTorch: ``torchvision.ops.FrozenBatchNorm2d(C)`` (``eps=1e-5``, its buffers
+``weight, bias, running_mean, running_var`` are ``scale, bias, mean, var`` here), or a
+``BatchNorm2d`` in ``eval()`` with ``requires_grad_(False)``. torchvision computes
+``x · (w·rsqrt(rv+eps)) + (b − rm·w·rsqrt(rv+eps))``: the same numbers up to rounding.
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> bn = jaxbn.FrozenBatchNorm(8)
+    >>> variables = bn.init(jax.random.key(0), jnp.ones((2, 8)))   # a BatchNorm's tree
+    >>> y = bn.apply(variables, jnp.ones((2, 8)), train=True)       # no mutable needed
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn import functional
+from jaxbn._core.checks import check_axis, check_eps, check_feature_count, check_running_stat
+from jaxbn.linen.batch_norm import Initializer, check_initializer
+
+__all__ = ["FrozenBatchNorm", "frozen_batch_norm"]
+
+
+def frozen_batch_norm(
+    x: jax.Array,
+    mean: jax.Array,
+    var: jax.Array,
+    scale: jax.Array | None,
+    bias: jax.Array | None,
+    eps: float = 1e-5,
+    *,
+    axis: int = -1,
+    mask: jax.Array | None = None,
+) -> jax.Array:
+    """``(x − mean) · rsqrt(var + eps) · scale + bias`` with ``mean, var, scale, bias``
+    constant (no gradient). x: [N, ..., C]; the others [C] (``scale``/``bias`` may be None)."""
+    constant = lambda a: None if a is None else jax.lax.stop_gradient(a)
+    y, _, _ = functional.batch_norm(
+        x,
+        constant(mean),
+        constant(var),
+        constant(scale),
+        constant(bias),
+        False,
+        0.0,
+        eps,
+        axis=axis,
+        mask=mask,
+    )
+    return y
+
+
+class FrozenBatchNorm(nn.Module):
+    """Frozen batch norm (see module docstring): a BatchNorm's variables, all constant.
+
+    Attributes:
+      num_features: C; inferred from the input when None.
+      eps: added to the variance (torchvision's 1e-5).
+      affine: whether ``params: scale, bias`` exist (as the BatchNorm it replaces).
+      axis: the feature axis (-1 channels-last; 1 for NC...).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of the variables created at init.
+      scale_init, bias_init: initializers at init (a frozen module is usually loaded instead).
+
+    Call:
+      ``x``: [N, ..., C]; ``train`` accepted and ignored; optional ``mask``.
+    """
+
+    num_features: int | None = None
+    eps: float = 1e-5
+    affine: bool = True
+    axis: int = -1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+
+    def __post_init__(self) -> None:
+        check_feature_count(self.num_features, "num_features")
+        check_eps(self.eps)
+        check_axis(self.axis)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
+    ) -> jax.Array:
+        del train  # the same in train and eval
+        x = jnp.asarray(x)
+        ax = functional._feature_axis(self.axis, x.ndim)
+        features = self.num_features if self.num_features is not None else x.shape[ax]
+        scale = bias = None
+        if self.affine:
+            scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        zeros = lambda: jnp.zeros((features,), self.param_dtype)
+        mean = self.variable("batch_stats", "mean", zeros).value
+        var = self.variable("batch_stats", "var", lambda: jnp.ones_like(zeros())).value
+        self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+        where = "/".join(("batch_stats", *self.path))
+        check_running_stat(mean, f"{where}/mean", features)
+        check_running_stat(var, f"{where}/var", features)
+        y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
+        return y.astype(self.dtype) if self.dtype is not None else y

@@ -1,0 +1,189 @@
+"""Flax module ``GhostBatchNorm``: batch norm over virtual batches (Hoffer et al. 2017).
+
+In training, the batch (axis 0) is cut into runs of ``virtual_batch_size`` examples and each
+is normalized with its own statistics — the noise of a small batch (its regularizing effect)
+with the throughput of a large one::
+
+    train:  y[k] = (x[k] − μ_k) / sqrt(σ²_k + eps) · scale + bias      k-th virtual batch
+    eval:   y    = (x − mean) / sqrt(var + eps) · scale + bias           (BatchNorm's eval)
+
+The running statistics are updated once per virtual batch, in order, and
+``num_batches_tracked`` counts virtual batches: exactly what PyTorch's buffers hold after
+``torch.cat([bn(s) for s in x.split(virtual_batch_size)])`` (``momentum=None`` too). A batch
+size that ``virtual_batch_size`` does not divide is refused in training (drop the last
+partial batch); eval takes any size. ``virtual_batch_size = N`` is :class:`jaxbn.BatchNorm`.
+
+Devices: virtual batches are local by design — there is no ``axis_name`` and the
+``jaxbn.sync_batch_norm`` switch is ignored; each device normalizes its own virtual batches,
+as Keras 2/TF's ``virtual_batch_size`` did per replica. The running statistics then differ per
+device (like PyTorch DDP without SyncBatchNorm): average them with ``jaxbn.sync_batch_stats``
+(or keep device 0's) before eval or checkpointing.
+
+Variables: a ``BatchNorm``'s tree, so checkpoints and tools treat it as one.
+
+Relation to Keras 2 / TF1 ``BatchNormalization(virtual_batch_size=v)``: the same
+normalization; its moving averages are updated once per batch with the virtual batches'
+averaged statistics, here once per virtual batch (PyTorch's rule, as split by split).
+
+Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> bn = jaxbn.GhostBatchNorm(8, virtual_batch_size=32)
+    >>> x = jnp.ones((128, 8))                              # 4 virtual batches of 32
+    >>> variables = bn.init(jax.random.key(0), x, train=False)
+    >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxbn import functional
+from jaxbn._core.checks import (
+    check_axis,
+    check_eps,
+    check_feature_count,
+    check_momentum,
+    check_running_stat,
+    train_flag,
+)
+from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(nn.Module):
+    """Batch norm with statistics over virtual batches in training (see module docstring).
+
+    Attributes:
+      num_features: C; inferred from the input when None.
+      virtual_batch_size: examples per virtual batch (required); must divide the batch size
+        in training.
+      eps: added to the variance.
+      momentum: weight of each virtual batch in the running average; None = cumulative.
+      affine: learn ``scale`` and ``bias``.
+      track_running_stats: keep ``batch_stats``; if False, eval splits and uses batch
+        statistics too (as PyTorch would, split by split).
+      axis: the feature axis (not 0, the batch axis).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of the parameters and running statistics.
+      scale_init, bias_init: Flax initializers.
+      momentum_convention_checked: silences the warning a momentum above 0.5 gets.
+
+    Call:
+      ``x``: [N, ..., C]; ``train`` (keyword, required); optional ``mask``.
+    """
+
+    num_features: int | None = None
+    virtual_batch_size: int | None = None
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    affine: bool = True
+    track_running_stats: bool = True
+    axis: int = -1
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+    scale_init: Initializer = nn.initializers.ones
+    bias_init: Initializer = nn.initializers.zeros
+    momentum_convention_checked: bool = False
+
+    def __post_init__(self) -> None:
+        check_feature_count(self.num_features, "num_features")
+        if self.virtual_batch_size is None:
+            raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
+        check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
+        if self.virtual_batch_size < 1:
+            raise ValueError(f"virtual_batch_size must be positive, got {self.virtual_batch_size}")
+        check_eps(self.eps)
+        check_momentum(self.momentum)
+        check_axis(self.axis)
+        check_initializer(self.scale_init, "scale_init")
+        check_initializer(self.bias_init, "bias_init")
+        m = self.momentum
+        if m is not None and m > 0.5 and not self.momentum_convention_checked:
+            warn_momentum_convention(
+                f"jaxbn.GhostBatchNorm(momentum={m}): jaxbn follows PyTorch, where momentum "
+                f"is the weight of the new batch (default 0.1), so {m} keeps only "
+                f"{1 - m:.3g} of the old value. Flax and Keras use the weight of the old "
+                f"value (Flax's momentum=0.9 is jaxbn's 0.1): pass momentum={1 - m:.6g}, or "
+                f"momentum_convention_checked=True if {m} is meant."
+            )
+        super().__post_init__()
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        train = train_flag(train)
+        x = jnp.asarray(x)
+        ax = functional._feature_axis(self.axis, x.ndim)
+        features = self.num_features if self.num_features is not None else x.shape[ax]
+        weight = bias = None
+        if self.affine:
+            weight = self.param("scale", self.scale_init, (features,), self.param_dtype)
+            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
+        elif x.shape[ax] != features:
+            raise ValueError(
+                f"expected {features} features on axis {self.axis}, "
+                f"got input of shape {tuple(x.shape)}"
+            )
+        mean = var = count = None
+        if self.track_running_stats:
+            zeros = lambda: jnp.zeros((features,), self.param_dtype)
+            mean_v = self.variable("batch_stats", "mean", zeros)
+            var_v = self.variable("batch_stats", "var", lambda: jnp.ones_like(zeros()))
+            count_v = self.variable(
+                "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
+            )
+            mean, var, count = mean_v.value, var_v.value, count_v.value
+            where = "/".join(("batch_stats", *self.path))
+            check_running_stat(mean, f"{where}/mean", features)
+            check_running_stat(var, f"{where}/var", features)
+            if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+                raise TypeError(f"{where}/num_batches_tracked must be an integer scalar")
+
+        if self.is_initializing():
+            # init runs on whatever slice is at hand (any batch size); nothing is kept.
+            y = functional.batch_norm_with_moments(
+                x,
+                mean,
+                var,
+                weight,
+                bias,
+                mean is None,
+                0.0,
+                self.eps,
+                axis=self.axis,
+                check_count=False,
+            )[0]
+            return y.astype(self.dtype) if self.dtype is not None else y
+
+        updating = train and mean is not None
+        momentum = self.momentum
+        splits = x.shape[0] // self.virtual_batch_size
+        if updating and momentum is None:
+            # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
+            step = jnp.arange(1, splits + 1, dtype=mean.dtype)
+            momentum = 1.0 / (count.astype(mean.dtype) + step)
+        elif momentum is None:
+            momentum = 0.0  # unused
+        y, new_mean, new_var = functional.ghost_batch_norm(
+            x,
+            mean,
+            var,
+            weight,
+            bias,
+            train,
+            momentum,
+            self.eps,
+            virtual_batch_size=self.virtual_batch_size,
+            axis=self.axis,
+            mask=mask,
+        )
+        if updating:
+            mean_v.value, var_v.value = new_mean, new_var
+            top = jnp.iinfo(count.dtype).max
+            # Saturates instead of wrapping.
+            count_v.value = jnp.where(count > top - splits, top, count + splits).astype(count.dtype)
+        return y.astype(self.dtype) if self.dtype is not None else y

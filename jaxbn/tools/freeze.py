@@ -1,0 +1,210 @@
+"""Freezing every batch norm of a model for fine-tuning, and back, without rebuilding it.
+
+``freeze_batch_norm(model, variables)`` returns the model wrapped so that each jaxbn batch norm
+(``BatchNorm`` and its 1d/2d/3d and Flax-spelled forms, ``BatchRenorm``, ``GhostBatchNorm``)
+computes :func:`jaxbn.linen.frozen_batch_norm.frozen_batch_norm` instead — torchvision's
+``FrozenBatchNorm2d``: ``y = (x − mean)·rsqrt(var + eps)·scale + bias`` with its own variables,
+constant, in train and eval alike — the counterpart of detectron2's
+``FrozenBatchNorm2d.convert_frozen_batchnorm(model)`` or of putting PyTorch's BNs in
+``eval()`` with ``requires_grad_(False)``. The variables tree is unchanged (the same arrays, the
+same names), so checkpoints move freely between the frozen and the original model, and
+``unfreeze_batch_norm`` gives the original model back.
+
+Frozen parameters get a zero gradient. An optimizer still moves a parameter with a zero
+gradient if it has weight decay or momentum left over; the result's ``param_labels`` (one
+``"frozen"`` / ``"trainable"`` per leaf of ``variables["params"]``) leaves them alone::
+
+    result = jaxbn.freeze_batch_norm(model, variables)
+    frozen_model, variables = result
+    tx = optax.multi_transform(
+        {"trainable": optax.adamw(1e-4), "frozen": optax.set_to_zero()}, result.param_labels
+    )
+    # loss = f(frozen_model.apply(variables, x, train=True)): no mutable=["batch_stats"] needed
+
+Example:
+    >>> result = jaxbn.freeze_batch_norm(model, variables)
+    >>> frozen_model, same_variables = result
+    >>> frozen_model.apply(variables, x, train=True)      # BNs use their running statistics
+    >>> model, _ = jaxbn.unfreeze_batch_norm(frozen_model, variables)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import flax.core
+import flax.linen as nn
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+
+from jaxbn.linen.batch_norm import BatchNorm
+from jaxbn.linen.batch_renorm import BatchRenorm
+from jaxbn.linen.frozen_batch_norm import frozen_batch_norm
+from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
+from jaxbn.tools._tree import batch_norm_layers
+
+__all__ = ["FreezeResult", "FrozenModel", "freeze_batch_norm", "unfreeze_batch_norm"]
+
+#: the module classes whose calls a :class:`FrozenModel` replaces.
+FREEZABLE = (BatchNorm, BatchRenorm, GhostBatchNorm)
+
+
+class _ModelAndVariables(NamedTuple):
+    model: nn.Module
+    variables: dict[str, Any]
+
+
+class FreezeResult(_ModelAndVariables):
+    """What :func:`freeze_batch_norm` / :func:`unfreeze_batch_norm` return: unpacks as
+    ``(model, variables)``.
+
+    Attributes:
+      model: the (un)frozen model.
+      variables: the variables, unchanged.
+      frozen: ``/``-joined paths of the batch norms that are frozen (found in ``variables``).
+      param_labels: ``variables["params"]``'s tree with ``"frozen"`` for the frozen batch
+        norms' ``scale``/``bias`` and ``"trainable"`` elsewhere: the labels for
+        ``optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)``.
+    """
+
+    frozen: tuple[str, ...]
+    param_labels: Any
+
+    def __new__(
+        cls,
+        model: nn.Module,
+        variables: dict[str, Any],
+        frozen: tuple[str, ...] = (),
+        param_labels: Any = None,
+    ) -> FreezeResult:
+        self = super().__new__(cls, model, variables)
+        self.frozen = tuple(frozen)
+        self.param_labels = param_labels
+        return self
+
+    def __repr__(self) -> str:
+        return f"FreezeResult(model={type(self.model).__name__}(...), frozen={self.frozen!r})"
+
+
+class FrozenModel(nn.Module):
+    """``model`` with its jaxbn batch norms computing frozen batch norm (see module docstring).
+
+    Attributes:
+      model: the original model; its variable names are kept (not nested under ``model``).
+      frozen: ``/``-joined paths (relative to ``model``) of the batch norms to freeze, or None
+        for every one.
+    """
+
+    model: nn.Module
+    frozen: tuple[str, ...] | None = None
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        base = tuple(self.scope.path)
+        chosen = None if self.frozen is None else {tuple(p.split("/")) for p in self.frozen}
+
+        def freeze(next_fun, args, kwargs, context):
+            module = context.module
+            if context.method_name != "__call__" or not isinstance(module, FREEZABLE):
+                return next_fun(*args, **kwargs)
+            path = tuple(module.scope.path)
+            relative = path[len(base) :] if path[: len(base)] == base else path
+            if (chosen is not None and relative not in chosen) or module.is_initializing():
+                return next_fun(*args, **kwargs)
+            return _frozen_call(module, "/".join(relative), args, kwargs)
+
+        with nn.intercept_methods(freeze):
+            return self.model(*args, **kwargs)
+
+
+def _frozen_call(module: nn.Module, where: str, args: tuple, kwargs: dict) -> jax.Array:
+    x = jnp.asarray(args[0] if args else kwargs["x"])
+    if not getattr(module, "track_running_stats", True) or not module.has_variable(
+        "batch_stats", "mean"
+    ):
+        raise ValueError(
+            f"cannot freeze the batch norm at {where or '(top)'}: it has no running statistics "
+            "(track_running_stats=False); leave it out with freeze_batch_norm(..., where=...)"
+        )
+    ranks = getattr(module, "expected_ranks", None)
+    if ranks is not None and x.ndim not in ranks:
+        raise ValueError(module.rank_message.format(ndim=x.ndim))
+    read = lambda name: (
+        module.get_variable("params", name) if module.has_variable("params", name) else None
+    )
+    y = frozen_batch_norm(
+        x,
+        module.get_variable("batch_stats", "mean"),
+        module.get_variable("batch_stats", "var"),
+        read("scale"),
+        read("bias"),
+        module.eps,
+        axis=module.axis,
+        mask=kwargs.get("mask"),
+    )
+    return y.astype(module.dtype) if module.dtype is not None else y
+
+
+def freeze_batch_norm(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    *,
+    where: Callable[[str], bool] | None = None,
+) -> FreezeResult:
+    """The model with its batch norms frozen, the same variables, and optimizer labels.
+
+    Args:
+      model: a Flax linen model using jaxbn batch norms (or a :class:`FrozenModel`: its
+        selection grows).
+      variables: its variables (unchanged; read for the labels and the paths).
+      where: optional filter on the ``/``-joined batch norm path (``lambda p:
+        p.startswith("backbone")``); default every batch norm, and one without running
+        statistics is then an error when the model runs.
+
+    Returns:
+      A :class:`FreezeResult` ``(frozen_model, variables)`` with ``.frozen`` and
+      ``.param_labels``.
+
+    Raises:
+      ValueError: ``where`` selects no batch norm with running statistics.
+    """
+    layers = ["/".join(path) for path, _, _ in batch_norm_layers(variables)]
+    previous: tuple[str, ...] | None = ()
+    if isinstance(model, FrozenModel):
+        model, previous = model.model, model.frozen
+    if where is None or previous is None:
+        selection = None
+        frozen = tuple(layers)
+    else:
+        chosen = [p for p in layers if where(p)]
+        if not chosen:
+            raise ValueError(
+                f"where= selects none of the batch norms with running statistics "
+                f"({', '.join(layers) or 'none found in variables'})"
+            )
+        selection = tuple(dict.fromkeys((*previous, *chosen)))
+        frozen = selection
+    labels = _labels(variables, frozen)
+    return FreezeResult(FrozenModel(model, selection), dict(variables), frozen, labels)
+
+
+def unfreeze_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> FreezeResult:
+    """The original model of a :func:`freeze_batch_norm` result (a model that is not frozen
+    comes back as it is), the same variables, and every parameter labelled ``"trainable"``."""
+    if isinstance(model, FrozenModel):
+        model = model.model
+    return FreezeResult(model, dict(variables), (), _labels(variables, ()))
+
+
+def _labels(variables: Mapping[str, Any], frozen: tuple[str, ...]) -> Any:
+    params = flax.core.unfreeze(variables.get("params", {}))
+    if not params:
+        return {}
+    chosen = {tuple(p.split("/")) for p in frozen}
+    flat = flax.traverse_util.flatten_dict(params)
+    labels = {key: "frozen" if key[:-1] in chosen else "trainable" for key in flat}
+    return flax.traverse_util.unflatten_dict(labels)
