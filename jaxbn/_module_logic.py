@@ -53,6 +53,8 @@ __all__ = [
     "group_norm_channels",
     "input_features",
     "momentum_convention_message",
+    "next_count",
+    "sync_axis",
     "warn_momentum_convention",
 ]
 
@@ -219,11 +221,13 @@ def input_features(module: Any, x: jax.Array) -> tuple[jax.Array, int]:
     Without parameters nor statistics nothing else would notice a wrong C: checked here.
     """
     x = jnp.asarray(x)
-    if module.expected_ranks is not None and x.ndim not in module.expected_ranks:
+    ranks = getattr(module, "expected_ranks", None)  # set by the 1d/2d/3d classes
+    if ranks is not None and x.ndim not in ranks:
         raise ValueError(module.rank_message.format(ndim=x.ndim))
     ax = functional._feature_axis(module.axis, x.ndim)
     features = module.num_features if module.num_features is not None else x.shape[ax]
-    if not (module.affine or module.track_running_stats) and x.shape[ax] != features:
+    tracking = getattr(module, "track_running_stats", True)
+    if not (module.affine or tracking) and x.shape[ax] != features:
         raise ValueError(
             f"expected {features} features on axis {module.axis}, "
             f"got input of shape {tuple(x.shape)}"
@@ -292,7 +296,7 @@ def batch_norm_call(
         momentum = 1.0 / (stats.num_batches_tracked.astype(stats.mean.dtype) + 1)
     elif momentum is None:
         momentum = 0.0  # unused: nothing is updated
-    axis_name, axis_index_groups = _sync_axis(module, synced=train and not initializing)
+    axis_name, axis_index_groups = sync_axis(module, synced=train and not initializing)
     y, new_mean, new_var, moments = functional.batch_norm_with_moments(
         x,
         None if stats is None else stats.mean,
@@ -313,13 +317,16 @@ def batch_norm_call(
         y = y.astype(module.dtype)
     if not updating:
         return y, None, None
-    count = stats.num_batches_tracked
-    # Saturates instead of wrapping (int32 unless jax_enable_x64).
-    count = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
-    return y, RunningStats(new_mean, new_var, count), moments
+    return y, RunningStats(new_mean, new_var, next_count(stats.num_batches_tracked)), moments
 
 
-def _sync_axis(module: Any, *, synced: bool) -> tuple[Any, Sequence[Sequence[int]] | None]:
+def next_count(count: jax.Array, steps: int = 1) -> jax.Array:
+    """``count + steps``, saturating instead of wrapping (int32 unless jax_enable_x64)."""
+    top = jnp.iinfo(count.dtype).max
+    return jnp.where(count > top - steps, top, count + steps).astype(count.dtype)
+
+
+def sync_axis(module: Any, *, synced: bool = True) -> tuple[Any, Sequence[Sequence[int]] | None]:
     """The module's own ``axis_name`` or else the :func:`jaxbn.sync_batch_norm` switch's; like
     SyncBatchNorm, only training syncs, so eval needs no mapped axis."""
     if not synced:

@@ -75,6 +75,31 @@ Initializer = Callable[..., jax.Array]
 MOMENTS_COLLECTION = "batch_moments"
 
 
+def affine_params(module: nn.Module, features: int) -> tuple[jax.Array | None, jax.Array | None]:
+    """A Linen norm's ``(scale, bias)`` [C] from its ``scale_init``/``bias_init``, or None
+    without ``affine``."""
+    if not module.affine:
+        return None, None
+    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
+    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
+    return scale, bias
+
+
+def running_stats(module: nn.Module, features: int) -> tuple[Any, Any, Any]:
+    """A Linen norm's ``batch_stats`` variables ``(mean, var, num_batches_tracked)``, created
+    as zeros / ones / 0 and, when loaded, checked (shape, dtype; the error names them)."""
+    mean = module.variable(
+        "batch_stats", "mean", lambda: jnp.zeros((features,), module.param_dtype)
+    )
+    var = module.variable("batch_stats", "var", lambda: jnp.ones((features,), module.param_dtype))
+    count = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    where = "/".join(("batch_stats", *module.path))
+    logic.check_running_stats(
+        where, logic.RunningStats(mean.value, var.value, count.value), features
+    )
+    return mean, var, count
+
+
 class BatchNorm(nn.Module):
     """Batch normalization with PyTorch's semantics over any input rank (see module docstring).
 
@@ -142,17 +167,8 @@ class BatchNorm(nn.Module):
         stats = None
         if self.track_running_stats:
             self._refuse_stats_without_counter()
-            mean_v = self.variable(
-                "batch_stats", "mean", lambda: jnp.zeros((features,), self.param_dtype)
-            )
-            var_v = self.variable(
-                "batch_stats", "var", lambda: jnp.ones((features,), self.param_dtype)
-            )
-            count_v = self.variable(
-                "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
-            )
+            mean_v, var_v, count_v = running_stats(self, features)
             stats = logic.RunningStats(mean_v.value, var_v.value, count_v.value)
-            logic.check_running_stats("/".join(("batch_stats", *self.path)), stats, features)
 
         y, new, moments = logic.batch_norm_call(
             self,
@@ -172,11 +188,7 @@ class BatchNorm(nn.Module):
 
     def _affine_params(self, features: int) -> tuple[jax.Array | None, jax.Array | None]:
         """``(scale, bias)``, each None when absent (``jaxbn.flax_compat`` leaves one out)."""
-        if not self.affine:
-            return None, None
-        scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-        bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
-        return scale, bias
+        return affine_params(self, features)
 
     def _refuse_stats_without_counter(self) -> None:
         # Statistics without a counter are flax.linen.BatchNorm's (biased variance, no

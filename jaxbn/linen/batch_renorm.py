@@ -64,18 +64,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core.checks import (
     check_axis,
     check_eps,
     check_feature_count,
     check_momentum,
-    check_running_stat,
     is_real,
     train_flag,
 )
-from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
-from jaxbn.sync import current_sync
+from jaxbn.linen.batch_norm import (
+    Initializer,
+    affine_params,
+    check_initializer,
+    running_stats,
+    warn_momentum_convention,
+)
 
 __all__ = ["BatchRenorm", "renorm_schedule"]
 
@@ -185,31 +190,10 @@ class BatchRenorm(nn.Module):
         d_max: float | jax.Array | None = None,
     ) -> jax.Array:
         train = train_flag(train)
-        x = jnp.asarray(x)
-        ax = functional._feature_axis(self.axis, x.ndim)
-        features = self.num_features if self.num_features is not None else x.shape[ax]
-        weight = bias = None
-        if self.affine:
-            weight = self.param("scale", self.scale_init, (features,), self.param_dtype)
-            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
-        elif x.shape[ax] != features:
-            raise ValueError(
-                f"expected {features} features on axis {self.axis}, "
-                f"got input of shape {tuple(x.shape)}"
-            )
-        mean_v = self.variable(
-            "batch_stats", "mean", lambda: jnp.zeros((features,), self.param_dtype)
-        )
-        var_v = self.variable("batch_stats", "var", lambda: jnp.ones((features,), self.param_dtype))
-        count_v = self.variable(
-            "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
-        )
-        where = "/".join(("batch_stats", *self.path))
-        check_running_stat(mean_v.value, f"{where}/mean", features)
-        check_running_stat(var_v.value, f"{where}/var", features)
+        x, features = logic.input_features(self, x)
+        weight, bias = affine_params(self, features)
+        mean_v, var_v, count_v = running_stats(self, features)
         count = count_v.value
-        if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
-            raise TypeError(f"{where}/num_batches_tracked must be an integer scalar")
 
         initializing = self.is_initializing()
         if not train or initializing:
@@ -224,10 +208,7 @@ class BatchRenorm(nn.Module):
         if momentum is None:  # cumulative average; in float, an int32 count + 1 could wrap
             momentum = 1.0 / (count.astype(mean_v.value.dtype) + 1)
         r_max, d_max = self._clipping(r_max, d_max, count)
-        axis_name, axis_index_groups = self.axis_name, self.axis_index_groups
-        sync = current_sync()
-        if axis_name is None and sync is not None:
-            axis_name, axis_index_groups = sync
+        axis_name, axis_index_groups = logic.sync_axis(self)
         y, mean_v.value, var_v.value = functional.batch_renorm(
             x,
             mean_v.value,
@@ -245,7 +226,7 @@ class BatchRenorm(nn.Module):
             mask=mask,
             update_rule=self.update_rule,
         )
-        count_v.value = jnp.where(count == jnp.iinfo(count.dtype).max, count, count + 1)
+        count_v.value = logic.next_count(count)
         return y.astype(self.dtype) if self.dtype is not None else y
 
     def _clipping(self, r_max, d_max, count) -> tuple[Any, Any]:

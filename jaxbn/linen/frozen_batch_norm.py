@@ -32,9 +32,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import check_axis, check_eps, check_feature_count, check_running_stat
-from jaxbn.linen.batch_norm import Initializer, check_initializer
+from jaxbn._core.checks import check_axis, check_eps, check_feature_count
+from jaxbn.linen.batch_norm import Initializer, affine_params, check_initializer, running_stats
 
 __all__ = ["FrozenBatchNorm", "frozen_batch_norm"]
 
@@ -106,19 +107,9 @@ class FrozenBatchNorm(nn.Module):
         self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
     ) -> jax.Array:
         del train  # the same in train and eval
-        x = jnp.asarray(x)
-        ax = functional._feature_axis(self.axis, x.ndim)
-        features = self.num_features if self.num_features is not None else x.shape[ax]
-        scale = bias = None
-        if self.affine:
-            scale = self.param("scale", self.scale_init, (features,), self.param_dtype)
-            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
-        zeros = lambda: jnp.zeros((features,), self.param_dtype)
-        mean = self.variable("batch_stats", "mean", zeros).value
-        var = self.variable("batch_stats", "var", lambda: jnp.ones_like(zeros())).value
-        self.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
-        where = "/".join(("batch_stats", *self.path))
-        check_running_stat(mean, f"{where}/mean", features)
-        check_running_stat(var, f"{where}/var", features)
+        x, features = logic.input_features(self, x)
+        scale, bias = affine_params(self, features)
+        mean_v, var_v, _ = running_stats(self, features)
+        mean, var = mean_v.value, var_v.value
         y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
         return y.astype(self.dtype) if self.dtype is not None else y

@@ -41,16 +41,22 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core.checks import (
     check_axis,
     check_eps,
     check_feature_count,
     check_momentum,
-    check_running_stat,
     train_flag,
 )
-from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
+from jaxbn.linen.batch_norm import (
+    Initializer,
+    affine_params,
+    check_initializer,
+    running_stats,
+    warn_momentum_convention,
+)
 
 __all__ = ["GhostBatchNorm"]
 
@@ -116,32 +122,12 @@ class GhostBatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         train = train_flag(train)
-        x = jnp.asarray(x)
-        ax = functional._feature_axis(self.axis, x.ndim)
-        features = self.num_features if self.num_features is not None else x.shape[ax]
-        weight = bias = None
-        if self.affine:
-            weight = self.param("scale", self.scale_init, (features,), self.param_dtype)
-            bias = self.param("bias", self.bias_init, (features,), self.param_dtype)
-        elif x.shape[ax] != features:
-            raise ValueError(
-                f"expected {features} features on axis {self.axis}, "
-                f"got input of shape {tuple(x.shape)}"
-            )
+        x, features = logic.input_features(self, x)
+        weight, bias = affine_params(self, features)
         mean = var = count = None
         if self.track_running_stats:
-            zeros = lambda: jnp.zeros((features,), self.param_dtype)
-            mean_v = self.variable("batch_stats", "mean", zeros)
-            var_v = self.variable("batch_stats", "var", lambda: jnp.ones_like(zeros()))
-            count_v = self.variable(
-                "batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32)
-            )
+            mean_v, var_v, count_v = running_stats(self, features)
             mean, var, count = mean_v.value, var_v.value, count_v.value
-            where = "/".join(("batch_stats", *self.path))
-            check_running_stat(mean, f"{where}/mean", features)
-            check_running_stat(var, f"{where}/var", features)
-            if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
-                raise TypeError(f"{where}/num_batches_tracked must be an integer scalar")
 
         if self.is_initializing():
             # init runs on whatever slice is at hand (any batch size); nothing is kept.
@@ -183,7 +169,5 @@ class GhostBatchNorm(nn.Module):
         )
         if updating:
             mean_v.value, var_v.value = new_mean, new_var
-            top = jnp.iinfo(count.dtype).max
-            # Saturates instead of wrapping.
-            count_v.value = jnp.where(count > top - splits, top, count + splits).astype(count.dtype)
+            count_v.value = logic.next_count(count, splits)
         return y.astype(self.dtype) if self.dtype is not None else y
