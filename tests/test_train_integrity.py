@@ -57,8 +57,11 @@ def train(workdir, *flags, epochs=3, script=mlp, data=None, log=lambda _: None):
     return run(args, script.make_model, data=data or tiny(), log=log)
 
 
+TIMINGS = ("seconds", "examples_per_second")  # the only fields that vary between runs
+
+
 def without_time(rows):
-    return [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
 
 
 def logged(workdir):
@@ -268,7 +271,7 @@ def test_a_metrics_append_on_a_really_full_filesystem_keeps_the_old_log(small_fi
 def test_a_corrupt_metrics_line_is_reported_with_its_file_and_line(copy_of_straight):
     path = copy_of_straight / "metrics.jsonl"
     lines = path.read_text().splitlines()
-    path.write_text(lines[0] + "\n" + lines[1][:49] + "\n")  # a torn line, as old versions left
+    path.write_text(lines[0] + "\n" + lines[1][:3] + "\n")  # a torn line, as old versions left
     with pytest.raises(WorkdirError, match=rf"^{path}, line 2: Unterminated string starting at"):
         train(copy_of_straight, "--resume")
 
@@ -342,21 +345,25 @@ def test_when_no_checkpoint_restores_resume_names_each_and_moves_nothing(copy_of
 
 
 def test_an_epoch_with_a_non_finite_test_loss_is_neither_saved_nor_logged(tmp_path, monkeypatch):
-    data = tiny()
-    real_save = Checkpoints.save
+    real_save, real_eval_step, poisoned = Checkpoints.save, DataParallel.eval_step, []
 
     def save_then_poison(self, epoch, state):
         real_save(self, epoch, state)
-        data.x_test.fill(np.inf)  # from epoch 2 on, the evaluation overflows; training does not
+        poisoned.append(True)  # from epoch 2 on, the evaluation overflows; training does not
+
+    def eval_step(self, model):
+        step = real_eval_step(self, model)
+        return lambda state, x, y, m: step(state, x * np.inf if poisoned else x, y, m)
 
     monkeypatch.setattr(Checkpoints, "save", save_then_poison)
+    monkeypatch.setattr(DataParallel, "eval_step", eval_step)
     with pytest.raises(
         TrainingDivergedError,
         match=r"^epoch 2 ended with test loss nan: training diverged \(try a lower --lr\); "
         rf"kept: the checkpoint of epoch 1 \({tmp_path}/checkpoints/1, the newest; every saved "
         r"checkpoint is finite\) and the metrics of epochs 1-1$",
     ):
-        train(tmp_path, data=data)
+        train(tmp_path)
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
     assert [row["epoch"] for row in logged(tmp_path)] == [1]
 
@@ -490,6 +497,7 @@ def test_the_workdir_records_the_runs_configuration(straight):
         "devices": 1,
         "num_processes": 1,
         "epochs": 3,
+        "dtype": "float32",
     }
 
 
@@ -589,16 +597,14 @@ def test_compare_status_is_ok_only_above_chance_with_finite_losses(history, dive
     assert compare.status(result, chance=0.102) == expected
 
 
-def test_compare_with_a_negative_learning_rate_reports_no_run_as_ok(tmp_path, capsys):
-    code, out, _ = cli(
-        compare, ["--epochs", "1", "--lrs=-1", "--plot", str(tmp_path / "c.png")], capsys
+def test_compare_refuses_a_negative_learning_rate_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        compare.main(["--epochs", "1", "--lrs=0.1,-1", "--plot", str(tmp_path / "c.png")])
+    out, err = capsys.readouterr()
+    assert caught.value.code == 2 and out == ""
+    assert err == (
+        "python -m train.compare: error: --lrs must all be positive numbers, got -1 (see --help)\n"
     )
-    assert code == 0
-    table = out[out.index("test acc") :].splitlines()[2:4]
-    assert len(table) == 2
-    for line in table:
-        assert line.split()[:2] in (["-1", "none"], ["-1", "batch"])
-        assert " ok" not in line and ("failed" in line or "diverged" in line)
 
 
 def test_the_compare_plot_labels_failed_runs():

@@ -20,8 +20,14 @@ DEFAULTS = Defaults(epochs=10, batch_size=64, lr=0.05)
 
 def make_model(args, data):
     from jaxbn.models import ConvNet
+    from train.loop import dtype_of
 
-    return ConvNet(num_classes=data.num_classes, norm=args.norm, bn_momentum=args.bn_momentum)
+    return ConvNet(
+        num_classes=data.num_classes,
+        norm=args.norm,
+        bn_momentum=args.bn_momentum,
+        dtype=dtype_of(args),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,24 +25,29 @@ import sys
 
 import numpy as np
 
-from train.cli import Defaults, build_parser, request_cpu_devices
+from train.cli import Defaults, build_parser, check_args, request_cpu_devices
 
 DEFAULTS = Defaults(epochs=15, batch_size=64, lr=0.1, sgd_momentum=0.0, weight_decay=0.0)
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = build_parser("python -m train.compare", __doc__, DEFAULTS)
-    parser.set_defaults(schedule="constant")
-    parser.add_argument("--lrs", default="0.01,0.1,1.0", help="comma-separated learning rates")
-    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp")
+    parser = build_parser("python -m train.compare", __doc__, DEFAULTS, sweep=True)
+    parser.add_argument(
+        "--lrs", default="0.01,0.1,1.0", help="comma-separated learning rates, each > 0"
+    )
+    parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="the network")
     parser.add_argument("--plot", default="compare.png", help="where to write the figure")
     args = parser.parse_args(argv)
     try:
         args.lrs = [float(v) for v in args.lrs.split(",")]
     except ValueError:
         parser.error(f"--lrs must be comma-separated numbers, got {args.lrs!r}")
-    if args.workdir or args.resume:
-        parser.error("compare keeps no checkpoints: drop --workdir/--resume")
+    bad = [v for v in args.lrs if not (math.isfinite(v) and v > 0)]
+    if bad:
+        parser.error(f"--lrs must all be positive numbers, got {bad[0]:g}")
+    check_args(parser, args)
+    # what the shared loop reads; a sweep keeps no checkpoints
+    args.workdir, args.resume, args.use_bn, args.summary = None, False, False, False
     request_cpu_devices(args.devices)
     return args
 

@@ -27,7 +27,7 @@ class RunConfig:
 
     model: str  # the model's class, e.g. "MLP"
     norm: str
-    bn_momentum: float
+    bn_momentum: float | None  # None: cumulative average
     data: str  # name and size of the data, e.g. "digits (1437 train / 360 test)"
     batch_size: int
     lr: float
@@ -38,6 +38,9 @@ class RunConfig:
     devices: int
     num_processes: int
     epochs: int
+    # Fields added later have defaults: the value every run had before the field existed, so
+    # an older run's config.json still loads and compares.
+    dtype: str = "float32"
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, model: str, data: str) -> RunConfig:

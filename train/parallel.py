@@ -83,6 +83,8 @@ class DataParallel:
                         train=True,
                         mutable=["batch_stats"],
                     )
+                # the loss in float32 also under --dtype bfloat16 (a no-op in float32)
+                logits = logits.astype(jnp.float32)
                 loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
                 # this device's share of the global mean
                 return jnp.sum(loss) / batch_size, (logits, updates.get("batch_stats", {}))
@@ -119,7 +121,7 @@ class DataParallel:
         def local_eval(state, x, labels, mask):
             logits = model.apply(
                 {"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False
-            )
+            ).astype(jnp.float32)
             loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
             correct = jnp.argmax(logits, -1) == labels
             return {

@@ -19,6 +19,7 @@ DEFAULTS = Defaults(epochs=5, batch_size=64, lr=0.05)
 
 def make_model(args, data):
     from jaxbn.models import ResNet
+    from train.loop import dtype_of
 
     return ResNet(
         (2, 2, 2, 2),
@@ -26,6 +27,7 @@ def make_model(args, data):
         num_classes=data.num_classes,
         norm=args.norm,
         bn_momentum=args.bn_momentum,
+        dtype=dtype_of(args),
     )
 
 

@@ -3,7 +3,8 @@ good checkpoint, and line the metrics log up with it.
 
 What a workdir holds: ``config.json`` (the run's :class:`~train.config.RunConfig`, written
 first), ``metrics.jsonl`` (one row per finished epoch) and ``checkpoints/<epoch>`` (the newest
-two). Every file is written atomically; an epoch counts as finished when its checkpoint exists.
+``--keep``, default 2). Every file is written atomically; an epoch counts as finished when its
+checkpoint exists.
 """
 
 from __future__ import annotations
@@ -87,7 +88,7 @@ def open_workdir(
     if main_process:
         config.save(path)  # also proves that the workdir is writable before any training
     try:
-        checkpoints = Checkpoints(path)
+        checkpoints = Checkpoints(path, keep=getattr(args, "keep", 2))
     except OSError as err:
         raise WorkdirError(f"cannot use {path / 'checkpoints'}: {err.strerror or err}") from err
     state = fresh_state()

@@ -1,0 +1,173 @@
+"""The training scripts as a practitioner uses them (issue 19): flags checked before anything
+runs, Ctrl-C and SIGTERM stop cleanly with the command that continues, --keep, the end-of-run
+summary, `python -m train.evaluate` equal to the logged figures."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train import compare, evaluate, mlp
+from train.checkpoint import Checkpoints
+from train.cli import parse_args
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUN = ["--use-bn", "--epochs", "2", "--batch-size", "256", "--schedule", "constant"]
+
+
+@pytest.mark.parametrize(
+    "main,argv,message",
+    [
+        (mlp.main, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (mlp.main, ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (mlp.main, ["--devices", "0"], "--devices must be at least 1, got 0"),
+        (mlp.main, ["--lr", "0"], "--lr must be a positive number, got 0.0"),
+        (mlp.main, ["--weight-decay", "-1"], "--weight-decay must be >= 0, got -1.0"),
+        (mlp.main, ["--bn-momentum", "5"], "argument --bn-momentum: must be in [0, 1] or none"),
+        (mlp.main, ["--keep", "0"], "--keep must be at least 1, got 0"),
+        (compare.main, ["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (compare.main, ["--devices", "0"], "--devices must be at least 1, got 0"),
+        (compare.main, ["--epochs", "0"], "--epochs must be at least 1, got 0"),
+        (compare.main, ["--use-bn"], "unrecognized arguments: --use-bn"),
+        (compare.main, ["--norm", "batch"], "unrecognized arguments: --norm batch"),
+        (compare.main, ["--lr", "0.1"], "unrecognized arguments: --lr 0.1"),
+        (compare.main, ["--workdir", "w"], "unrecognized arguments: --workdir w"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_a_flag_outside_its_domain_is_one_line_and_exit_2_before_anything_runs(
+    main, argv, message, capsys
+):
+    with pytest.raises(SystemExit) as caught:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert caught.value.code == 2 and out == ""
+    assert len(err.splitlines()) == 1
+    assert message in err
+
+
+def test_bn_momentum_none_is_the_cumulative_average_and_help_shows_defaults(capsys):
+    assert parse_args("t", "", mlp.DEFAULTS, ["--bn-momentum", "none"]).bn_momentum is None
+    with pytest.raises(SystemExit):
+        mlp.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for shown in ("(default: 0.1)", "(default: 20)", "(default: cosine)", "(default: 2)"):
+        assert shown in text
+
+
+def test_a_non_finite_evaluation_without_a_workdir_is_an_error(monkeypatch, capsys):
+    from train.parallel import DataParallel
+
+    real = DataParallel.eval_step
+
+    def overflowing(self, model):
+        step = real(self, model)
+        return lambda state, x, y, mask: step(state, x * 1e38, y, mask)
+
+    monkeypatch.setattr(DataParallel, "eval_step", overflowing)
+    assert mlp.main(["--use-bn", "--epochs", "1", "--batch-size", "256", "--lr", "0.1"]) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if "absl" not in line]
+    assert len(err) == 1 and err[0].startswith("error: epoch 1 ended with test loss ")
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory):
+    """A run stopped by SIGINT while its epoch-1 checkpoint was being saved, then continued
+    with the command it printed: (workdir, exit status, stderr, stdout of the continuation)."""
+    workdir = tmp_path_factory.mktemp("interrupted") / "w"
+    argv = [*RUN, "--workdir", str(workdir)]
+    real_save = Checkpoints.save
+
+    def save_with_a_signal(self, epoch, state):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # arrives during the save: it must complete
+        real_save(self, epoch, state)
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(Checkpoints, "save", save_with_a_signal)
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = mlp.main(argv)
+    patch.undo()
+    command = shlex.split(err.getvalue().strip().splitlines()[-1].split("continue with: ")[1])
+    assert command[:3] == ["python", "-m", "train.mlp"]
+    with contextlib.redirect_stdout(out):
+        assert mlp.main(command[3:]) == 0
+    return workdir, code, err.getvalue(), out.getvalue()
+
+
+def test_ctrl_c_prints_one_line_with_the_kept_checkpoint_and_exits_130(interrupted):
+    workdir, code, err, _ = interrupted
+    lines = [line for line in err.splitlines() if "absl" not in line]
+    assert code == 130 and len(lines) == 1
+    assert lines[0].startswith(
+        f"stopped by SIGINT at epoch 2, step 0/5 (the epoch in progress is not saved); "
+        f"kept: the checkpoint of epoch 1 ({workdir}/checkpoints/1); continue with: "
+        "python -m train.mlp --use-bn --epochs 2"
+    )
+    assert lines[0].endswith(" --resume")
+
+
+def test_the_continued_run_equals_a_straight_run_and_ends_with_a_summary(interrupted, tmp_path):
+    workdir, _, _, out = interrupted
+    assert mlp.main([*RUN, "--workdir", str(tmp_path), "--keep", "1"]) == 0
+    timings = ("seconds", "examples_per_second")
+    rows = [
+        [{k: v for k, v in json.loads(line).items() if k not in timings} for line in f.open()]
+        for f in (workdir / "metrics.jsonl", tmp_path / "metrics.jsonl")
+    ]
+    assert rows[0] == rows[1]
+    assert [r["step"] for r in rows[0]] == [5, 10] and rows[0][0]["lr"] == 0.1
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # --keep 1
+    summary = out.strip().splitlines()[-1]
+    assert summary.startswith("done: 2 epoch(s); test accuracy ")
+    assert summary.endswith(f"metrics: {workdir}/metrics.jsonl, checkpoints: {workdir}/checkpoints")
+
+
+@pytest.mark.parametrize("epoch", [None, 1])
+def test_evaluate_prints_the_logged_test_figures_of_a_checkpoint(interrupted, epoch):
+    workdir = interrupted[0]
+    rows = {r["epoch"]: r for r in map(json.loads, (workdir / "metrics.jsonl").open())}
+    got_epoch, loss, accuracy = evaluate.evaluate_checkpoint(workdir, epoch)
+    assert got_epoch == (epoch or 2)
+    assert (loss, accuracy) == (rows[got_epoch]["test_loss"], rows[got_epoch]["test_accuracy"])
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_process_cleanly_with_exit_143(tmp_path):
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "train.mlp",
+            "--use-bn",
+            "--epochs",
+            "500",
+            "--workdir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "metrics.jsonl").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    lines = [line for line in err.splitlines() if "absl" not in line]
+    assert proc.returncode == 143, err[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("stopped by SIGTERM at epoch ")
+    assert "continue with: python -m train.mlp " in lines[0]
+    assert Checkpoints(tmp_path).epochs()  # the finished epochs' checkpoints are kept

@@ -1,0 +1,111 @@
+"""Evaluate a checkpoint of a run: test loss and accuracy, exactly as the run logged them.
+
+Usage:
+    python -m train.evaluate --workdir runs/cnn             # the newest checkpoint
+    python -m train.evaluate --workdir runs/cnn --epoch 3   # a kept older one
+
+The model, data, batch size, device count and dtype come from the run's ``config.json``; the
+printed figures equal the ``test_loss``/``test_accuracy`` of that epoch in ``metrics.jsonl``
+(same batches, same devices, same sums).
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+from train.cli import OneLineParser, request_cpu_devices
+
+SCRIPTS = {"MLP": "mlp", "ConvNet": "cnn", "ResNet": "resnet"}
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = OneLineParser(
+        prog="python -m train.evaluate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--workdir", required=True, help="the run's --workdir")
+    parser.add_argument("--epoch", type=int, help="a kept checkpoint (default: the newest)")
+    parser.add_argument("--data-dir", default="data", help="dataset root (default: data)")
+    parser.add_argument(
+        "--no-download", action="store_true", help="never download; fail if files are missing"
+    )
+    return parser.parse_args(argv)
+
+
+def evaluate_checkpoint(
+    workdir: str | pathlib.Path, epoch: int | None = None, *, data_dir="data", download=True
+) -> tuple[int, float, float]:
+    """``(epoch, test loss, test accuracy)`` of a saved checkpoint of the run in ``workdir``.
+
+    Raises:
+      WorkdirError: no run configuration, no such checkpoint, or other data than the run's.
+    """
+    import importlib
+
+    from train.checkpoint import Checkpoints
+    from train.config import RunConfig
+    from train.datasets import load_dataset
+    from train.feed import make_feed
+    from train.files import WorkdirError
+    from train.loop import create_state, evaluate, make_optimizer
+    from train.parallel import DataParallel
+
+    workdir = pathlib.Path(workdir)
+    config = RunConfig.load(workdir)
+    if config is None:
+        raise WorkdirError(f"{workdir} holds no config.json: not a run's --workdir")
+    if config.model not in SCRIPTS:
+        raise WorkdirError(f"{workdir}: unknown model {config.model!r}")
+    script = importlib.import_module(f"train.{SCRIPTS[config.model]}")
+    dataset = config.data.split(" ")[0]
+    data = load_dataset(dataset, data_dir, download=download)
+    described = f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test)"
+    if described != config.data:
+        raise WorkdirError(f"the run trained on {config.data}, {data_dir} holds {described}")
+    args = argparse.Namespace(**vars(config))
+    parallel = DataParallel(config.devices)
+    model = script.make_model(args, data)
+    steps = len(data.y_train) // config.batch_size
+    tx = make_optimizer(args, steps * config.epochs)  # for the state's structure only
+    like = create_state(model, tx, data, config.seed, parallel)
+    checkpoints = Checkpoints(workdir, keep=10**9)  # opening must never delete one
+    try:
+        kept = checkpoints.epochs()
+        epoch = kept[0] if epoch is None and kept else epoch
+        if epoch not in kept:
+            raise WorkdirError(
+                f"{workdir} has no checkpoint of epoch {epoch} (kept: {kept or 'none'})"
+            )
+        state = checkpoints.restore(epoch, like)
+    finally:
+        checkpoints.close()
+    feed = make_feed(parallel, data, config.batch_size)
+    loss, accuracy = evaluate(parallel.eval_step(model), state, feed, len(data.y_test))
+    return epoch, loss, accuracy
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    config_path = pathlib.Path(args.workdir, "config.json")
+    if config_path.exists():  # simulated CPU devices must be requested before JAX starts
+        import json
+
+        request_cpu_devices(int(json.loads(config_path.read_text()).get("devices", 1)))
+    from train.loop import EXPECTED_ERRORS
+
+    try:
+        epoch, loss, accuracy = evaluate_checkpoint(
+            args.workdir, args.epoch, data_dir=args.data_dir, download=not args.no_download
+        )
+    except EXPECTED_ERRORS as err:
+        print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(f"epoch {epoch}: test loss {loss!r} acc {accuracy!r}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
