@@ -35,6 +35,7 @@ from jaxbn._core.checks import (
     check_shape,
 )
 from jaxbn._core.running import BatchMoments
+from jaxbn._core.shapes import feature_axis
 from jaxbn.sync import current_sync
 
 __all__ = [
@@ -224,7 +225,7 @@ def input_features(module: Any, x: jax.Array) -> tuple[jax.Array, int]:
     ranks = getattr(module, "expected_ranks", None)  # set by the 1d/2d/3d classes
     if ranks is not None and x.ndim not in ranks:
         raise ValueError(module.rank_message.format(ndim=x.ndim))
-    ax = functional._feature_axis(module.axis, x.ndim)
+    ax = feature_axis(module.axis, x.ndim)
     features = module.num_features if module.num_features is not None else x.shape[ax]
     tracking = getattr(module, "track_running_stats", True)
     if not (module.affine or tracking) and x.shape[ax] != features:
@@ -253,7 +254,7 @@ def group_norm_channels(num_channels: int | None, affine: bool, axis: int, x: ja
     parameters (with them, :func:`jaxbn.functional.group_norm` checks their size)."""
     x = jnp.asarray(x)
     if num_channels is None:
-        return x.shape[functional._feature_axis(axis, max(x.ndim, 1))]
+        return x.shape[feature_axis(axis, max(x.ndim, 1))]
     if not affine and x.ndim >= 2 and x.shape[axis] != num_channels:
         raise ValueError(f"expected {num_channels} channels, got input of shape {x.shape}")
     return num_channels

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._core.checks import (
-    check_axis,
+    check_clipping,
     check_floating_input,
     check_momentum,
     check_running_stat,
@@ -31,7 +31,7 @@ from jaxbn._core.checks import (
 )
 from jaxbn._core.normalize import normalize
 from jaxbn._core.running import BatchMoments, update_running
-from jaxbn._core.shapes import compute_dtype
+from jaxbn._core.shapes import as_shape, compute_dtype, feature_axis
 
 __all__ = [
     "BatchMoments",
@@ -111,7 +111,7 @@ def batch_norm_with_moments(
     x = jnp.asarray(x)
     check_floating_input(x, "batch_norm")
     training = train_flag(training, "training")
-    ax = _feature_axis(axis, x.ndim)
+    ax = feature_axis(axis, x.ndim)
     channels = x.shape[ax]
     _check_numel(
         channels,
@@ -201,7 +201,7 @@ def group_norm(
     check_floating_input(x, "group_norm")
     if x.ndim < 2:
         raise RuntimeError(f"Expected at least 2 dimensions for input tensor but received {x.ndim}")
-    ax = _feature_axis(axis, x.ndim)
+    ax = feature_axis(axis, x.ndim)
     if ax == 0:
         raise ValueError("group_norm: axis 0 is the batch axis, the channel axis must differ")
     channels = x.shape[ax]
@@ -258,7 +258,7 @@ def layer_norm(
     """
     x = jnp.asarray(x)
     check_floating_input(x, "layer_norm")
-    shape = _as_shape(normalized_shape)
+    shape = as_shape(normalized_shape)
     k = len(shape)
     if k == 0 or x.ndim < k or tuple(x.shape[x.ndim - k :]) != shape:
         raise RuntimeError(
@@ -289,13 +289,6 @@ def layer_norm(
 
 def _batch_norm_options(*, axis=-1, axis_name=None, axis_index_groups=None, mask=None):
     return axis, axis_name, axis_index_groups, mask
-
-
-def _feature_axis(axis: int, ndim: int) -> int:
-    check_axis(axis)
-    if not -ndim <= axis < ndim:
-        raise ValueError(f"axis {axis} is out of range for a {ndim}D input")
-    return axis % ndim
 
 
 def _check_numel(channels: int, **arrays: jax.Array | None) -> None:
@@ -350,10 +343,6 @@ def _num_devices(axis_name, groups) -> int:
 
 def _output_dtype(dtype) -> jnp.dtype:
     return dtype if jnp.issubdtype(dtype, jnp.floating) else jnp.float32
-
-
-def _as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
-    return (int(shape),) if isinstance(shape, int | np.integer) else tuple(int(d) for d in shape)
 
 
 def _as_stat(value, shape, dtype) -> jax.Array | None:
@@ -447,7 +436,7 @@ def batch_renorm(
         )
     if update_rule not in ("torch", "keras"):
         raise ValueError(f"update_rule must be 'torch' or 'keras', got {update_rule!r}")
-    _check_clipping(r_max, d_max)
+    check_clipping(r_max, d_max)
     options = {"axis": axis, "mask": mask}
     x = jnp.asarray(x)
     if not train_flag(training, "training"):
@@ -456,7 +445,7 @@ def batch_renorm(
         )
         return y, running_mean, running_var
     check_floating_input(x, "batch_renorm")
-    ax = _feature_axis(axis, x.ndim)
+    ax = feature_axis(axis, x.ndim)
     _check_numel(x.shape[ax], weight=weight, bias=bias)
     # x̂ in float32: a half-precision x̂ would be rounded before the correction is applied.
     dtype = compute_dtype(x.dtype)
@@ -546,7 +535,7 @@ def ghost_batch_norm(
         return batch_norm(
             x, running_mean, running_var, weight, bias, False, momentum, eps, axis=axis, mask=mask
         )
-    if x.ndim < 2 or _feature_axis(axis, x.ndim) == 0:
+    if x.ndim < 2 or feature_axis(axis, x.ndim) == 0:
         raise ValueError(
             f"ghost_batch_norm splits the batch on axis 0, which must not be the feature axis "
             f"(axis={axis}, input of shape {tuple(x.shape)})"
@@ -599,16 +588,6 @@ def ghost_batch_norm(
 
     (new_mean, new_var), _ = jax.lax.scan(update, (running_mean, running_var), (moments, factors))
     return y, new_mean, new_var
-
-
-def _check_clipping(r_max, d_max) -> None:
-    for name, value, low in (("r_max", r_max, 1), ("d_max", d_max, 0)):
-        if isinstance(value, jax.core.Tracer):
-            continue  # a schedule's traced value cannot be checked at trace time
-        if not is_real(value):
-            raise TypeError(f"{name} must be a float, not {type(value).__name__} ({value!r})")
-        if not float(value) >= low:
-            raise ValueError(f"{name} must be >= {low}, got {value}")
 
 
 def _keras_running(running_mean, running_var, moments, momentum, eps):

@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "check_axis",
+    "check_clipping",
     "check_eps",
     "check_feature_count",
     "check_floating_input",
@@ -112,3 +113,14 @@ def check_running_stat(value: Any, name: str, channels: int) -> None:
     dtype = jnp.result_type(value)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"{name} must be a floating array, got dtype {dtype}")
+
+
+def check_clipping(r_max: Any, d_max: Any) -> None:
+    """Batch Renormalization's clipping: ``r_max ≥ 1``, ``d_max ≥ 0`` (traced values pass)."""
+    for name, value, low in (("r_max", r_max, 1), ("d_max", d_max, 0)):
+        if isinstance(value, jax.core.Tracer):
+            continue  # a schedule's traced value cannot be checked at trace time
+        if not is_real(value):
+            raise TypeError(f"{name} must be a float, not {type(value).__name__} ({value!r})")
+        if not float(value) >= low:
+            raise ValueError(f"{name} must be >= {low}, got {value}")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+from collections.abc import Sequence
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxbn._core.checks import check_axis
 
 Axes = tuple[int, ...]
 
@@ -29,3 +34,18 @@ def varying_axes(array) -> frozenset:
     aval = jax.typeof(array)
     manual = getattr(aval, "mat", None)  # jax >= 0.10; older versions call it `vma`
     return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
+def feature_axis(axis: int, ndim: int) -> int:
+    """``axis`` as a non-negative index into a ``ndim``-D input (checked: an int, in range)."""
+    check_axis(axis)
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for a {ndim}D input")
+    return axis % ndim
+
+
+def as_shape(shape: int | Sequence[int]) -> tuple[int, ...]:
+    """An int or a sequence of ints as a shape tuple."""
+    if isinstance(shape, numbers.Integral):
+        return (int(shape),)
+    return tuple(int(d) for d in shape)

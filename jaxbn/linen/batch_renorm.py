@@ -68,6 +68,7 @@ from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core.checks import (
     check_axis,
+    check_clipping,
     check_eps,
     check_feature_count,
     check_momentum,
@@ -164,7 +165,7 @@ class BatchRenorm(nn.Module):
         check_axis(self.axis)
         check_initializer(self.scale_init, "scale_init")
         check_initializer(self.bias_init, "bias_init")
-        functional._check_clipping(self.r_max, self.d_max)
+        check_clipping(self.r_max, self.d_max)
         check_feature_count(self.warmup_steps, "warmup_steps", allow_none=False)
         if self.update_rule not in ("torch", "keras"):
             raise ValueError(f"update_rule must be 'torch' or 'keras', got {self.update_rule!r}")

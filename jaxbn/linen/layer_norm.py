@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
+from jaxbn._core.shapes import as_shape
 from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["LayerNorm"]
@@ -61,7 +62,7 @@ class LayerNorm(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
         """``x``: [*, *normalized_shape] → y like ``x``. ``train`` is accepted and ignored."""
         del train  # same in train and eval; accepted so model code can pass it uniformly
-        shape = functional._as_shape(self.normalized_shape)
+        shape = as_shape(self.normalized_shape)
         weight = bias = None
         if self.elementwise_affine:
             weight = self.param("scale", self.scale_init, shape, self.param_dtype)

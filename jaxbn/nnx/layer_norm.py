@@ -26,6 +26,7 @@ from flax import nnx
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
+from jaxbn._core.shapes import as_shape
 from jaxbn.nnx.batch_norm import affine_params
 
 __all__ = ["LayerNorm"]
@@ -59,7 +60,7 @@ class LayerNorm(nnx.Module):
     ) -> None:
         logic.check_layer_norm_fields(normalized_shape, eps)
         logic.check_initializers(scale_init, bias_init)
-        self.normalized_shape = functional._as_shape(normalized_shape)
+        self.normalized_shape = as_shape(normalized_shape)
         self.eps = eps
         self.elementwise_affine = bool(elementwise_affine)
         self.scale, self.bias = affine_params(
