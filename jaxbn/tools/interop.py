@@ -515,12 +515,7 @@ def _from_torch(key, w: np.ndarray, template, path: Path, leaf: str, flatten, no
     if leaf == "kernel" and w.ndim == 2:
         module = "/".join(path)
         if module in flatten:
-            c, h, wd = flatten[module]
-            if c * h * wd != w.shape[1]:
-                raise ValueError(
-                    f"{key}: flatten_shapes[{module!r}] = {(c, h, wd)} holds {c * h * wd} "
-                    f"values, the layer takes {w.shape[1]}"
-                )
+            c, h, wd = _flatten_shape(key, flatten, module, w.shape[1])
             return w.reshape(w.shape[0], c, h, wd).transpose(2, 3, 1, 0).reshape(h * wd * c, -1)
         return w.T
     if leaf == "kernel":  # conv [O, I, *k] -> [*k, I, O]
@@ -542,6 +537,17 @@ def _from_torch(key, w: np.ndarray, template, path: Path, leaf: str, flatten, no
     return w
 
 
+def _flatten_shape(key: str, flatten, module: str, inputs: int) -> tuple[int, int, int]:
+    """The (C, H, W) that ``flatten_shapes`` gives ``module``, checked against its inputs."""
+    c, h, wd = flatten[module]
+    if c * h * wd != inputs:
+        raise ValueError(
+            f"{key}: flatten_shapes[{module!r}] = {(c, h, wd)} holds {c * h * wd} "
+            f"values, the layer takes {inputs}"
+        )
+    return c, h, wd
+
+
 def _moved_shape(shape) -> tuple[int, ...]:
     return (*shape[1:], shape[0])
 
@@ -550,12 +556,7 @@ def _to_torch(key, k: np.ndarray, path: Path, leaf: str, flatten, norm_layouts) 
     if leaf == "kernel" and k.ndim == 2:
         module = "/".join(path)
         if module in flatten:
-            c, h, wd = flatten[module]
-            if c * h * wd != k.shape[0]:
-                raise ValueError(
-                    f"{key}: flatten_shapes[{module!r}] = {(c, h, wd)} holds {c * h * wd} "
-                    f"values, the layer takes {k.shape[0]}"
-                )
+            c, h, wd = _flatten_shape(key, flatten, module, k.shape[0])
             return k.reshape(h, wd, c, -1).transpose(3, 2, 0, 1).reshape(-1, c * h * wd)
         return k.T
     if leaf == "kernel":  # conv [*k, I, O] -> [O, I, *k]
