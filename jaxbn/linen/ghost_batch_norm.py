@@ -43,20 +43,8 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import (
-    check_axis,
-    check_eps,
-    check_feature_count,
-    check_momentum,
-    train_flag,
-)
-from jaxbn.linen.batch_norm import (
-    Initializer,
-    affine_params,
-    check_initializer,
-    running_stats,
-    warn_momentum_convention,
-)
+from jaxbn._core import checks
+from jaxbn.linen import batch_norm as linen_bn
 
 __all__ = ["GhostBatchNorm"]
 
@@ -92,25 +80,25 @@ class GhostBatchNorm(nn.Module):
     axis: int = -1
     dtype: Any = None
     param_dtype: Any = jnp.float32
-    scale_init: Initializer = nn.initializers.ones
-    bias_init: Initializer = nn.initializers.zeros
+    scale_init: linen_bn.Initializer = nn.initializers.ones
+    bias_init: linen_bn.Initializer = nn.initializers.zeros
     momentum_convention_checked: bool = False
 
     def __post_init__(self) -> None:
-        check_feature_count(self.num_features, "num_features")
+        checks.check_feature_count(self.num_features, "num_features")
         if self.virtual_batch_size is None:
             raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
-        check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
+        checks.check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
         if self.virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be positive, got {self.virtual_batch_size}")
-        check_eps(self.eps)
-        check_momentum(self.momentum)
-        check_axis(self.axis)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
+        checks.check_eps(self.eps)
+        checks.check_momentum(self.momentum)
+        checks.check_axis(self.axis)
+        linen_bn.check_initializer(self.scale_init, "scale_init")
+        linen_bn.check_initializer(self.bias_init, "bias_init")
         m = self.momentum
         if m is not None and m > 0.5 and not self.momentum_convention_checked:
-            warn_momentum_convention(
+            linen_bn.warn_momentum_convention(
                 f"jaxbn.GhostBatchNorm(momentum={m}): jaxbn follows PyTorch, where momentum "
                 f"is the weight of the new batch (default 0.1), so {m} keeps only "
                 f"{1 - m:.3g} of the old value. Flax and Keras use the weight of the old "
@@ -121,12 +109,12 @@ class GhostBatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        train = train_flag(train)
+        train = checks.train_flag(train)
         x, features = logic.input_features(self, x)
-        weight, bias = affine_params(self, features)
+        weight, bias = linen_bn.affine_params(self, features)
         mean = var = count = None
         if self.track_running_stats:
-            mean_v, var_v, count_v = running_stats(self, features)
+            mean_v, var_v, count_v = linen_bn.running_stats(self, features)
             mean, var, count = mean_v.value, var_v.value, count_v.value
 
         if self.is_initializing():

@@ -18,7 +18,7 @@ this call; None uses the modes set by ``model.train()`` / ``model.eval()``.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -34,12 +34,30 @@ __all__ = ["MLP", "ConvNet", "ResNet", "ResidualBlock"]
 
 NORM_KINDS = ("batch", "group", "layer", "none")
 _DEFAULT_BN_MOMENTUM = 0.1
+# The models' keyword options and their defaults (as in :class:`jaxbn.models.NormalizedModel`).
+_NORM_OPTIONS = {
+    "norm": "batch",
+    "bn_momentum": _DEFAULT_BN_MOMENTUM,
+    "dtype": None,
+    "param_dtype": jnp.float32,
+}
 
 
 class _Normalized(nnx.Module):
     """Holds the norm choice and dtypes; builds and applies the norm slots."""
 
-    def _setup(self, norm: Any, bn_momentum: float | None, dtype: Any, param_dtype: Any) -> None:
+    def _setup(self, **norm_options: Any) -> None:
+        """Checks and keeps the keyword options every model takes (its ``**norm_options``):
+        ``norm`` (default ``"batch"``), ``bn_momentum`` (0.1), ``dtype`` (computation, None:
+        Flax's promotion) and ``param_dtype`` (parameters, float32)."""
+        unknown = sorted(set(norm_options) - set(_NORM_OPTIONS))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}() got an unexpected keyword argument {unknown[0]!r}"
+            )
+        self._keep_options(**{**_NORM_OPTIONS, **norm_options})
+
+    def _keep_options(self, norm: Any, bn_momentum: Any, dtype: Any, param_dtype: Any) -> None:
         if isinstance(norm, str):
             if norm not in NORM_KINDS:
                 raise ValueError(
@@ -122,13 +140,10 @@ class MLP(_Normalized):
         hidden: Sequence[int] = (256, 128),
         num_classes: int = 10,
         *,
-        norm: str | Callable[..., Any] = "batch",
-        bn_momentum: float | None = _DEFAULT_BN_MOMENTUM,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        **norm_options: Any,
     ) -> None:
-        self._setup(norm, bn_momentum, dtype, param_dtype)
+        self._setup(**norm_options)
         self.hidden = tuple(hidden)
         self.num_classes = num_classes
         width, index = in_features, 0
@@ -167,13 +182,10 @@ class ConvNet(_Normalized):
         hidden: int = 512,
         num_classes: int = 10,
         *,
-        norm: str | Callable[..., Any] = "batch",
-        bn_momentum: float | None = _DEFAULT_BN_MOMENTUM,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        **norm_options: Any,
     ) -> None:
-        self._setup(norm, bn_momentum, dtype, param_dtype)
+        self._setup(**norm_options)
         self.widths = tuple(widths)
         self.hidden = hidden
         self.num_classes = num_classes
@@ -227,13 +239,10 @@ class ResidualBlock(_Normalized):
         stride: int = 1,
         *,
         image_size: int = 32,
-        norm: str | Callable[..., Any] = "batch",
-        bn_momentum: float | None = _DEFAULT_BN_MOMENTUM,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        **norm_options: Any,
     ) -> None:
-        self._setup(norm, bn_momentum, dtype, param_dtype)
+        self._setup(**norm_options)
         self.stride = stride
         side = -(-image_size // stride)
         conv = dict(**self._options, rngs=rngs)
@@ -273,13 +282,10 @@ class ResNet(_Normalized):
         widths: Sequence[int] = (64, 128, 256, 512),
         num_classes: int = 10,
         *,
-        norm: str | Callable[..., Any] = "batch",
-        bn_momentum: float | None = _DEFAULT_BN_MOMENTUM,
-        dtype: Any = None,
-        param_dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
+        **norm_options: Any,
     ) -> None:
-        self._setup(norm, bn_momentum, dtype, param_dtype)
+        self._setup(**norm_options)
         self.stage_sizes, self.widths = tuple(stage_sizes), tuple(widths)
         self.num_classes = num_classes
         self.conv1 = nnx.Conv(in_channels, widths[0], (3, 3), padding=1, **self._options, rngs=rngs)
@@ -298,9 +304,7 @@ class ResNet(_Normalized):
                         width,
                         stride,
                         image_size=side,
-                        norm=norm,
-                        bn_momentum=bn_momentum,
-                        **self._options,
+                        **norm_options,
                         rngs=rngs,
                     ),
                 )
