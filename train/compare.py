@@ -8,11 +8,12 @@ Usage:
     python -m train.compare                                   # MLP, lr 0.01 / 0.1 / 1.0, digits
     python -m train.compare --lrs 0.01,0.1,1,3 --epochs 20 --plot runs/compare.png
 
-Prints a table of final train loss, test loss and accuracy per run, and writes a PNG of the
-loss and accuracy curves (default: compare.png). A run's status is "ok" only if it ended with
-finite losses above chance: "diverged in epoch N" if the loss became NaN/Inf, "failed: ..." if
-its last test loss is not finite or its test accuracy is at most 1.5 × the share of the most
-frequent test class (what a constant guess scores).
+Prints a table of final train loss, test loss and accuracy per run, and writes a PNG (150 dpi)
+of the loss and accuracy curves to exactly --plot (default: compare.png), its folder created.
+A run's status is "ok" only if it ended with finite losses above chance: "diverged in epoch N"
+if the loss became NaN/Inf, "failed: ..." if its last test loss is not finite or its test
+accuracy is at most 1.5 × the share of the most frequent test class (what a constant guess
+scores).
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from train import cnn, mlp
     from train.datasets import load_dataset
     from train.loop import EXPECTED_ERRORS, TrainingDivergedError, run
-    from train.plot import plot_comparison
+    from train.plot import PlotError, comparison_title, plot_comparison
 
     make_model = {"mlp": mlp.make_model, "cnn": cnn.make_model}[args.model]
     results = []
@@ -78,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({**result, "status": status(result, chance)})
         print()
         print(format_table(results))
-        title = f"{args.model} on {data.name}: SGD lr sweep, with vs without batch norm"
+        title = comparison_title(model=args.model, dataset=data.name, epochs=args.epochs)
         print(f"\nplot: {plot_comparison(results, args.plot, title)}")
-    except EXPECTED_ERRORS as err:
+    except (*EXPECTED_ERRORS, PlotError) as err:
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
