@@ -1,4 +1,6 @@
-"""One process of the multi-host test: ``python -m tests.multihost_worker PORT RANK OUT [MODE]``.
+"""One process of the multi-host tests.
+
+``python -m tests.multihost_worker PORT RANK OUT [MODE]``:
 
 Joins a 2-process cluster (2 CPU devices each), runs 3 synced BatchNorm2d training steps over
 the 4 devices on its half of a fixed global batch, and saves its outputs to OUT (.npz).
@@ -6,6 +8,9 @@ MODE ``die-after-init`` exits abruptly after joining (to test that the peer does
 ``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator).
 The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment (not
 done here, so importing this module from the tests changes nothing).
+
+``python -m tests.multihost_worker train-mlp HOOK FLAGS...``: ``python -m train.mlp FLAGS...``
+with a deterministic interruption (see :func:`train_mlp`).
 """
 
 import functools
@@ -97,5 +102,51 @@ def main(port: str, rank: str, out: str, mode: str = "") -> None:
     jax.distributed.shutdown()
 
 
+def train_mlp(hook: str, *flags: str) -> int:
+    """``python -m train.mlp FLAGS`` with ``hook``: ``sigterm-at-N`` (the process sends itself
+    SIGTERM during its N-th training step, as a scheduler's preemption notice would arrive),
+    ``kill-in-save-E`` (SIGKILL once the checkpoint of epoch E is written but not yet renamed
+    into place: a kill during the save), or ``none``."""
+    import signal
+
+    from train import mlp
+
+    kind, _, number = hook.rpartition("-")
+    if kind == "sigterm-at":
+        from train.parallel import DataParallel
+
+        real_train_step, calls = DataParallel.train_step, []
+
+        def train_step(self, model, tx, batch_size):
+            step = real_train_step(self, model, tx, batch_size)
+
+            def signalled(state, x, y):
+                calls.append(1)
+                if len(calls) == int(number):
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return step(state, x, y)
+
+            return signalled
+
+        DataParallel.train_step = train_step
+    elif kind == "kill-in-save":
+        from orbax.checkpoint._src.path import atomicity
+
+        real_finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+        async def finalize(self):
+            final = self.get_final()
+            if final.parent.name == "checkpoints" and final.name == number:
+                os.kill(os.getpid(), signal.SIGKILL)  # the data is written, not renamed
+            return await real_finalize(self)
+
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize
+    elif hook != "none":
+        raise ValueError(f"unknown hook {hook!r}")
+    return mlp.main(list(flags))
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "train-mlp":
+        sys.exit(train_mlp(*sys.argv[2:]))
     main(*sys.argv[1:])

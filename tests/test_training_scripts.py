@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 
+import flax.linen as nn
 import jax
 import numpy as np
+import PIL.Image
 import pytest
 
+import jaxbn
+import train.plot
 from train import cnn, compare, mlp, resnet
 from train.checkpoint import Checkpoints
 from train.cli import parse_args
@@ -57,12 +61,70 @@ def test_scripts_train_with_finite_metrics(script, norm, devices):
     assert bool(result.variables["batch_stats"]) == (norm == "batch")
 
 
+def inspect_rows(lines: list[str]) -> list[str]:
+    """The --inspect table in the log: its header first, then the layer rows (no rule)."""
+    table = next(line for line in lines if line.startswith("layer "))
+    header, _, *rows = table.splitlines()
+    return [header, *rows]
+
+
+def assert_aligned(table: list[str]) -> None:
+    """Every number column ends, and the flags start, where the header's label does."""
+    header, rows = table[0], table[1:]
+    labels = ["C", "steps", "mean (avg, range)", "var (avg, range)", "scale avg", "bias avg"]
+    ends = [header.index(f" {label}") + 1 + len(label) for label in labels]
+    flags = header.index("  flags") + 2
+    for row in rows:
+        for end in ends:
+            assert row[end - 1] != " " and row[end] == " ", (end, row, header)
+        assert row[flags - 2 : flags] == "  " and row[flags] != " ", (row, header)
+
+
 def test_resnet_script_trains_with_batch_norm_on_four_devices():
-    args = args_for(resnet, "--use-bn", "--devices", "4", "--epochs", "1", "--batch-size", "32")
-    result = run(args, resnet.make_model, data=tiny(64, 16), log=lambda _: None)
+    args = args_for(
+        resnet, "--use-bn", "--devices", "4", "--epochs", "1", "--batch-size", "32", "--inspect"
+    )
+    lines = []
+    result = run(args, resnet.make_model, data=tiny(64, 16), log=lines.append)
     assert np.isfinite(result.history[0]["train_loss"])
     bn = result.variables["batch_stats"]["layer4_1"]["bn2"]
     assert int(bn["num_batches_tracked"]) == 2
+    # --inspect lists the layers as the model applies them: a block's shortcut first
+    table = inspect_rows(lines)
+    names = [row.split()[0] for row in table[1:]]
+    assert names[:5] == ["bn1", "layer1_0/bn1", "layer1_0/bn2", "layer1_1/bn1", "layer1_1/bn2"]
+    assert names[5:8] == ["layer2_0/shortcut_1", "layer2_0/bn1", "layer2_0/bn2"]
+    assert len(names) == 1 + 2 * 8 + 3
+
+
+class AppliedOutOfOrder(nn.Module):
+    """Its batch norms' names sort the other way round from the order it applies them."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool):
+        x = x.reshape(x.shape[0], -1)
+        x = jaxbn.BatchNorm1d(name="zeta_first")(nn.Dense(16)(x), train=train)
+        x = jaxbn.BatchNorm1d(name="layer_10")(nn.Dense(16)(nn.relu(x)), train=train)
+        x = jaxbn.BatchNorm1d(name="layer_9")(nn.Dense(16)(nn.relu(x)), train=train)
+        return nn.Dense(10)(nn.relu(x))
+
+
+@pytest.fixture(scope="module")
+def inspected() -> list[str]:
+    """The --inspect table of a short run of :class:`AppliedOutOfOrder`."""
+    lines = []
+    args = args_for(mlp, "--epochs", "1", "--batch-size", "32", "--inspect")
+    run(args, lambda config, data: AppliedOutOfOrder(), data=tiny(), log=lines.append)
+    return inspect_rows(lines)
+
+
+def test_inspect_prints_the_layers_in_the_order_the_model_applies_them(inspected):
+    # neither sorted (layer_10, layer_9, zeta_first) nor numeric (layer_9, layer_10, ...)
+    assert [row.split()[0] for row in inspected[1:]] == ["zeta_first", "layer_10", "layer_9"]
+
+
+def test_inspect_columns_stay_aligned_whatever_the_figures(inspected):
+    assert_aligned(inspected)
 
 
 def test_the_cnn_command_runs_on_the_bundled_data_and_writes_metrics(tmp_path, capsys):
@@ -199,10 +261,10 @@ def test_a_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, 
 def test_evaluation_counts_every_test_example_exactly_once(devices, batch):
     data = tiny(n_test=37)  # 37 is prime: the last batch is always partial
     args = args_for(
-        cnn, "--use-bn", "--devices", str(devices), "--epochs", "1", "--batch-size", str(batch)
+        mlp, "--use-bn", "--devices", str(devices), "--epochs", "1", "--batch-size", str(batch)
     )
-    result = run(args, cnn.make_model, data=data, log=lambda _: None)
-    model = cnn.make_model(args, data)
+    result = run(args, mlp.make_model, data=data, log=lambda _: None)
+    model = mlp.make_model(args, data)
     logits = model.apply(result.variables, data.x_test, train=False)
     correct = int(np.sum(np.argmax(logits, -1) == data.y_test))
     log_probs = jax.nn.log_softmax(logits)
@@ -229,10 +291,21 @@ def test_the_bare_momentum_flag_is_refused_as_ambiguous(capsys):
     assert "use --sgd-momentum (optimizer) or --bn-momentum" in capsys.readouterr().err
 
 
-def test_compare_prints_the_table_and_writes_the_plot(tmp_path, capsys):
-    plot = tmp_path / "compare.png"
-    assert compare.main(["--epochs", "2", "--lrs", "0.1,1", "--plot", str(plot)]) == 0
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+def test_compare_prints_the_table_and_writes_the_plot(tmp_path, capsys, monkeypatch):
+    titles = []
+    draw = train.plot.draw_comparison
+    monkeypatch.setattr(
+        train.plot,
+        "draw_comparison",
+        lambda results, title: titles.append(title) or draw(results, title),
+    )
+    plot = tmp_path / "not" / "yet" / "compare.png"
+    assert compare.main(["--epochs", "1", "--lrs", "0.1,1", "--plot", str(plot)]) == 0
+    assert list(plot.parent.iterdir()) == [plot]
+    with PIL.Image.open(plot) as image:
+        assert image.format == "PNG" and min(image.info["dpi"]) >= 149.9
+    assert titles == [train.plot.comparison_title(model="mlp", dataset="digits", epochs=1)]
     out = capsys.readouterr().out
+    assert out.endswith(f"\nplot: {plot}\n")
     table = out[out.index("test acc") :]
     assert table.count("none") == 2 and table.count("batch") == 2

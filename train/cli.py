@@ -16,9 +16,12 @@ import os
 import sys
 from dataclasses import dataclass
 
+from train.config import Run
+
 NORMS = ("batch", "group", "layer", "none")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 DTYPES = ("float32", "bfloat16")
+AUGMENTED = ("cifar10",)  # the datasets --augment applies to (on by default there)
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,14 @@ def build_parser(
     data.add_argument(
         "--no-download", action="store_true", help="never download; fail if files are missing"
     )
+    data.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="random 32x32 crops of the 4-pixel zero-padded training images and horizontal "
+        "flips, on the device, keyed by --seed, epoch and step (unset: on for cifar10; "
+        "cifar10 only: a mirrored digit is another digit)",
+    )
     opt = parser.add_argument_group("optimization")
     opt.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs, at least 1")
     opt.add_argument(
@@ -136,11 +147,16 @@ def build_parser(
         "--join-timeout",
         type=float,
         default=60,
-        help="seconds to wait for the coordinator and the other processes",
+        help="seconds to wait for the coordinator and the other processes, and for every "
+        "process to see the file process 0 writes into --workdir (it must be shared)",
     )
     out = parser.add_argument_group("output")
     if not sweep:
-        out.add_argument("--workdir", help="write config.json, metrics.jsonl and checkpoints here")
+        out.add_argument(
+            "--workdir",
+            help="write config.json, metrics.jsonl and checkpoints here (several processes: "
+            "one directory all of them share)",
+        )
         out.add_argument(
             "--resume",
             action="store_true",
@@ -148,7 +164,11 @@ def build_parser(
             "--epochs may grow only with --schedule constant)",
         )
         out.add_argument(
-            "--keep", type=int, default=2, help="checkpoints kept in --workdir (the newest N)"
+            "--keep",
+            type=int,
+            default=2,
+            help="epoch checkpoints kept in --workdir (the newest N); a stopped run's mid-epoch "
+            "checkpoint comes on top until the next epoch checkpoint replaces it",
         )
     out.add_argument("--inspect", action="store_true", help="print the BN statistics table")
     return parser
@@ -180,12 +200,22 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--keep must be at least 1, got {args.keep}")
     if args.num_processes > 1 and not args.coordinator:
         parser.error("--num-processes > 1 needs --coordinator HOST:PORT")
+    augment = getattr(args, "augment", None)
+    if augment and args.dataset not in AUGMENTED:
+        parser.error(
+            f"--augment applies to --dataset {' or '.join(AUGMENTED)} only (random crops and "
+            f"horizontal flips; a mirrored digit is another digit), not to {args.dataset}"
+        )
+    args.augment = args.dataset in AUGMENTED if augment is None else augment
 
 
 def parse_args(
     prog: str, description: str, defaults: Defaults, argv: list[str] | None = None
 ) -> argparse.Namespace:
-    """Parses and checks the flags, and prepares the simulated devices before JAX starts."""
+    """Parses and checks the flags, and prepares the simulated devices before JAX starts.
+
+    ``train.config.Run.from_flags`` turns the result into the typed run the loop takes.
+    """
     parser = build_parser(prog, description, defaults)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
@@ -216,7 +246,7 @@ def run_cli(
     ``train.loop`` (and with it JAX) is imported only after parsing, so ``--devices`` can still
     choose the number of simulated CPU devices.
     """
-    args = parse_args(prog, description, defaults, argv)
+    run = Run.from_flags(parse_args(prog, description, defaults, argv))
     from train.loop import run_script
 
-    return run_script(args, make_model)
+    return run_script(run, make_model)

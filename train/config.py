@@ -1,11 +1,19 @@
-"""A run's configuration: everything that decides its numbers, saved as ``WORKDIR/config.json``.
+"""A run's configuration as typed, frozen dataclasses: what decides its numbers
+(:class:`RunConfig`, saved as ``WORKDIR/config.json``) and what does not (:class:`RunOptions`:
+where files go, what is printed, how the cluster is joined). :class:`Run` holds both; the
+scripts build it from the flags (``train.cli``) and the loop takes it.
 
 ``--resume`` compares the saved configuration with the flags and refuses any difference, so a
 resumed run is always the run that was started. The one change it allows is ``--epochs`` with
 ``--schedule constant``: the learning rate does not depend on the run's length and the batch
-order depends only on (seed, epoch), so a run extended to N epochs is bit for bit a run started
-with ``--epochs N``. The cosine schedule decays over the run's length: changing it would change
-every step already taken, so it is refused.
+order (and augmentation) depends only on (seed, epoch, step), so a run extended to N epochs is
+bit for bit a run started with ``--epochs N``. The cosine schedule decays over the run's
+length: changing it would change every step already taken, so it is refused.
+
+Example:
+    >>> run = Run(RunConfig(norm="batch", batch_size=64, lr=0.1, epochs=2), RunOptions())
+    >>> run.config.lr, run.options.workdir
+    (0.1, None)
 """
 
 from __future__ import annotations
@@ -21,31 +29,37 @@ from train.files import WorkdirError, atomic_write_text
 FILENAME = "config.json"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """The flags (and data) that change a run's computation."""
+    """Everything that decides a run's numbers; ``--resume`` refuses any change but
+    ``--epochs`` under ``--schedule constant``.
 
-    model: str  # the model's class, e.g. "MLP"
-    norm: str
-    bn_momentum: float | None  # None: cumulative average
-    data: str  # name and size of the data, e.g. "digits (1437 train / 360 test)"
+    ``model`` and ``data`` name what the flags built: the model's class (``"MLP"``) and the
+    data's name and size (``"digits (1437 train / 360 test)"``). They are empty until the loop
+    has built the model and loaded the data (:meth:`describing`).
+    """
+
+    model: str = ""
+    norm: str = "none"
+    bn_momentum: float | None = 0.1  # None: cumulative average
+    data: str = ""
     batch_size: int
     lr: float
-    schedule: str
-    sgd_momentum: float
-    weight_decay: float
-    seed: int
-    devices: int
-    num_processes: int
+    schedule: str = "cosine"
+    sgd_momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    devices: int = 1
+    num_processes: int = 1
     epochs: int
-    # Fields added later have defaults: the value every run had before the field existed, so
-    # an older run's config.json still loads and compares.
+    # Fields added later default to the value every run had before the field existed, so an
+    # older run's config.json still loads and compares.
     dtype: str = "float32"
+    augment: bool = False  # random crops and flips of the training images (train.augment)
 
-    @classmethod
-    def from_args(cls, args: argparse.Namespace, model: str, data: str) -> RunConfig:
-        names = {f.name for f in dataclasses.fields(cls)} - {"model", "data"}
-        return cls(model=model, data=data, **{n: getattr(args, n) for n in names})
+    def describing(self, model: str, data: str) -> RunConfig:
+        """This configuration with the built model's class and the loaded data's description."""
+        return dataclasses.replace(self, model=model, data=data)
 
     def changes(self, new: RunConfig, *, ignore: tuple[str, ...] = ()) -> list[str]:
         """``"--lr 0.1 -> 0.5"`` for every field that differs (old value first)."""
@@ -74,6 +88,57 @@ class RunConfig:
             return cls(**json.loads(path.read_text()))
         except (OSError, ValueError, TypeError) as err:
             raise WorkdirError(f"{path} is not a readable run configuration: {err}") from err
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """What a run does besides computing: which data to load and from where, the workdir,
+    what is printed, how the cluster is joined. None of it changes a number, so ``--resume``
+    lets all of it change (the loaded data itself is checked through ``RunConfig.data``)."""
+
+    dataset: str = "digits"
+    data_dir: str = "data"
+    download: bool = True
+    workdir: str | None = None
+    resume: bool = False
+    keep: int = 2  # epoch checkpoints kept (a mid-epoch one comes on top, see train.checkpoint)
+    inspect: bool = False
+    summary: bool = True  # the end-of-run line (train.compare prints its own table)
+    coordinator: str | None = None
+    process_id: int = 0
+    join_timeout: float = 60.0
+    command: tuple[str, ...] = ("python", "-m", "train")  # what continues a stopped run
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: its configuration and its options."""
+
+    config: RunConfig
+    options: RunOptions
+
+    @classmethod
+    def from_flags(cls, args: argparse.Namespace) -> Run:
+        """The run the parsed flags describe (``train.cli``; fields a caller's namespace lacks,
+        such as ``--workdir`` in ``train.compare``, take their defaults)."""
+        given = vars(args)
+        numbers = {
+            f.name: given[f.name]
+            for f in dataclasses.fields(RunConfig)
+            if f.name in given and f.name not in ("model", "data")
+        }
+        if numbers.get("augment") is None:  # not resolved by train.cli.check_args
+            numbers.pop("augment", None)
+        config = RunConfig(**numbers)
+        options = {
+            f.name: given[f.name]
+            for f in dataclasses.fields(RunOptions)
+            if f.name in given and given[f.name] is not None
+        }
+        options["download"] = not given.get("no_download", False)
+        options["command"] = tuple(options.get("command", RunOptions.command))
+        options["summary"] = bool(given.get("summary", True))
+        return cls(config, RunOptions(**options))
 
 
 def _flag(field: str) -> str:

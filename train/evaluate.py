@@ -6,7 +6,8 @@ Usage:
 
 The model, data, batch size, device count and dtype come from the run's ``config.json``; the
 printed figures equal the ``test_loss``/``test_accuracy`` of that epoch in ``metrics.jsonl``
-(same batches, same devices, same sums).
+(same batches, same devices, same sums). Only epoch checkpoints are evaluated: a mid-epoch one
+(a run stopped inside an epoch) is there to be resumed.
 """
 
 from __future__ import annotations
@@ -65,11 +66,10 @@ def evaluate_checkpoint(
     described = f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test)"
     if described != config.data:
         raise WorkdirError(f"the run trained on {config.data}, {data_dir} holds {described}")
-    args = argparse.Namespace(**vars(config))
     parallel = DataParallel(config.devices)
-    model = script.make_model(args, data)
+    model = script.make_model(config, data)
     steps = len(data.y_train) // config.batch_size
-    tx = make_optimizer(args, steps * config.epochs)  # for the state's structure only
+    tx = make_optimizer(config, steps * config.epochs)  # for the state's structure only
     like = create_state(model, tx, data, config.seed, parallel)
     checkpoints = Checkpoints(workdir, keep=10**9)  # opening must never delete one
     try:
@@ -82,7 +82,7 @@ def evaluate_checkpoint(
         state = checkpoints.restore(epoch, like)
     finally:
         checkpoints.close()
-    feed = make_feed(parallel, data, config.batch_size)
+    feed = make_feed(parallel, data, config)  # its test batches: never augmented
     loss, accuracy = evaluate(parallel.eval_step(model), state, feed, len(data.y_test))
     return epoch, loss, accuracy
 

@@ -25,6 +25,14 @@ batches otherwise.
 
 Both give the batches bit for bit (a gather copies values); the batch order is
 ``train.batching``'s, so a resumed run sees the same batches either way.
+
+With ``augment`` (``--augment``, on by default for CIFAR-10) every training batch goes through
+``train.augment.augment_batch`` (random crops of the 4-pixel zero-padded images, horizontal
+flips) on the device, inside the same jitted call that gathers it (``DeviceFeed``) or right
+after the transfer (``HostFeed``). Its key is ``--seed``'s augmentation key folded with the
+epoch and the step, so the augmented batches depend only on (seed, epoch, step): a resumed run,
+mid-epoch included, sees the same ones, and no host sync is added (the step and epoch go in as
+scalars). Evaluation batches are never augmented.
 """
 
 from __future__ import annotations
@@ -35,21 +43,38 @@ from collections.abc import Iterator
 import jax
 import numpy as np
 
+from train.augment import augment_batch
 from train.batching import eval_batches, train_batches
+from train.config import RunConfig
 from train.datasets import Dataset
 
 PREFETCH = 2  # batches in flight ahead of the step (HostFeed)
 DEVICE_SHARE = 0.25  # DeviceFeed if the data takes at most this share of a device's memory
 UNKNOWN_MEMORY_BUDGET = 2 * 2**30  # bytes, when the device does not report its memory
+AUGMENT_STREAM = 0x617567  # folded into jax.random.key(seed): augmentation's own stream
 
 
-def make_feed(parallel, data: Dataset, batch_size: int, *, place: str = "auto"):
+def make_feed(parallel, data: Dataset, config: RunConfig, *, place: str = "auto"):
     """A :class:`DeviceFeed` if ``data`` fits on the devices (``place="auto"``), else a
-    :class:`HostFeed`; ``place="device"`` or ``"host"`` forces the choice."""
+    :class:`HostFeed`; ``place="device"`` or ``"host"`` forces the choice. ``config`` gives the
+    batch size and whether to augment."""
     if place == "auto":
         place = "device" if fits_on_device(data) else "host"
     cls = DeviceFeed if place == "device" else HostFeed
-    return cls(parallel, data, batch_size)
+    return cls(parallel, data, config.batch_size, augment=config.augment)
+
+
+def augment_key(seed: int) -> np.ndarray:
+    """The raw key data (uint32) of ``seed``'s augmentation stream; per step it is folded with
+    the epoch and the step on the device (:func:`augmented`)."""
+    key = jax.random.fold_in(jax.random.key(seed), AUGMENT_STREAM)
+    return np.asarray(jax.device_get(jax.random.key_data(key)))
+
+
+def augmented(x: jax.Array, key_data: jax.Array, epoch, step) -> jax.Array:
+    """``x`` (a training batch) augmented with the key of (seed, epoch, step); traceable."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.wrap_key_data(key_data), epoch), step)
+    return augment_batch(key, x)
 
 
 def fits_on_device(data: Dataset) -> bool:
@@ -72,14 +97,21 @@ class HostFeed:
 
     name = "host batches, prefetched"
 
-    def __init__(self, parallel, data: Dataset, batch_size: int):
+    def __init__(self, parallel, data: Dataset, batch_size: int, *, augment: bool = False):
         self.parallel, self.data, self.batch_size = parallel, data, batch_size
+        self.augment = _Augmenter(parallel) if augment else None
 
     def train(self, seed: int, epoch: int, start_step: int = 0) -> Iterator[tuple]:
         """``(x, y)`` of the epoch's batches from ``start_step`` on, split over the mesh."""
         d = self.data
-        batches = train_batches(len(d.y_train), self.batch_size, seed, epoch)[start_step:]
-        return _ahead(self.parallel.shard(d.x_train[i], d.y_train[i]) for i in batches)
+        batches = train_batches(len(d.y_train), self.batch_size, seed, epoch)
+        sent = (
+            (step, self.parallel.shard(d.x_train[batches[step]], d.y_train[batches[step]]))
+            for step in range(start_step, len(batches))
+        )
+        if self.augment is None:
+            return _ahead(batch for _, batch in sent)
+        return _ahead((self.augment(x, seed, epoch, step), y) for step, (x, y) in sent)
 
     def test(self) -> Iterator[tuple]:
         """``(x, y, mask)`` of the padded test batches (see ``train.batching.eval_batches``)."""
@@ -95,12 +127,14 @@ class DeviceFeed:
 
     name = "device-resident data"
 
-    def __init__(self, parallel, data: Dataset, batch_size: int):
+    def __init__(self, parallel, data: Dataset, batch_size: int, *, augment: bool = False):
         self.parallel, self.data, self.batch_size = parallel, data, batch_size
+        self.augment = _Augmenter(parallel) if augment else None
         self.train_arrays = parallel.replicate((data.x_train, data.y_train))
         self.test_arrays = parallel.replicate((data.x_test, data.y_test))
         split = parallel.split
         self._gather = jax.jit(_gather, out_shardings=(split, split))
+        self._gather_augmented = jax.jit(_gather_augmented, out_shardings=(split, split))
         self._gather_masked = jax.jit(_gather_masked, out_shardings=(split, split, split))
         test = list(eval_batches(len(data.y_test), batch_size))
         self._test_order = parallel.replicate(
@@ -111,8 +145,13 @@ class DeviceFeed:
         batches = train_batches(len(self.data.y_train), self.batch_size, seed, epoch)
         order = self.parallel.replicate(np.stack(batches).astype(np.int32))
         x, y = self.train_arrays
+        if self.augment is None:
+            for step in range(start_step, len(batches)):
+                yield self._gather(x, y, order, step)
+            return
+        key_data = self.augment.key_data(seed)
         for step in range(start_step, len(batches)):
-            yield self._gather(x, y, order, step)
+            yield self._gather_augmented(x, y, order, step, key_data, epoch)
 
     def test(self) -> Iterator[tuple]:
         x, y = self.test_arrays
@@ -124,6 +163,28 @@ class DeviceFeed:
 def _gather(x, y, order, step):
     rows = order[step]
     return x[rows], y[rows]
+
+
+def _gather_augmented(x, y, order, step, key_data, epoch):
+    rows = order[step]
+    return augmented(x[rows], key_data, epoch, step), y[rows]
+
+
+class _Augmenter:
+    """The jitted augmentation of a batch already split over the mesh (``HostFeed``), and
+    each seed's key data, replicated (computed once per seed)."""
+
+    def __init__(self, parallel):
+        self.parallel, self.keys = parallel, {}
+        self._augment = jax.jit(augmented, out_shardings=parallel.split)
+
+    def key_data(self, seed: int) -> jax.Array:
+        if seed not in self.keys:
+            self.keys[seed] = self.parallel.replicate(augment_key(seed))
+        return self.keys[seed]
+
+    def __call__(self, x: jax.Array, seed: int, epoch: int, step: int) -> jax.Array:
+        return self._augment(x, self.key_data(seed), epoch, step)
 
 
 def _gather_masked(x, y, order, masks, step):

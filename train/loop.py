@@ -1,5 +1,7 @@
-"""The training loop shared by every script: create the state, train an epoch, evaluate, log
-and checkpoint, resume, stop cleanly on a signal.
+"""The training loop shared by every script, in the shape of Flax's ImageNet example: build
+what a run trains with (:func:`setup`), create or restore the state (:func:`restore_or_create`),
+train an epoch (:func:`train_epoch`), evaluate (:func:`evaluate`), and the whole run with its
+logging, checkpoints and clean stops (:func:`train_and_evaluate`).
 
 The loop never waits for the device inside an epoch except every :data:`CHECK_EVERY` steps:
 each step's loss and accuracy are written into per-epoch arrays on the device, together with the
@@ -8,6 +10,13 @@ progress bar) every :data:`CHECK_EVERY` steps and at the end of the epoch, and f
 arrays once per epoch. A divergence therefore still stops the run before anything of that epoch
 is logged or saved, and the epoch's figures are exactly the old step-by-step ones (the float64
 mean of the float32 step values, in step order).
+
+Stopping: SIGINT and SIGTERM end the run at a step boundary. With ``--workdir`` the state and
+the epoch's step figures so far are saved as a mid-epoch checkpoint, from which ``--resume``
+continues at the next step, bit for bit the uninterrupted run. In a multi-process run JAX's
+preemption notifier takes SIGTERM (a scheduler's notice to any process reaches all of them) and
+every process asks :func:`jax.experimental.multihost_utils.reached_preemption_sync_point` before
+each step, so all stop at the same step; SIGINT is turned into such a notice.
 """
 
 from __future__ import annotations
@@ -15,12 +24,12 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import pathlib
+import os
 import shlex
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,15 +42,16 @@ from tqdm import tqdm
 
 import jaxbn
 from train.batching import train_batches
-from train.config import RunConfig
+from train.checkpoint import MID_EPOCH, MidEpoch
+from train.config import Run, RunConfig, RunOptions
 from train.datasets import Dataset, load_dataset
 from train.download import ChecksumError, DatasetUnavailableError
 from train.feed import make_feed
 from train.files import WorkdirError
 from train.parallel import DataParallel
-from train.workdir import open_workdir
+from train.workdir import Workdir, open_workdir
 
-ModelFactory = Callable[[argparse.Namespace, Dataset], nn.Module]
+ModelFactory = Callable[[RunConfig, Dataset], nn.Module]
 
 # Steps between the host's looks at the device (divergence flag, progress bar). Each look waits
 # for the steps queued so far; between looks the host only queues work.
@@ -65,7 +75,7 @@ class RunError(RuntimeError):
 
 class RunStoppedError(Exception):
     """SIGINT or SIGTERM stopped the run between two steps; the message says where, what is
-    kept and how to continue. ``exit_code`` is 128 + the signal number (130, 143)."""
+    saved and how to continue. ``exit_code`` is 128 + the signal number (130, 143)."""
 
     def __init__(self, message: str, signum: int):
         super().__init__(message)
@@ -86,45 +96,77 @@ EXPECTED_ERRORS = (
 @dataclass
 class RunResult:
     history: list[dict]  # one row per epoch, as in metrics.jsonl
-    variables: dict[str, Any]  # {"params", "batch_stats"} on the host
+    variables: dict[str, Any]  # {"params", "batch_stats"} on the host, in the model's order
 
 
 class StopRequest:
-    """Set by SIGINT/SIGTERM (see :func:`stop_on_signals`); the loop looks at it before every
-    step, so a save in progress always completes. A second SIGINT interrupts at once."""
+    """Set by SIGINT/SIGTERM (see :func:`stop_on_signals`); the loop asks :meth:`reached`
+    before every step, so a save in progress always completes. A second SIGINT interrupts at
+    once.
+
+    In a cluster (``cluster=True``) SIGTERM never reaches Python: JAX's preemption notifier
+    takes it and tells every process, and :meth:`reached` is the preemption sync point, the
+    same step on all of them. A SIGINT (one process's Ctrl-C) is passed on as such a notice.
+    """
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self.cluster = False
 
     def __call__(self, signum: int, frame: Any = None) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
+        if self.cluster and signum == signal.SIGINT:
+            os.kill(os.getpid(), signal.SIGTERM)  # to the notifier: every process stops
+
+    def reached(self, step: int) -> bool:
+        """Whether to stop before global step ``step`` (every process calls it with the same
+        steps, in order)."""
+        if not self.cluster:
+            return self.signum is not None
+        from jax.experimental import multihost_utils
+
+        try:  # a C++ call under a lock; it talks to the other processes only after a notice
+            reached = multihost_utils.reached_preemption_sync_point(step)
+        except RuntimeError:  # jax_enable_preemption_service off: SIGTERM reaches Python
+            self.cluster = False
+            return self.signum is not None
+        if reached:
+            self.signum = self.signum or signal.SIGTERM
+        return reached
 
 
-def dtype_of(args: argparse.Namespace) -> Any:
+def dtype_of(config: RunConfig) -> Any:
     """The models' ``dtype`` for ``--dtype`` (None for float32: Flax's promotion, as before)."""
-    return DTYPES[getattr(args, "dtype", "float32")]
+    return DTYPES[getattr(config, "dtype", "float32")]
 
 
-def learning_rate_schedule(args: argparse.Namespace, total_steps: int) -> optax.Schedule:
-    if args.schedule == "cosine":
-        return optax.cosine_decay_schedule(args.lr, max(total_steps, 1))
-    return optax.constant_schedule(args.lr)
+def learning_rate_schedule(config: RunConfig, total_steps: int) -> optax.Schedule:
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.lr, max(total_steps, 1))
+    return optax.constant_schedule(config.lr)
 
 
-def make_optimizer(args: argparse.Namespace, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(config: RunConfig, total_steps: int) -> optax.GradientTransformation:
     """SGD with momentum (``--sgd-momentum``), weight decay and the learning-rate schedule —
     the same update as ``torch.optim.SGD(lr, momentum, weight_decay)``."""
     return optax.chain(
-        optax.add_decayed_weights(args.weight_decay),
-        optax.sgd(learning_rate_schedule(args, total_steps), momentum=args.sgd_momentum or None),
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(
+            learning_rate_schedule(config, total_steps), momentum=config.sgd_momentum or None
+        ),
     )
 
 
-def create_state(model: nn.Module, tx, data: Dataset, seed: int, parallel: DataParallel):
-    """Fresh ``{"params", "batch_stats", "opt_state"}``, replicated over the mesh."""
-    variables = model.init(jax.random.key(seed), data.x_train[:2], train=False)
+def init_variables(model: nn.Module, data: Dataset, seed: int) -> dict[str, Any]:
+    """``model.init``'s variables: its dicts list the layers in the order the model created
+    them (JAX's tree functions sort keys; :func:`in_model_order` restores this order)."""
+    return model.init(jax.random.key(seed), data.x_train[:2], train=False)
+
+
+def state_from(variables: Mapping[str, Any], tx, parallel: DataParallel) -> dict[str, Any]:
+    """``{"params", "batch_stats", "opt_state"}`` of ``variables``, replicated over the mesh."""
     return parallel.replicate(
         {
             "params": variables["params"],
@@ -134,118 +176,193 @@ def create_state(model: nn.Module, tx, data: Dataset, seed: int, parallel: DataP
     )
 
 
-def run(
-    args: argparse.Namespace,
+def create_state(model: nn.Module, tx, data: Dataset, seed: int, parallel: DataParallel):
+    """Fresh ``{"params", "batch_stats", "opt_state"}``, replicated over the mesh."""
+    return state_from(init_variables(model, data, seed), tx, parallel)
+
+
+def in_model_order(tree: Any, like: Any) -> Any:
+    """``tree`` with the keys of every dict in the order of ``like``'s (e.g. ``model.init``'s
+    variables); keys ``like`` lacks come last."""
+    if not isinstance(tree, Mapping):
+        return tree
+    like = like if isinstance(like, Mapping) else {}
+    keys = [k for k in like if k in tree] + [k for k in tree if k not in like]
+    return {k: in_model_order(tree[k], like.get(k)) for k in keys}
+
+
+@dataclass
+class Setup:
+    """What a run trains with, built from its configuration."""
+
+    config: RunConfig  # with the model and the data described
+    data: Dataset
+    parallel: DataParallel
+    model: nn.Module
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    steps_per_epoch: int
+    feed: Any  # train.feed.DeviceFeed or HostFeed
+    train_step: Callable
+    eval_step: Callable
+
+
+def setup(run: Run, make_model: ModelFactory, data: Dataset | None = None) -> Setup:
+    """Loads the data (unless given), builds the mesh, the model, the optimizer, the feed and
+    the jitted steps. Needs the cluster joined first (:func:`join_cluster`).
+
+    Raises:
+      ValueError: a batch that does not divide across the devices or exceeds the data.
+      DatasetUnavailableError, ChecksumError: the data cannot be loaded.
+    """
+    config, options = run.config, run.options
+    data = data or load_dataset(options.dataset, options.data_dir, download=options.download)
+    parallel = DataParallel(config.devices)
+    parallel.check_batch(config.batch_size)
+    steps_per_epoch = len(train_batches(len(data.y_train), config.batch_size, config.seed, 1))
+    total_steps = steps_per_epoch * config.epochs
+    tx = make_optimizer(config, total_steps)
+    model = make_model(config, data)
+    config = config.describing(
+        type(model).__name__, f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test)"
+    )
+    return Setup(
+        config=config,
+        data=data,
+        parallel=parallel,
+        model=model,
+        tx=tx,
+        schedule=learning_rate_schedule(config, total_steps),
+        steps_per_epoch=steps_per_epoch,
+        feed=make_feed(parallel, data, config),
+        train_step=parallel.train_step(model, tx, config.batch_size),
+        eval_step=parallel.eval_step(model),
+    )
+
+
+def restore_or_create(
+    run: Run, s: Setup, *, say: Callable[[str], None], main_process: bool
+) -> tuple[Any, dict[str, Any], Workdir | None]:
+    """``(state, model.init's variables, workdir)``: the fresh state, or with ``--resume`` the
+    newest good checkpoint's (see ``train.workdir.open_workdir``); workdir None without
+    ``--workdir``."""
+    variables: dict[str, Any] = {}
+
+    def fresh_state():
+        variables.update(init_variables(s.model, s.data, s.config.seed))
+        return state_from(variables, s.tx, s.parallel)
+
+    if not run.options.workdir:
+        return fresh_state(), variables, None
+    workdir = open_workdir(
+        run,
+        s.config,
+        fresh_state,
+        steps_per_epoch=s.steps_per_epoch,
+        check_state=lambda state: _describe_nonfinite(nonfinite_leaves(state)),
+        say=say,
+        main_process=main_process,
+    )
+    return workdir.state, variables, workdir
+
+
+@dataclass(frozen=True)
+class Saved:
+    """The newest checkpoint on disk: of a finished epoch (``step`` None) or mid-epoch."""
+
+    epoch: int
+    step: int | None
+    path: str
+
+    def describe(self, note: str = "") -> str:
+        where = "" if self.step is None else f", step {self.step}"
+        return f"the checkpoint of epoch {self.epoch}{where} ({self.path}{note})"
+
+
+def train_and_evaluate(
+    run: Run,
     make_model: ModelFactory,
     *,
     log: Callable[[str], None] = print,
     data: Dataset | None = None,
     stop: StopRequest | None = None,
 ) -> RunResult:
-    """Trains ``make_model(args, data)`` as the flags say; returns the history and variables.
+    """Trains ``make_model(run.config, data)`` as ``run`` says; returns the history and the
+    variables.
 
     Raises:
       TrainingDivergedError: the loss, the test loss or the state became NaN/Inf; the epoch
         is neither logged nor saved, the earlier checkpoints stay as they are.
-      RunStoppedError: ``stop`` was set (by a signal); the epoch in progress is not saved.
+      RunStoppedError: ``stop`` was reached (a signal); with ``--workdir`` the epoch in
+        progress is saved as a mid-epoch checkpoint first.
       WorkdirError: the workdir cannot be used (see ``train.workdir.open_workdir``).
       ValueError: flags that do not fit (batch vs devices or data, ...).
       RunError: the multi-host cluster could not be joined.
     """
     started = time.perf_counter()
-    _join_cluster(args)
+    options = run.options
+    join_cluster(run)
+    stop = stop or StopRequest()
+    stop.cluster = bool(options.coordinator) or jax.process_count() > 1
+    if stop.cluster and stop.signum is not None:  # came before JAX's notifier was in place
+        os.kill(os.getpid(), signal.SIGTERM)
     main_process = jax.process_index() == 0
     say = log if main_process else (lambda _: None)
-    data = data or load_dataset(args.dataset, args.data_dir, download=not args.no_download)
-    parallel = DataParallel(args.devices)
-    parallel.check_batch(args.batch_size)
-    steps_per_epoch = len(train_batches(len(data.y_train), args.batch_size, args.seed, 1))
-    total_steps = steps_per_epoch * args.epochs
-    schedule = learning_rate_schedule(args, total_steps)
-    tx = make_optimizer(args, total_steps)
-    model = make_model(args, data)
-
-    history: list[dict] = []
-    start_epoch = 0
-    workdir = None
-    if args.workdir:
-        config = RunConfig.from_args(
-            args,
-            model=type(model).__name__,
-            data=f"{data.name} ({len(data.y_train)} train / {len(data.y_test)} test)",
-        )
-        workdir = open_workdir(
-            args,
-            config,
-            lambda: create_state(model, tx, data, args.seed, parallel),
-            check_state=lambda s: _describe_nonfinite(nonfinite_leaves(s)),
-            say=say,
-            main_process=main_process,
-        )
-        state, start_epoch, history = workdir.state, workdir.start_epoch, workdir.history
-    else:
-        state = create_state(model, tx, data, args.seed, parallel)
-    saved_epoch = start_epoch or None  # the newest checkpoint on disk
-    dtype = "" if args.dtype == "float32" else f", {args.dtype} activations"
+    s = setup(run, make_model, data)
+    config, steps = s.config, s.steps_per_epoch
+    state, variables, workdir = restore_or_create(run, s, say=say, main_process=main_process)
+    history = list(workdir.history) if workdir else []
+    start_epoch = workdir.start_epoch if workdir else 0
+    mid_epoch = workdir.mid_epoch if workdir else None
+    saved = _newest_saved(options, start_epoch, mid_epoch, steps)
+    dtype = "" if config.dtype == "float32" else f", {config.dtype} activations"
+    augment = ", augmented" if config.augment else ""
     say(
-        f"{type(model).__name__} norm={args.norm} on {data.name} "
-        f"({len(data.y_train)} train / {len(data.y_test)} test), {parallel.size} device(s), "
-        f"batch {args.batch_size}, {steps_per_epoch} steps/epoch{dtype}"
+        f"{config.model} norm={config.norm} on {s.data.name} "
+        f"({len(s.data.y_train)} train / {len(s.data.y_test)} test{augment}), "
+        f"{s.parallel.size} device(s), batch {config.batch_size}, {steps} steps/epoch{dtype}"
     )
 
-    feed = make_feed(parallel, data, args.batch_size)
-    train_step = parallel.train_step(model, tx, args.batch_size)
-    eval_step = parallel.eval_step(model)
     trained_seconds, trained_steps = 0.0, 0
     try:
-        for epoch in range(start_epoch + 1, args.epochs + 1):
+        for epoch in range(start_epoch + 1, config.epochs + 1):
             epoch_started = time.perf_counter()
+            resume_at = mid_epoch if mid_epoch and mid_epoch.epoch == epoch else None
+            first_step = resume_at.step if resume_at else 0
             try:
                 state, losses, accuracies = train_epoch(
-                    train_step,
-                    state,
-                    feed,
-                    parallel,
-                    args,
-                    epoch,
-                    steps_per_epoch,
-                    main_process,
-                    stop,
+                    s, state, epoch, start=resume_at, stop=stop, show=main_process
                 )
             except _DivergedError as bad:
                 raise TrainingDivergedError(
                     f"loss became {bad.loss} at epoch {epoch}, step {bad.step}: training "
-                    f"diverged (try a lower --lr){_kept(args, saved_epoch)}",
+                    f"diverged (try a lower --lr){_kept(options, saved, epoch - 1)}",
                     history,
                 ) from None
+            except _StoppedError as stopped:
+                raise _stopped(
+                    run, s, stopped, epoch, first_step, saved, workdir, stop, history
+                ) from None
             train_seconds = time.perf_counter() - epoch_started
-            test_loss, test_accuracy = evaluate(eval_step, state, feed, len(data.y_test))
-            row = {
-                "epoch": epoch,
-                "step": epoch * steps_per_epoch,
-                "lr": float(jax.device_get(schedule(epoch * steps_per_epoch - 1))),
-                "train_loss": float(np.mean(losses)),
-                "train_accuracy": float(np.mean(accuracies)),
-                "test_loss": test_loss,
-                "test_accuracy": test_accuracy,
-                "seconds": round(time.perf_counter() - epoch_started, 3),
-                "examples_per_second": round(
-                    steps_per_epoch * args.batch_size / max(train_seconds, 1e-9), 1
-                ),
-            }
+            row = epoch_row(s, state, epoch, losses, accuracies)
+            row["seconds"] = round(time.perf_counter() - epoch_started, 3)
+            row["examples_per_second"] = round(
+                (steps - first_step) * config.batch_size / max(train_seconds, 1e-9), 1
+            )
             # Never report or save an epoch that ended in NaN/Inf: its checkpoint would be kept
             # as "good" and every --resume would start from it.
             bad = _describe_nonfinite(nonfinite_leaves(state))
+            test_loss = row["test_loss"]
             if bad or not (math.isfinite(test_loss) and math.isfinite(row["train_loss"])):
                 raise TrainingDivergedError(
-                    f"epoch {epoch} ended with {bad or f'test loss {test_loss}'}: training "
-                    f"diverged (try a lower --lr){_kept(args, saved_epoch)}",
+                    f"epoch {epoch} ended with {bad or f'test loss {test_loss}'}: "
+                    f"training diverged (try a lower --lr){_kept(options, saved, epoch - 1)}",
                     history,
                 )
             say(
                 f"epoch {epoch:3d}  train loss {row['train_loss']:.4f} "
-                f"acc {row['train_accuracy']:.4f}  test loss {test_loss:.4f} "
-                f"acc {test_accuracy:.4f}  {row['seconds']:.1f}s"
+                f"acc {row['train_accuracy']:.4f}  test loss {row['test_loss']:.4f} "
+                f"acc {row['test_accuracy']:.4f}  {row['seconds']:.1f}s"
             )
             if workdir:
                 # Metrics first: a crash between the two leaves a row without a checkpoint,
@@ -253,28 +370,48 @@ def run(
                 if main_process:
                     workdir.metrics.append(row)
                 workdir.checkpoints.save(epoch, state)
-                saved_epoch = epoch
+                saved = Saved(epoch, None, f"{options.workdir}/checkpoints/{epoch}")
             history.append(row)
             trained_seconds += train_seconds
-            trained_steps += steps_per_epoch
-    except RunStoppedError as stopped:
-        raise RunStoppedError(
-            f"{stopped}; {_continue(args, saved_epoch)}", stop.signum if stop else 2
-        ) from None
+            trained_steps += steps - first_step
     finally:
         if workdir:
             workdir.checkpoints.close()
     host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
-    if args.inspect:
+    host = in_model_order(host, variables)
+    if options.inspect:
         say(str(jaxbn.inspect_batchnorm(host)))
-    if getattr(args, "summary", True):  # train.compare prints its own table instead
-        say(summary(args, history, time.perf_counter() - started, trained_steps, trained_seconds))
+    if options.summary:
+        say(summary(run, history, time.perf_counter() - started, trained_steps, trained_seconds))
     return RunResult(history, host)
+
+
+def run(
+    args: Run | argparse.Namespace,
+    make_model: ModelFactory,
+    *,
+    log: Callable[[str], None] = print,
+    data: Dataset | None = None,
+    stop: StopRequest | None = None,
+) -> RunResult:
+    """:func:`train_and_evaluate` of a :class:`~train.config.Run`, or of parsed flags
+    (``train.cli.parse_args``, ``train.compare``'s namespace)."""
+    if not isinstance(args, Run):
+        args = Run.from_flags(args)
+    return train_and_evaluate(args, make_model, log=log, data=data, stop=stop)
 
 
 class _DivergedError(Exception):
     def __init__(self, step: int, loss: float):
         self.step, self.loss = step, loss
+
+
+class _StoppedError(Exception):
+    """The stop was reached before step ``step`` (0-based) of the epoch: ``state`` is the
+    state then, ``losses``/``accuracies`` hold the step figures so far."""
+
+    def __init__(self, step: int, state, losses: np.ndarray, accuracies: np.ndarray):
+        self.step, self.state, self.losses, self.accuracies = step, state, losses, accuracies
 
 
 @functools.partial(jax.jit, donate_argnums=0)
@@ -292,30 +429,40 @@ def _record(acc: dict, metrics: dict, index) -> dict:
 
 
 def train_epoch(
-    train_step, state, feed, parallel, args, epoch: int, steps: int, main_process: bool, stop
+    s: Setup,
+    state,
+    epoch: int,
+    *,
+    start: MidEpoch | None = None,
+    stop: StopRequest | None = None,
+    show: bool = True,
 ):
-    """One epoch: ``(state, losses, accuracies)`` with the step values as float32 numpy arrays.
+    """One epoch (from ``start``'s step with its figures, when resumed inside it):
+    ``(state, losses, accuracies)`` with the step values as float64 numpy arrays.
 
     Raises:
       _DivergedError: a step's loss was not finite (found at the next look, at most
         :data:`CHECK_EVERY` steps later; nothing of the epoch is kept).
-      RunStoppedError: ``stop`` was set.
+      _StoppedError: ``stop`` was reached before a step.
     """
-    acc = parallel.replicate(
+    steps, config = s.steps_per_epoch, s.config
+    first = start.step if start else 0
+    acc = s.parallel.replicate(
         {
-            "loss": np.zeros(steps, np.float32),
-            "accuracy": np.zeros(steps, np.float32),
+            "loss": start.losses if start else np.zeros(steps, np.float32),
+            "accuracy": start.accuracies if start else np.zeros(steps, np.float32),
             "first_bad": np.int32(-1),
-            "latest": np.float32(0),
+            "latest": np.float32(start.losses[first - 1] if start else 0),
         }
     )
     bar = tqdm(
         total=steps,
-        desc=f"epoch {epoch}/{args.epochs}",
+        initial=first,
+        desc=f"epoch {epoch}/{config.epochs}",
         leave=False,
-        disable=None if main_process else True,  # None: only on a terminal
+        disable=None if show else True,  # None: only on a terminal
     )
-    shown = 0
+    shown = first
 
     def look(done: int):
         nonlocal shown
@@ -327,16 +474,14 @@ def train_epoch(
         bar.set_postfix(loss=f"{float(latest):.4f}")
         shown = done
 
+    base = (epoch - 1) * steps  # global steps before this epoch
     try:
-        for index, (x, y) in enumerate(feed.train(args.seed, epoch)):
-            if stop is not None and stop.signum is not None:
+        for index, (x, y) in enumerate(s.feed.train(config.seed, epoch, first), start=first):
+            if stop is not None and stop.reached(base + index):
                 look(index)  # a divergence before the stop is reported as such
-                raise RunStoppedError(
-                    f"stopped by {signal.Signals(stop.signum).name} at epoch {epoch}, step "
-                    f"{index}/{steps} (the epoch in progress is not saved)",
-                    stop.signum,
-                )
-            state, step_metrics = train_step(state, x, y)
+                figures = jax.device_get((acc["loss"], acc["accuracy"]))
+                raise _StoppedError(index, state, *figures)
+            state, step_metrics = s.train_step(state, x, y)
             acc = _record(acc, step_metrics, index)
             if (index + 1) % CHECK_EVERY == 0:
                 look(index + 1)
@@ -362,35 +507,110 @@ def evaluate(eval_step, state, feed, num_examples: int) -> tuple[float, float]:
     return loss_sum / count, correct / count
 
 
-def summary(args, history: list[dict], seconds: float, steps: int, train_seconds: float) -> str:
+def epoch_row(s: Setup, state, epoch: int, losses, accuracies) -> dict:
+    """The epoch's ``metrics.jsonl`` row without its timings: the test figures are computed
+    here."""
+    test_loss, test_accuracy = evaluate(s.eval_step, state, s.feed, len(s.data.y_test))
+    last_step = epoch * s.steps_per_epoch
+    return {
+        "epoch": epoch,
+        "step": last_step,
+        "lr": float(jax.device_get(s.schedule(last_step - 1))),
+        "train_loss": float(np.mean(losses)),
+        "train_accuracy": float(np.mean(accuracies)),
+        "test_loss": test_loss,
+        "test_accuracy": test_accuracy,
+    }
+
+
+def _stopped(
+    run: Run,
+    s: Setup,
+    stopped: _StoppedError,
+    epoch: int,
+    first_step: int,
+    saved: Saved | None,
+    workdir: Workdir | None,
+    stop: StopRequest,
+    history: list[dict],
+) -> Exception:
+    """What a stop before step ``stopped.step`` of ``epoch`` leaves: with ``--workdir``, the
+    mid-epoch checkpoint (unless no step ran since the newest checkpoint); the error to
+    raise."""
+    options, signum, state = run.options, stop.signum or signal.SIGTERM, stopped.state
+    where = (
+        f"stopped by {signal.Signals(signum).name} at epoch {epoch}, step "
+        f"{stopped.step}/{s.steps_per_epoch}"
+    )
+    if workdir is None:
+        return RunStoppedError(f"{where}; nothing was saved (no --workdir)", signum)
+    if stopped.step > first_step:
+        bad = _describe_nonfinite(nonfinite_leaves(state))
+        if bad:  # a finite loss can come with an overflowing update: never save that
+            return TrainingDivergedError(
+                f"epoch {epoch} reached {bad} by step {stopped.step}: training diverged (try a "
+                f"lower --lr){_kept(options, saved, epoch - 1)}",
+                history,
+            )
+        mid = MidEpoch(epoch, stopped.step, stopped.losses, stopped.accuracies)
+        workdir.checkpoints.save_mid_epoch(mid, state, s.steps_per_epoch)
+        global_step = (epoch - 1) * s.steps_per_epoch + stopped.step
+        saved = Saved(epoch, stopped.step, f"{options.workdir}/{MID_EPOCH}/{global_step}")
+        kept = f"saved: {saved.describe()}"
+    elif saved is not None:
+        kept = f"kept: {saved.describe()}"
+    else:
+        kept = "no checkpoint was saved yet"
+    return RunStoppedError(f"{where}; {kept}; continue with: {_continue_command(options)}", signum)
+
+
+def _newest_saved(
+    options: RunOptions, start_epoch: int, mid: MidEpoch | None, steps: int
+) -> Saved | None:
+    if mid is not None:
+        path = f"{options.workdir}/{MID_EPOCH}/{(mid.epoch - 1) * steps + mid.step}"
+        return Saved(mid.epoch, mid.step, path)
+    if start_epoch:
+        return Saved(start_epoch, None, f"{options.workdir}/checkpoints/{start_epoch}")
+    return None
+
+
+def summary(run: Run, history: list[dict], seconds: float, steps: int, train_seconds: float):
     """The end-of-run line: final and best test accuracy, time, speed, where files are."""
     if not history:
         return "done: no epoch to train"
     best = max(history, key=lambda r: r["test_accuracy"])
-    speed = f", {steps * args.batch_size / train_seconds:.0f} examples/s" if steps else ""
+    speed = f", {steps * run.config.batch_size / train_seconds:.0f} examples/s" if steps else ""
     text = (
         f"done: {len(history)} epoch(s); test accuracy {history[-1]['test_accuracy']:.4f} "
         f"final, {best['test_accuracy']:.4f} best (epoch {best['epoch']}); "
         f"{seconds:.1f}s in all{speed}"
     )
-    if args.workdir:
-        w = pathlib.Path(args.workdir)
-        text += f"; metrics: {w / 'metrics.jsonl'}, checkpoints: {w / 'checkpoints'}"
+    if run.options.workdir:
+        w = run.options.workdir.rstrip("/")
+        text += f"; metrics: {w}/metrics.jsonl, checkpoints: {w}/checkpoints"
     return text
 
 
-def run_script(args: argparse.Namespace, make_model: ModelFactory) -> int:
+def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
     """Runs and turns the expected failures into a one-line error and an exit code: 1 for a
     divergence, 2 for bad flags/files, 130/143 for SIGINT/SIGTERM."""
+    if not isinstance(run, Run):
+        run = Run.from_flags(run)
     stop = StopRequest()
     try:
         with stop_on_signals(stop):
-            run(args, make_model, stop=stop)
+            train_and_evaluate(run, make_model, stop=stop)
     except RunStoppedError as err:
         print(str(err), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop could look
-        print(f"interrupted; {_continue(args, -1)}", file=sys.stderr)
+        if run.options.workdir:
+            kept = f"the checkpoints in {run.options.workdir} are kept"
+            command = _continue_command(run.options)
+            print(f"interrupted; {kept}; continue with: {command}", file=sys.stderr)
+        else:
+            print("interrupted; nothing was saved (no --workdir)", file=sys.stderr)
         return 130
     except TrainingDivergedError as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
@@ -403,7 +623,8 @@ def run_script(args: argparse.Namespace, make_model: ModelFactory) -> int:
 
 class stop_on_signals:  # noqa: N801 (a context manager, used like a function)
     """Within: SIGINT and SIGTERM set ``stop`` instead of killing the process (main thread
-    only; elsewhere nothing changes)."""
+    only; elsewhere nothing changes). Once a cluster is joined, JAX's preemption notifier
+    replaces the SIGTERM handler (see :class:`StopRequest`)."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -423,14 +644,20 @@ class stop_on_signals:  # noqa: N801 (a context manager, used like a function)
         return False
 
 
-def _join_cluster(args: argparse.Namespace) -> None:
-    if args.coordinator:
+def join_cluster(run: Run) -> None:
+    """Joins the ``--coordinator`` cluster (nothing without one).
+
+    Raises:
+      RunError: it could not be joined within ``--join-timeout``.
+    """
+    options = run.options
+    if options.coordinator:
         try:
             jaxbn.multihost.initialize_multihost(
-                args.coordinator,
-                args.num_processes,
-                args.process_id,
-                timeout_seconds=args.join_timeout,
+                options.coordinator,
+                run.config.num_processes,
+                options.process_id,
+                timeout_seconds=math.ceil(options.join_timeout),  # the runtime takes whole seconds
             )
         except RuntimeError as err:
             raise RunError(_first_line(err)) from err
@@ -460,33 +687,24 @@ def _describe_nonfinite(paths: list[str]) -> str | None:
     return f"NaN/Inf in {paths[0]}{more}"
 
 
-def _kept(args: argparse.Namespace, saved_epoch: int | None) -> str:
-    if not args.workdir:
+def _kept(options: RunOptions, saved: Saved | None, finished: int) -> str:
+    """What a divergence leaves on disk."""
+    if not options.workdir:
         return ""
-    if saved_epoch is None:
-        return f"; no checkpoint was saved in {args.workdir} (no epoch finished with finite values)"
-    return (
-        f"; kept: the checkpoint of epoch {saved_epoch} ({args.workdir}/checkpoints/"
-        f"{saved_epoch}, the newest; every saved checkpoint is finite) and the metrics of "
-        f"epochs 1-{saved_epoch}"
-    )
+    if saved is None:
+        return (
+            f"; no checkpoint was saved in {options.workdir} (no epoch finished with finite values)"
+        )
+    rows = f" and the metrics of epochs 1-{finished}" if finished else ""
+    note = ", the newest; every saved checkpoint is finite"
+    return f"; kept: {saved.describe(note)}{rows}"
 
 
-def _continue(args: argparse.Namespace, saved_epoch: int | None) -> str:
-    """What is kept and the exact command that continues the run."""
-    if not args.workdir:
-        return "nothing was saved (no --workdir)"
-    command = list(getattr(args, "command", ["python", "-m", "train"]))
+def _continue_command(options: RunOptions) -> str:
+    command = list(options.command)
     if "--resume" not in command:
         command.append("--resume")
-    if saved_epoch == -1:  # not known here
-        kept = f"the checkpoints in {args.workdir}/checkpoints are kept"
-    elif saved_epoch:
-        path = f"{args.workdir}/checkpoints/{saved_epoch}"
-        kept = f"kept: the checkpoint of epoch {saved_epoch} ({path})"
-    else:
-        kept = "no checkpoint was saved yet"
-    return f"{kept}; continue with: {shlex.join(command)}"
+    return shlex.join(command)
 
 
 def _first_line(err: BaseException) -> str:

@@ -17,16 +17,17 @@ from train.cli import Defaults, run_cli
 DEFAULTS = Defaults(epochs=20, batch_size=64, lr=0.1)
 
 
-def make_model(args, data):
+def make_model(config, data):
+    """The model for ``config`` (a ``train.config.RunConfig``) and ``data``."""
     from jaxbn.models import MLP
     from train.loop import dtype_of
 
     return MLP(
         hidden=(256, 128),
         num_classes=data.num_classes,
-        norm=args.norm,
-        bn_momentum=args.bn_momentum,
-        dtype=dtype_of(args),
+        norm=config.norm,
+        bn_momentum=config.bn_momentum,
+        dtype=dtype_of(config),
     )
 
 

@@ -17,7 +17,8 @@ from train.cli import Defaults, run_cli
 DEFAULTS = Defaults(epochs=5, batch_size=64, lr=0.05)
 
 
-def make_model(args, data):
+def make_model(config, data):
+    """The model for ``config`` (a ``train.config.RunConfig``) and ``data``."""
     from jaxbn.models import ResNet
     from train.loop import dtype_of
 
@@ -25,9 +26,9 @@ def make_model(args, data):
         (2, 2, 2, 2),
         (64, 128, 256, 512),
         num_classes=data.num_classes,
-        norm=args.norm,
-        bn_momentum=args.bn_momentum,
-        dtype=dtype_of(args),
+        norm=config.norm,
+        bn_momentum=config.bn_momentum,
+        dtype=dtype_of(config),
     )
 
 

@@ -63,18 +63,31 @@ class BatchNormReport:
     def __str__(self) -> str:
         if not self.layers:
             return "no batch norm layers with running statistics"
-        width = max(len("layer"), *(len(layer.path) for layer in self.layers))
-        header = (
-            f"{'layer':<{width}} {'C':>5} {'steps':>6} {'mean (avg, range)':>22} "
-            f"{'var (avg, range)':>24} {'scale avg':>9} {'bias avg':>9}  flags"
-        )
+        # (title, alignment, usual width, cells): a column grows to its widest cell, since
+        # summaries vary in length ("+1" or "-0.000123 [-1.2e-05, +0.0031]")
+        columns = [
+            ("layer", "<", 5, [layer.path for layer in self.layers]),
+            ("C", ">", 5, [str(layer.channels) for layer in self.layers]),
+            ("steps", ">", 6, [str(layer.num_batches_tracked) for layer in self.layers]),
+            ("mean (avg, range)", ">", 22, [_summary(layer.mean) for layer in self.layers]),
+            ("var (avg, range)", ">", 24, [_summary(layer.var) for layer in self.layers]),
+            ("scale avg", ">", 9, [_avg(layer.scale) for layer in self.layers]),
+            ("bias avg", ">", 9, [_avg(layer.bias) for layer in self.layers]),
+        ]
+        widths = [max(usual, len(title), *map(len, cells)) for title, _, usual, cells in columns]
+
+        def line(cells: list[str], flags: str) -> str:
+            fitted = [
+                f"{cell:{align}{width}}"
+                for cell, (_, align, _, _), width in zip(cells, columns, widths, strict=True)
+            ]
+            return " ".join(fitted) + "  " + flags
+
+        header = line([title for title, _, _, _ in columns], "flags")
         rows = [header, "-" * len(header)]
-        for layer in self.layers:
-            rows.append(
-                f"{layer.path:<{width}} {layer.channels:>5} {layer.num_batches_tracked:>6} "
-                f"{_summary(layer.mean):>22} {_summary(layer.var):>24} "
-                f"{_avg(layer.scale):>9} {_avg(layer.bias):>9}  {'; '.join(layer.problems) or 'ok'}"
-            )
+        for i, layer in enumerate(self.layers):
+            cells = [column[i] for _, _, _, column in columns]
+            rows.append(line(cells, "; ".join(layer.problems) or "ok"))
         return "\n".join(rows)
 
 

@@ -1,0 +1,235 @@
+"""SIGTERM (a scheduler's preemption notice) and SIGINT stop a run at a step boundary, save the
+epoch in progress as a mid-epoch checkpoint, say so in one line and exit 143 / 130; ``--resume``
+continues at the next step, bit for bit the uninterrupted run (issue 19). The signals are real
+ones, sent by the process to itself from inside a chosen training step: deterministic, no race
+with the training. Several processes: tests/test_multihost_training.py."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pathlib
+import shlex
+import shutil
+import signal
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from train import mlp
+from train.checkpoint import Checkpoints
+from train.cli import parse_args
+from train.files import WorkdirError
+from train.loop import run
+from train.parallel import DataParallel
+
+# digits: 1437 / 64 = 22 steps per epoch; --keep 1 shows that the mid-epoch checkpoint never
+# displaces an epoch one
+FLAGS = ["--use-bn", "--epochs", "2", "--batch-size", "64", "--schedule", "constant"]
+STEPS = 22
+TIMINGS = ("seconds", "examples_per_second")
+
+
+def without_time(rows):
+    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
+
+
+def logged(workdir):
+    path = pathlib.Path(workdir, "metrics.jsonl")
+    return [json.loads(line) for line in path.open()] if path.exists() else []
+
+
+def saved(workdir, epoch):
+    manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").absolute())
+    state = manager.restore(epoch, args=ocp.args.StandardRestore())
+    manager.close()
+    return jax.tree.map(np.array, state)
+
+
+def assert_same_leaves(a, b):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b) > 0
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        np.testing.assert_array_equal(x, y)
+
+
+def signal_at_step(patch, step: int, signum=signal.SIGTERM):
+    """The process sends itself ``signum`` during its ``step``-th training step (from 1)."""
+    real_train_step, calls = DataParallel.train_step, []
+
+    def train_step(self, model, tx, batch_size):
+        step_fn = real_train_step(self, model, tx, batch_size)
+
+        def signalled(state, x, y):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signum)
+            return step_fn(state, x, y)
+
+        return signalled
+
+    patch.setattr(DataParallel, "train_step", train_step)
+
+
+def main(argv, *, signal_at=None, signum=signal.SIGTERM):
+    """``python -m train.mlp argv`` in this process: (exit status, stdout, stderr lines)."""
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch:
+        if signal_at is not None:
+            signal_at_step(patch, signal_at, signum)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = mlp.main(argv)
+    lines = [line for line in err.getvalue().splitlines() if "absl" not in line]
+    return code, out.getvalue(), lines
+
+
+def continuation(line: str) -> list[str]:
+    """The flags of the command a stop line says to continue with."""
+    command = shlex.split(line.split("; continue with: ")[1])
+    assert command[:3] == ["python", "-m", "train.mlp"]
+    return command[3:]
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("straight") / "w"
+    assert main([*FLAGS, "--workdir", str(workdir)])[0] == 0
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def preempted(tmp_path_factory):
+    """A run stopped by SIGTERM in epoch 2 (after step 8), continued and stopped again by SIGINT
+    (after step 15), then continued to the end, each time with the command it printed; the
+    workdir after the first stop is copied aside."""
+    workdir = tmp_path_factory.mktemp("preempted") / "w"
+    first = main([*FLAGS, "--workdir", str(workdir), "--keep", "1"], signal_at=STEPS + 8)
+    snapshot = tmp_path_factory.mktemp("snapshot") / "w"
+    shutil.copytree(workdir, snapshot)
+    after_first = sorted(os.listdir(workdir / "checkpoints")), os.listdir(workdir / "mid-epoch")
+    second = main(continuation(first[2][-1]), signal_at=7, signum=signal.SIGINT)
+    after_second = os.listdir(workdir / "mid-epoch")
+    third = main(continuation(second[2][-1]))
+    return {
+        "workdir": workdir,
+        "snapshot": snapshot,
+        "runs": (first, second, third),
+        "after_first": after_first,
+        "after_second": after_second,
+    }
+
+
+def test_sigterm_inside_an_epoch_saves_it_and_exits_143_with_one_line(preempted):
+    workdir = preempted["workdir"]
+    code, _, err = preempted["runs"][0]
+    assert code == 143 and len(err) == 1
+    assert err[0] == (
+        f"stopped by SIGTERM at epoch 2, step 8/{STEPS}; saved: the checkpoint of epoch 2, "
+        f"step 8 ({workdir}/mid-epoch/{STEPS + 8}); continue with: python -m train.mlp "
+        f"{' '.join(FLAGS)} --workdir {workdir} --keep 1 --resume"
+    )
+    # --keep 1: the epoch checkpoint stays beside the mid-epoch one
+    assert preempted["after_first"] == (["1"], [str(STEPS + 8)])
+    assert [row["epoch"] for row in logged(preempted["snapshot"])] == [1]
+
+
+def test_a_second_stop_in_the_same_epoch_replaces_the_mid_epoch_checkpoint(preempted):
+    code, out, err = preempted["runs"][1]
+    assert "at epoch 2, step 8/22 (a mid-epoch checkpoint)" in out
+    assert code == 130 and len(err) == 1
+    assert err[0].startswith(
+        f"stopped by SIGINT at epoch 2, step 15/{STEPS}; saved: the checkpoint of epoch 2, "
+        f"step 15 ({preempted['workdir']}/mid-epoch/{STEPS + 15}); continue with: "
+    )
+    assert preempted["after_second"] == [str(STEPS + 15)]
+
+
+def test_the_continued_run_equals_the_uninterrupted_run_bit_for_bit(preempted, straight):
+    workdir = preempted["workdir"]
+    code, out, err = preempted["runs"][2]
+    assert code == 0 and err == []
+    assert f"resumed from {workdir} at epoch 2, step 15/22 (a mid-epoch checkpoint)" in out
+    assert without_time(logged(workdir)) == without_time(logged(straight))
+    assert [row["step"] for row in logged(workdir)] == [STEPS, 2 * STEPS]
+    assert_same_leaves(saved(workdir, 2), saved(straight, 2))
+    # the epoch checkpoint superseded the mid-epoch one; --keep 1 kept only the newest epoch
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "metrics.jsonl"]
+    assert os.listdir(workdir / "checkpoints") == ["2"]
+
+
+def test_a_stop_without_a_workdir_saves_nothing_and_says_so():
+    code, _, err = main(["--use-bn", "--epochs", "1", "--batch-size", "64"], signal_at=3)
+    assert (code, err) == (
+        143,
+        [f"stopped by SIGTERM at epoch 1, step 3/{STEPS}; nothing was saved (no --workdir)"],
+    )
+
+
+class SimulatedKillError(Exception):
+    pass
+
+
+def test_a_kill_during_the_mid_epoch_save_leaves_the_previous_checkpoint_usable(
+    straight, tmp_path, monkeypatch
+):
+    def killed_save(self, mid, state, steps_per_epoch):
+        # what a kill leaves: orbax's unfinished temporary directory, nothing renamed
+        (self.mid_directory / f"{STEPS + 8}.orbax-checkpoint-tmp-1").mkdir(parents=True)
+        raise SimulatedKillError
+
+    flags = [*FLAGS, "--workdir", str(tmp_path)]
+    with monkeypatch.context() as patch:
+        patch.setattr(Checkpoints, "save_mid_epoch", killed_save)
+        with pytest.raises(SimulatedKillError):
+            main(flags, signal_at=STEPS + 8)
+    code, out, _ = main([*flags, "--resume"])
+    assert code == 0
+    assert f"resumed from {tmp_path} after epoch 1" in out
+    assert without_time(logged(tmp_path)) == without_time(logged(straight))
+    assert_same_leaves(saved(tmp_path, 2), saved(straight, 2))
+    assert not (tmp_path / "mid-epoch").exists()  # the leftover is gone with the directory
+
+
+def test_a_corrupt_mid_epoch_checkpoint_is_skipped_for_the_epoch_before(
+    preempted, straight, tmp_path
+):
+    workdir = tmp_path / "w"
+    shutil.copytree(preempted["snapshot"], workdir)
+    (workdir / "mid-epoch" / str(STEPS + 8) / "default" / "_METADATA").unlink()
+    code, out, _ = main([*FLAGS, "--workdir", str(workdir), "--keep", "1", "--resume"])
+    assert code == 0
+    assert (
+        "skipped the mid-epoch checkpoint of epoch 2, step 8 (default/_METADATA is missing)" in out
+    )
+    assert f"resumed from {workdir} after epoch 1" in out
+    assert without_time(logged(workdir)) == without_time(logged(straight))
+    assert_same_leaves(saved(workdir, 2), saved(straight, 2))
+    assert (workdir / "rejected-checkpoints" / f"mid-epoch-{STEPS + 8}").is_dir()
+
+
+def test_a_fresh_run_refuses_a_workdir_with_a_mid_epoch_checkpoint(preempted, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(preempted["snapshot"], workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    (workdir / "metrics.jsonl").unlink()
+    (workdir / "config.json").unlink()
+    code, _, err = main([*FLAGS, "--workdir", str(workdir)])
+    assert (code, err) == (
+        2,
+        [
+            f"error: {workdir} already holds a run (a mid-epoch checkpoint: mid-epoch/"
+            f"{STEPS + 8}): pass --resume to continue it, or choose another --workdir"
+        ],
+    )
+
+
+def test_resume_with_fewer_epochs_than_the_stopped_one_says_so(preempted, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(preempted["snapshot"], workdir)
+    flags = [*FLAGS, "--workdir", str(workdir), "--resume", "--epochs", "1"]
+    with pytest.raises(WorkdirError, match=r"--epochs 1 is below epoch 2, which the run in "):
+        run(parse_args("test", "", mlp.DEFAULTS, flags), mlp.make_model, log=lambda _: None)
