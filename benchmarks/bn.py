@@ -14,10 +14,13 @@ is always used. Ratios < 1 mean jaxbn is faster.
 Σdy·x̂, 2 reads + 1 write for dx), a fwd 3, timed at the measured in-place copy bandwidth. It
 leaves out the cost of fresh output pages: with glibc, a buffer of 32 MiB or more is mapped
 anew on every allocation, and faulting its pages in costs more than the traffic (see the
-README); every contender pays it for y and dx.
+README); every contender pays it for y and dx. Where PyTorch has CUDA its layer runs there,
+synchronized after every call.
 """
 
 from __future__ import annotations
+
+import math
 
 import flax.linen as fnn
 import jax
@@ -26,22 +29,39 @@ import numpy as np
 import torch
 
 import jaxbn
-from benchmarks.timing import benchmark_main, block, copy_bandwidth, interleaved_medians
+from benchmarks.timing import (
+    benchmark_main,
+    block,
+    copy_bandwidth,
+    interleaved_medians,
+    torch_device,
+    torch_synced,
+)
 
 FULL_SHAPES = [(128, 32, 32, 64), (64, 16, 16, 256), (4096, 1024)]
 QUICK_SHAPES = [(8, 4, 4, 8), (32, 16)]
 PASSES_FWD_BWD, PASSES_FWD = 8, 3
 
 
-def jax_layer(kind: str, channels: int):
+def bytes_moved(shape, dtype, passes: int = PASSES_FWD_BWD) -> int:
+    """Bytes a batch norm must move: ``passes`` reads or writes of a tensor of ``shape`` and
+    ``dtype`` (the per-channel statistics and parameters are negligible and left out)."""
+    return passes * math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def jax_layer(kind: str, channels: int, dtype=None):
+    """jaxbn.BatchNorm, or flax.linen.BatchNorm with PyTorch's momentum and eps; ``dtype``
+    the output's (None: jaxbn's is the input's, Flax's the promotion of input and float32)."""
     if kind == "jaxbn":
-        return jaxbn.BatchNorm(channels)
-    return fnn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5)
+        return jaxbn.BatchNorm(channels, dtype=dtype)
+    return fnn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5, dtype=dtype)
 
 
-def jax_fns(kind, x, g):
-    """Jitted (fwd+bwd, fwd) of one training call of the layer."""
-    layer = jax_layer(kind, x.shape[-1])
+def jax_functions(kind, x, dtype=None):
+    """``(variables, fwd_bwd, fwd)`` of one training call of the layer, jitted:
+    ``fwd_bwd(params, x, g) → (y, (dparams, dx), updates)``, ``fwd(params, x) → (y, updates)``
+    (``updates["batch_stats"]``: the running statistics after the call)."""
+    layer = jax_layer(kind, x.shape[-1], dtype)
     variables = (
         layer.init(jax.random.key(0), x[:2])
         if kind == "flax"
@@ -62,29 +82,56 @@ def jax_fns(kind, x, g):
         zeros = jax.tree.map(jnp.zeros_like, updates)
         return y, vjp((g.astype(y.dtype), zeros)), updates
 
-    fwd = jax.jit(forward)
+    return variables, fwd_bwd, jax.jit(forward)
+
+
+def jax_fns(kind, x, g):
+    """Thunks (fwd+bwd, fwd) of one training call of the layer that wait for their results."""
+    variables, fwd_bwd, fwd = jax_functions(kind, x)
     params = variables["params"]
     return (lambda: block(fwd_bwd(params, x, g))), (lambda: block(fwd(params, x)))
 
 
-def torch_fns(x_np, g_np, dtype):
+def torch_layer(x_np, g_np, dtype, *, device=None, channels_last: bool = False):
+    """``(bn, x, g)``: a training-mode ``torch.nn.BatchNorm1d/2d`` (float32 parameters) and
+    the NHWC / [N, C] numpy ``x_np``, ``g_np`` as torch tensors of ``dtype`` on ``device``
+    (default: the CPU), channels-first, in the channels_last memory format when asked."""
+    device = device or torch.device("cpu")
     channels = x_np.shape[-1]
     cls = {2: torch.nn.BatchNorm1d, 4: torch.nn.BatchNorm2d}[x_np.ndim]
-    bn = cls(channels).train()
-    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1)))
-    x = to_torch(x_np).to(dtype).requires_grad_()
-    g = to_torch(g_np).to(dtype)
+    bn = cls(channels).train().to(device)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def to_torch(a):
+        t = torch.from_numpy(np.ascontiguousarray(np.moveaxis(a, -1, 1))).to(device, dtype)
+        return t.contiguous(memory_format=fmt) if channels_last else t
+
+    return bn, to_torch(x_np).requires_grad_(), to_torch(g_np)
+
+
+def torch_closures(bn, x, g):
+    """``(fwd_bwd, fwd)``, each returning ``y``; ``fwd_bwd`` leaves the gradients in ``x.grad``,
+    ``bn.weight.grad``, ``bn.bias.grad``. Neither synchronizes a GPU."""
 
     def fwd_bwd():
         x.grad = None
         bn.weight.grad = bn.bias.grad = None
-        bn(x).backward(g)
+        y = bn(x)
+        y.backward(g)
+        return y
 
     def fwd():
         with torch.no_grad():
-            bn(x)
+            return bn(x)
 
     return fwd_bwd, fwd
+
+
+def torch_fns(x_np, g_np, dtype, device=None):
+    """Thunks (fwd+bwd, fwd) of torch's layer on ``device`` that wait for their results."""
+    device = device or torch.device("cpu")
+    fwd_bwd, fwd = torch_closures(*torch_layer(x_np, g_np, dtype, device=device))
+    return torch_synced(fwd_bwd, device), torch_synced(fwd, device)
 
 
 def run(shapes, dtypes, repeats: int) -> list[dict]:
@@ -98,14 +145,13 @@ def run(shapes, dtypes, repeats: int) -> list[dict]:
             g_np = rng.standard_normal(shape, np.float32)
             x, g = jnp.asarray(x_np, jdtype), jnp.asarray(g_np, jdtype)
             bandwidth = copy_bandwidth(shape, jdtype, repeats)
-            tensor_bytes = x.size * x.dtype.itemsize
             fns = {kind: jax_fns(kind, x, g) for kind in ("jaxbn", "flax")}
-            fns["torch"] = torch_fns(x_np, g_np, tdtype)
+            fns["torch"] = torch_fns(x_np, g_np, tdtype, torch_device())
             fwd_bwd = interleaved_medians({k: v[0] for k, v in fns.items()}, repeats)
             fwd = interleaved_medians({k: v[1] for k, v in fns.items()}, repeats)
             timings = {k: (fwd_bwd[k], fwd[k]) for k in fns}
             for mode, index, passes in (("fwd+bwd", 0, PASSES_FWD_BWD), ("fwd", 1, PASSES_FWD)):
-                bound = passes * tensor_bytes / bandwidth
+                bound = bytes_moved(shape, jdtype, passes) / bandwidth
                 mine = timings["jaxbn"][index]
                 rows.append(
                     {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import sys
@@ -27,7 +28,11 @@ def _seconds(fn: Callable[[], object]) -> float:
 
 
 def interleaved_rounds(
-    fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5
+    fns: dict[str, Callable[[], object]],
+    repeats: int,
+    rounds: int = 5,
+    *,
+    timers: dict[str, Callable[[Callable[[], object]], float]] | None = None,
 ) -> dict[str, list[float]]:
     """Per round, the median wall time of each ``fn()``; the contenders take turns each round.
 
@@ -35,15 +40,21 @@ def interleaved_rounds(
     would fold that drift into the ratios. So each round gives every contender, in rotating
     order, one untimed call (which also brings the memory allocator back to that contender's
     steady state — PyTorch and XLA share glibc's heap) and then its share of the timed repeats.
+
+    ``timers[name](fn)`` measures one repeat of that contender in seconds per call (default:
+    the wall time of one ``fn()``, which must then wait for its own result); see
+    :func:`jax_timer` and :func:`torch_timer` for asynchronous devices.
     """
     names = list(fns)
+    timers = timers or {}
     per_round = max(1, -(-repeats // rounds))
     medians: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(rounds):
         shift = round_ % len(names)
         for name in names[shift:] + names[:shift]:
             fns[name]()
-            medians[name].append(statistics.median(_seconds(fns[name]) for _ in range(per_round)))
+            timer = timers.get(name, _seconds)
+            medians[name].append(statistics.median(timer(fns[name]) for _ in range(per_round)))
     return medians
 
 
@@ -66,6 +77,60 @@ def paired_ratio(numerator: list[float], denominator: list[float]) -> float:
 
 def block(tree):
     return jax.block_until_ready(tree)
+
+
+def jax_timer(calls: int) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call of a JAX ``fn`` that returns without waiting (asynchronous dispatch):
+    ``calls`` calls queued back to back, then one wait for the last result. Per-call waits
+    would add the host's round trip to every call of a microsecond-scale kernel on a GPU."""
+
+    def timer(fn: Callable[[], object]) -> float:
+        block(fn())  # whatever was queued before is done, untimed
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        block(out)  # one device stream: the last result is ready after all the others
+        return (time.perf_counter() - start) / calls
+
+    return timer
+
+
+def torch_device() -> torch.device:
+    """CUDA when PyTorch has it (where a GPU is, the comparison is on the GPU), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def torch_synced(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` that returns only when its CUDA work is done (unchanged on the CPU), so that a
+    wall-clock timer measures the work, not the launch."""
+    if device.type != "cuda":
+        return fn
+
+    def synced():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+
+    return synced
+
+
+def torch_timer(calls: int, device: torch.device) -> Callable[[Callable[[], object]], float]:
+    """Seconds per call of a PyTorch ``fn``, ``calls`` calls back to back: CUDA events on a
+    GPU (the device's own clock; ``fn`` must not synchronize), the wall clock on the CPU."""
+    if device.type != "cuda":
+        return lambda fn: sum(_seconds(fn) for _ in range(calls)) / calls
+
+    def timer(fn: Callable[[], object]) -> float:
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / calls  # elapsed_time is in milliseconds
+
+    return timer
 
 
 def copy_bandwidth(shape, dtype, repeats: int) -> float:
@@ -97,15 +162,23 @@ STEADY_ALLOCATOR = {
 }
 
 
-def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> int:
+def benchmark_main(
+    prog: str,
+    description: str,
+    run,
+    format_rows,
+    argv=None,
+    *,
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
     """Shared ``main`` of the benchmark scripts: flags, a header, the table.
 
-    ``run(quick, repeats)`` measures and returns rows; ``format_rows(rows)`` makes the table.
-    ``--steady-allocator`` re-runs the script in a new process with :data:`STEADY_ALLOCATOR`
-    set (glibc reads them at start-up only).
+    ``run(quick, repeats, **extra)`` measures and returns rows; ``format_rows(rows)`` makes the
+    table. ``add_flags(parser)`` adds a script's own flags; their values reach ``run`` as the
+    keywords ``extra`` and are named at the end of the header. ``--steady-allocator`` re-runs
+    the script in a new process with :data:`STEADY_ALLOCATOR` set (glibc reads them at
+    start-up only).
     """
-    import argparse
-
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
@@ -115,7 +188,11 @@ def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> 
         action="store_true",
         help="run with glibc settings that reuse freed memory (no page faults per call)",
     )
+    common = set(vars(parser.parse_args([])))
+    if add_flags is not None:
+        add_flags(parser)
     args = parser.parse_args(argv)
+    extra = {k: v for k, v in vars(args).items() if k not in common}
     steady = all(os.environ.get(k) == v for k, v in STEADY_ALLOCATOR.items())
     if args.steady_allocator and not steady:
         sys.stdout.flush()
@@ -128,9 +205,14 @@ def benchmark_main(prog: str, description: str, run, format_rows, argv=None) -> 
     threads = same_threads()
     repeats = 3 if args.quick else args.repeats
     allocator = "steady (" + " ".join(f"{k}={v}" for k, v in STEADY_ALLOCATOR.items()) + ")"
+    device = torch_device()
+    on_gpu = ""
+    if device.type == "cuda":
+        on_gpu = f", jax on {jax.devices()[0].device_kind}, torch on {device}"
+    flags = "".join(f", {k.replace('_', ' ')} {v}" for k, v in extra.items())
     print(
         f"jax {jax.__version__}, torch {torch.__version__}, {threads} threads, median of "
-        f"{repeats}, allocator: {allocator if steady else 'glibc defaults'}"
+        f"{repeats}, allocator: {allocator if steady else 'glibc defaults'}{on_gpu}{flags}"
     )
-    print(format_rows(run(args.quick, repeats)))
+    print(format_rows(run(args.quick, repeats, **extra)))
     return 0

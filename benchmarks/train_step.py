@@ -2,20 +2,27 @@
 normalization, and the PyTorch twins; plus XLA's temporary memory of the compiled step.
 
 Usage:
-    python -m benchmarks.train_step             # ConvNet and a small ResNet, 32×32×3 inputs
-    python -m benchmarks.train_step --quick     # tiny models and inputs, a smoke run
+    python -m benchmarks.train_step                    # ConvNet and a small ResNet, 32×32×3
+    python -m benchmarks.train_step --dtype bfloat16   # bfloat16 activations (torch: autocast)
+    python -m benchmarks.train_step --quick            # tiny models and inputs, a smoke run
 
 One process, same data, all cores for XLA and PyTorch, warm-up then medians of repeats,
-the variants timed in turn within each round. The step is forward + backward +
-SGD-with-momentum update. "BN overhead" is the BN model's step time over the same model without
-normalization: the median over rounds of the ratio within a round (the two are timed side by
-side, so drift between rounds cancels). The flax.linen variant is the same jaxbn model given
-``flax.linen.BatchNorm`` (momentum 0.9, eps 1e-5: PyTorch's defaults) as its ``norm`` factory.
+the variants timed in turn within each round. The step is ``train.step``'s (the one the
+training loop runs): forward + backward + SGD-with-momentum update. "BN overhead" is the BN
+model's step time over the same model without normalization: the median over rounds of the
+ratio within a round (the two are timed side by side, so drift between rounds cancels). The
+flax.linen variant is the same jaxbn model given ``flax.linen.BatchNorm`` (momentum 0.9, eps
+1e-5: PyTorch's defaults; ``dtype`` the activations') as its ``norm`` factory. With
+``--dtype bfloat16`` the JAX models compute in bfloat16 with float32 parameters (the training
+scripts' ``--dtype``) and PyTorch runs under ``torch.autocast`` in bfloat16. Where PyTorch has
+CUDA it runs there, synchronized after every step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import math
 import statistics
 
 import flax.linen as fnn
@@ -25,9 +32,17 @@ import numpy as np
 import optax
 import torch
 
-from benchmarks.timing import benchmark_main, block, interleaved_rounds, paired_ratio
+from benchmarks.timing import (
+    benchmark_main,
+    block,
+    interleaved_rounds,
+    paired_ratio,
+    torch_device,
+    torch_synced,
+)
 from jaxbn import models
 from tests import torch_models
+from train import step as steps
 
 
 def train_flag_norm(factory):
@@ -42,60 +57,81 @@ def train_flag_norm(factory):
     return make
 
 
-# flax.linen.BatchNorm with the settings of jaxbn's default (PyTorch's momentum 0.1 and eps).
-FLAX_BATCH_NORM = train_flag_norm(functools.partial(fnn.BatchNorm, momentum=0.9, epsilon=1e-5))
+def flax_batch_norm(dtype=None):
+    """flax.linen.BatchNorm with the settings of jaxbn's default (PyTorch's momentum 0.1 and
+    eps), computing in ``dtype`` (None: Flax's promotion, float32 for bfloat16 input)."""
+    return train_flag_norm(
+        functools.partial(fnn.BatchNorm, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    )
+
+
+FLAX_BATCH_NORM = flax_batch_norm()
 NORMS = {"jaxbn": "batch", "flax": FLAX_BATCH_NORM, "none": "none"}
 
 
+def norms(dtype=None) -> dict:
+    """The norm of each JAX variant for models computing in ``dtype``."""
+    return {**NORMS, "flax": flax_batch_norm(dtype)} if dtype is not None else NORMS
+
+
 def jax_step(model, x, y):
-    """(run one step, temporary bytes of the compiled step)."""
-    variables = model.init(jax.random.key(0), x, train=False)
+    """(run one step without waiting for it, temporary bytes of the compiled step).
+
+    The step is :func:`train.step.train_step`; ``run()`` returns the step's metrics.
+    """
     tx = optax.sgd(0.01, momentum=0.9)
-    state = {
-        "params": variables["params"],
-        "batch_stats": variables.get("batch_stats", {}),
-        "opt": tx.init(variables["params"]),
-    }
+    state = steps.init_state(model, tx, x)
 
     def step(state, x, y):
-        def loss_fn(params):
-            logits, updates = model.apply(
-                {"params": params, "batch_stats": state["batch_stats"]},
-                x,
-                train=True,
-                mutable=["batch_stats"],
-            )
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-            return loss, updates.get("batch_stats", {})
-
-        (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt = tx.update(grads, state["opt"], state["params"])
-        return {
-            "params": optax.apply_updates(state["params"], updates),
-            "batch_stats": stats,
-            "opt": opt,
-        }, loss
+        new_state, metrics, _ = steps.train_step(model, tx)(state, x, y)
+        return new_state, metrics
 
     compiled = jax.jit(step, donate_argnums=0).lower(state, x, y).compile()
-    temp = compiled.memory_analysis().temp_size_in_bytes
+    memory = compiled.memory_analysis()  # None where a backend does not report it
+    temp = getattr(memory, "temp_size_in_bytes", math.nan)
     holder = {"state": state}
 
     def run():
-        holder["state"], loss = compiled(holder["state"], x, y)
-        block(loss)
+        holder["state"], metrics = compiled(holder["state"], x, y)
+        return metrics
 
     return run, temp
 
 
-def torch_step(net, x_np, y_np):
-    net.train()
+def torch_step(
+    net,
+    x_np,
+    y_np,
+    *,
+    device: torch.device | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    channels_last: bool = False,
+):
+    """``run()``: one SGD-with-momentum step of ``net`` on the batch (NHWC ``x_np``), on
+    ``device`` (default: the CPU), under ``torch.autocast`` when ``autocast_dtype`` is given,
+    in the channels_last memory format when asked. ``run`` does not synchronize."""
+    device = device or torch.device("cpu")
+    net = net.to(device).train()
+    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1))).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+        if isinstance(net, torch_models.ConvNetWithBN):
+            # its forward flattens the features with .view(), which needs NCHW-contiguous memory
+            net.features.register_forward_hook(lambda module, inputs, out: out.contiguous())
     opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-    x = torch.from_numpy(np.ascontiguousarray(np.moveaxis(x_np, -1, 1)))
-    y = torch.from_numpy(y_np.astype(np.int64))
+    y = torch.from_numpy(y_np.astype(np.int64)).to(device)
+
+    def autocast():
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
 
     def run():
         opt.zero_grad()
-        torch.nn.functional.cross_entropy(net(x), y).backward()
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
         opt.step()
 
     return run
@@ -114,30 +150,43 @@ def configurations(quick: bool):
     return (32, 32, 32, 3), conv, res
 
 
-def run(quick: bool, repeats: int) -> list[dict]:
+def model_pairs(conv: dict, res: dict, side: int, dtype=None) -> dict:
+    """``{name: (make(norm) → the jaxbn model, make_torch() → its PyTorch twin)}`` for
+    ``side × side × 3`` inputs and 10 classes; the JAX models compute in ``dtype``."""
+    return {
+        "ConvNet": (
+            lambda norm: models.ConvNet(**conv, norm=norm, dtype=dtype),
+            lambda: torch_models.ConvNetWithBN(10, 3, side, conv["widths"], conv["hidden"]),
+        ),
+        "ResNet": (
+            lambda norm: models.ResNet(**res, norm=norm, dtype=dtype),
+            lambda: torch_models.ResNet(res["stage_sizes"], res["widths"], 10, 3),
+        ),
+    }
+
+
+def run(quick: bool, repeats: int, dtype: str = "float32") -> list[dict]:
+    # imported here: benchmarks.gpu uses this module without the training loop's stack (orbax)
+    from train.loop import DTYPES
+
     shape, conv, res = configurations(quick)
     rng = np.random.default_rng(0)
     x_np = rng.standard_normal(shape, np.float32)
     y_np = rng.integers(0, 10, shape[0]).astype(np.int32)
     x, y = jnp.asarray(x_np), jnp.asarray(y_np)
-    side = shape[1]
-    nets = {
-        "ConvNet": (
-            lambda norm: models.ConvNet(**conv, norm=norm),
-            lambda: torch_models.ConvNetWithBN(10, 3, side, conv["widths"], conv["hidden"]),
-        ),
-        "ResNet": (
-            lambda norm: models.ResNet(**res, norm=norm),
-            lambda: torch_models.ResNet(res["stage_sizes"], res["widths"], 10, 3),
-        ),
-    }
+    jdtype = DTYPES[dtype]
+    autocast = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
+    device = torch_device()
     rows = []
-    for name, (make, make_torch) in nets.items():
-        steps, temps = {}, {}
-        for variant in ("jaxbn", "flax", "none"):
-            steps[variant], temps[variant] = jax_step(make(NORMS[variant]), x, y)
-        steps["torch"] = torch_step(make_torch(), x_np, y_np)
-        per_round = interleaved_rounds(steps, repeats, ROUNDS)
+    for name, (make, make_torch) in model_pairs(conv, res, shape[1], jdtype).items():
+        fns, temps = {}, {}
+        for variant, norm in norms(jdtype).items():
+            run_step, temps[variant] = jax_step(make(norm), x, y)
+            fns[variant] = lambda run_step=run_step: block(run_step())
+        step = torch_step(make_torch(), x_np, y_np, device=device, autocast_dtype=autocast)
+        fns["torch"] = torch_synced(step, device)
+        fns = {k: fns[k] for k in ("jaxbn", "flax", "none", "torch")}  # the order timed before
+        per_round = interleaved_rounds(fns, repeats, ROUNDS)
         timings = {name: statistics.median(times) for name, times in per_round.items()}
         for variant in ("jaxbn", "flax", "torch", "none"):
             rows.append(
@@ -178,8 +227,21 @@ def format_rows(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def add_flags(parser) -> None:
+    from train.loop import DTYPES
+
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="activations of the JAX models; PyTorch under autocast for bfloat16",
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    return benchmark_main("python -m benchmarks.train_step", __doc__, run, format_rows, argv)
+    return benchmark_main(
+        "python -m benchmarks.train_step", __doc__, run, format_rows, argv, add_flags=add_flags
+    )
 
 
 if __name__ == "__main__":

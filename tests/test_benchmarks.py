@@ -8,7 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from benchmarks import bn, train_step
+import torch
+
+from benchmarks import bn, timing, train_step
 
 
 def test_the_bn_benchmark_prints_a_row_per_shape_dtype_and_mode(capsys):
@@ -43,3 +45,27 @@ def test_steady_allocator_reruns_the_script_with_glibc_settings():
     header = result.stdout.splitlines()[0]
     assert "allocator: steady (MALLOC_ARENA_MAX=1" in header
     assert len([line for line in result.stdout.splitlines() if " fwd" in line]) == 8
+
+
+def test_a_scripts_own_flags_reach_its_run_and_are_named_in_the_header(capsys):
+    seen = {}
+
+    def run(quick, repeats, **extra):
+        seen.update(quick=quick, repeats=repeats, **extra)
+        return []
+
+    argv = ["--quick", "--dtype", "bfloat16"]
+    assert (
+        timing.benchmark_main("p", "", run, lambda rows: "", argv, add_flags=train_step.add_flags)
+        == 0
+    )
+    assert seen == {"quick": True, "repeats": 3, "dtype": "bfloat16"}
+    assert capsys.readouterr().out.splitlines()[0].endswith(", dtype bfloat16")
+
+
+def test_torch_on_the_cpu_is_timed_as_before_without_a_synchronizing_wrapper():
+    def fn():
+        return 1
+
+    assert timing.torch_synced(fn, torch.device("cpu")) is fn
+    assert timing.torch_device() == torch.device("cuda" if torch.cuda.is_available() else "cpu")

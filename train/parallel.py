@@ -1,10 +1,11 @@
 """Data parallelism over devices and hosts — every mesh / collective call of the scripts.
 
 The batch is split over a one-axis mesh ``("batch",)`` of ``devices_per_process`` devices of
-each process; the model state is replicated. Steps run under ``jax.shard_map`` (the successor
-of ``pmap``): batch norm statistics are synced over the ``"batch"`` axis with
-``jaxbn.sync_batch_norm`` (exactly PyTorch's SyncBatchNorm numbers), and the gradients of the
-replicated parameters arrive summed over the devices.
+each process; the model state is replicated. The steps themselves are ``train.step``'s; here
+they run under ``jax.shard_map`` (the successor of ``pmap``) with ``axis_name="batch"``: batch
+norm statistics are synced over the devices with ``jaxbn.sync_batch_norm`` (exactly PyTorch's
+SyncBatchNorm numbers), and the gradients of the replicated parameters arrive summed over the
+devices.
 """
 
 from __future__ import annotations
@@ -15,16 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-import jaxbn
+from train import step as steps
 
 AXIS = "batch"
-State = dict[str, Any]
+State = steps.State
 
 
 class DataParallel:
@@ -72,71 +72,32 @@ class DataParallel:
     def train_step(
         self, model, tx: optax.GradientTransformation, batch_size: int
     ) -> Callable[[State, jax.Array, jax.Array], tuple[State, dict]]:
-        """``(state, x, y) → (state, {"loss", "accuracy"})`` for one global batch."""
+        """``(state, x, y) → (state, {"loss", "accuracy"})`` for one global batch: the step of
+        :func:`train.step.train_step`, per device, synced over the mesh."""
+        step = steps.train_step(model, tx, batch_size, axis_name=AXIS)
 
         def local_step(state, x, labels):
-            def loss_fn(params):
-                with jaxbn.sync_batch_norm(AXIS):
-                    logits, updates = model.apply(
-                        {"params": params, "batch_stats": state["batch_stats"]},
-                        x,
-                        train=True,
-                        mutable=["batch_stats"],
-                    )
-                # the loss in float32 also under --dtype bfloat16 (a no-op in float32)
-                logits = logits.astype(jnp.float32)
-                loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-                # this device's share of the global mean
-                return jnp.sum(loss) / batch_size, (logits, updates.get("batch_stats", {}))
-
-            (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                state["params"]
-            )
-            # `params` are replicated (invariant) inputs of shard_map, so `grads` already hold
-            # the sum over devices: the gradient of the global mean loss.
-            updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-            new_state = {
-                "params": optax.apply_updates(state["params"], updates),
-                "batch_stats": stats,
-                "opt_state": opt_state,
-            }
-            correct = jnp.sum(jnp.argmax(logits, -1) == labels)
-            metrics = {
-                "loss": jax.lax.psum(loss, AXIS),
-                "accuracy": jax.lax.psum(correct, AXIS) / batch_size,
-            }
+            new_state, metrics, _ = step(state, x, labels)
             return new_state, metrics
 
-        step = jax.shard_map(
+        mapped = jax.shard_map(
             local_step,
             mesh=self.mesh,
             in_specs=(P(), P(AXIS), P(AXIS)),
             out_specs=(P(), P()),
         )
-        return jax.jit(step, donate_argnums=0)
+        return jax.jit(mapped, donate_argnums=0)
 
     def eval_step(self, model) -> Callable[..., dict]:
-        """``(state, x, y, mask) → {"loss_sum", "correct", "count"}`` over the masked batch."""
-
-        def local_eval(state, x, labels, mask):
-            logits = model.apply(
-                {"params": state["params"], "batch_stats": state["batch_stats"]}, x, train=False
-            ).astype(jnp.float32)
-            loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-            correct = jnp.argmax(logits, -1) == labels
-            return {
-                "loss_sum": jax.lax.psum(jnp.sum(jnp.where(mask, loss, 0)), AXIS),
-                "correct": jax.lax.psum(jnp.sum(mask & correct), AXIS),
-                "count": jax.lax.psum(jnp.sum(mask), AXIS),
-            }
-
-        step = jax.shard_map(
-            local_eval,
+        """``(state, x, y, mask) → {"loss_sum", "correct", "count"}`` over the masked batch:
+        :func:`train.step.eval_step` per device, summed over the mesh."""
+        mapped = jax.shard_map(
+            steps.eval_step(model, axis_name=AXIS),
             mesh=self.mesh,
             in_specs=(P(), P(AXIS), P(AXIS), P(AXIS)),
             out_specs=P(),
         )
-        return jax.jit(step)
+        return jax.jit(mapped)
 
 
 def _why_fewer_devices(requested: int) -> str:
