@@ -39,7 +39,11 @@ class PlainHostFeed(HostFeed):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.feed", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.feed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--quick", action="store_true", help="2 epochs (smoke)")
     quick = parser.parse_args(argv).quick
     args = parse_args("bench", "", cnn.DEFAULTS, ["--use-bn"])

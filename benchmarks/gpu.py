@@ -381,7 +381,11 @@ def _shape(shape) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.gpu", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.gpu",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--smoke", action="store_true", help="the tiny run, even on a GPU")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, batch 128, 5 repeats")
     parser.add_argument("--repeats", type=int, help="timed repeats per contender (median)")

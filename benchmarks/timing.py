@@ -180,7 +180,9 @@ def benchmark_main(
     start-up only).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median)")
     parser.add_argument(
