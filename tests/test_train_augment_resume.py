@@ -119,7 +119,8 @@ def test_no_augment_trains_on_the_plain_images_and_resume_keeps_it_so(cifar, str
     assert rows(tmp_path)[0]["train_loss"] != rows(straight[0])[0]["train_loss"]
     flags = [*cifar, "--epochs", "1", "--workdir", str(tmp_path), "--resume"]  # default: on
     with pytest.raises(
-        WorkdirError, match=r"flags differ \(saved -> now\): --augment False -> True"
+        WorkdirError,
+        match=r"flags differ \(saved -> now\): --no-augment -> --augment; repeat the saved",
     ):
         run(parse_args("test", "", mlp.DEFAULTS, flags), mlp.make_model, log=lambda _: None)
 
@@ -175,3 +176,15 @@ def test_augmented_batches_depend_only_on_seed_epoch_and_step(cifar, devices):
         assert xa.sharding.is_equivalent_to(x.sharding, x.ndim)
     for (xr, _), (xa, _) in zip(resumed, on_device[2:], strict=True):
         np.testing.assert_array_equal(np.asarray(xr), np.asarray(xa))
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**32)])
+def test_a_seed_outside_what_the_keys_and_the_batch_order_take_is_refused(seed, capsys):
+    # -1: numpy's batch order refused it deep in the run; 2**32: JAX's keys keep 32 bits, so it
+    # would have initialized and augmented like --seed 0
+    with pytest.raises(SystemExit) as caught:
+        mlp.main(["--seed", seed])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        f"python -m train.mlp: error: --seed must be in [0, {2**32 - 1}], got {seed} (see --help)\n"
+    )

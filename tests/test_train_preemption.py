@@ -19,9 +19,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from jax.experimental import multihost_utils
 
-from train import mlp
-from train.checkpoint import Checkpoints
+from train import evaluate, mlp
+from train.checkpoint import Checkpoints, MidEpoch
 from train.cli import parse_args
 from train.files import WorkdirError
 from train.loop import run
@@ -233,3 +234,91 @@ def test_resume_with_fewer_epochs_than_the_stopped_one_says_so(preempted, tmp_pa
     flags = [*FLAGS, "--workdir", str(workdir), "--resume", "--epochs", "1"]
     with pytest.raises(WorkdirError, match=r"--epochs 1 is below epoch 2, which the run in "):
         run(parse_args("test", "", mlp.DEFAULTS, flags), mlp.make_model, log=lambda _: None)
+
+
+def test_checkpoint_saves_never_ask_the_preemption_sync_point(tmp_path, monkeypatch):
+    # orbax's save(step) would ask it with the epoch number; the loop asks with global steps, so
+    # a notice during an epoch save would set the sync point to a step the loop has passed
+    asked = []
+    monkeypatch.setattr(
+        multihost_utils, "reached_preemption_sync_point", lambda step: asked.append(step)
+    )
+    checkpoints = Checkpoints(tmp_path)
+    state = {"w": np.arange(3.0, dtype=np.float32)}
+    losses = np.zeros(STEPS, np.float32)
+    checkpoints.save_mid_epoch(MidEpoch(2, 8, losses, losses), state, STEPS)
+    checkpoints.save(2, state)
+    checkpoints.close()
+    assert asked == []
+    assert os.listdir(tmp_path / "checkpoints") == ["2"]
+
+
+def evaluate_main(argv):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = evaluate.main(argv)
+    return code, [line for line in err.getvalue().splitlines() if "absl" not in line]
+
+
+def test_evaluate_leaves_a_checkpoint_being_written_alone(straight, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    in_progress = workdir / "checkpoints" / "3.orbax-checkpoint-tmp-1"  # a running run's save
+    in_progress.mkdir()
+    assert evaluate.evaluate_checkpoint(workdir)[0] == 2
+    assert in_progress.is_dir()
+
+
+def test_evaluate_a_run_with_only_a_mid_epoch_checkpoint_says_so(preempted, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(preempted["snapshot"], workdir)
+    shutil.rmtree(workdir / "checkpoints" / "1")
+    assert evaluate_main(["--workdir", str(workdir)]) == (
+        2,
+        [
+            f"error: {workdir} has no checkpoint of a finished epoch yet (only a mid-epoch "
+            f"checkpoint, {workdir}/mid-epoch: resume the run to finish its epoch)"
+        ],
+    )
+
+
+@pytest.mark.parametrize("text", ['{"norm": ', "[1]"])
+def test_evaluate_with_a_corrupt_config_json_is_one_line(straight, tmp_path, text):
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    (workdir / "config.json").write_text(text)
+    code, err = evaluate_main(["--workdir", str(workdir)])
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith(f"error: {workdir}/config.json is not a readable run configuration: ")
+
+
+def test_a_config_json_with_a_value_of_the_wrong_type_is_named_not_called_a_change(
+    straight, tmp_path
+):
+    # before: "these flags differ (saved -> now): --lr 0.1 -> 0.1"
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    config = json.loads((workdir / "config.json").read_text())
+    (workdir / "config.json").write_text(json.dumps({**config, "lr": "0.1"}))
+    code, _, err = main([*FLAGS, "--workdir", str(workdir), "--resume"])
+    assert (code, err) == (
+        2,
+        [
+            f"error: {workdir}/config.json is not a readable run configuration: lr is '0.1', "
+            "not of type float"
+        ],
+    )
+
+
+def test_evaluate_a_corrupt_checkpoint_names_it_and_why(straight, tmp_path):
+    # before: "error: pytree structure error: different types at key path"
+    workdir = tmp_path / "w"
+    shutil.copytree(straight, workdir)
+    (workdir / "checkpoints" / "2" / "default" / "_METADATA").unlink()
+    assert evaluate_main(["--workdir", str(workdir)]) == (
+        2,
+        [
+            f"error: the checkpoint of epoch 2 ({workdir}/checkpoints/2) cannot be restored: "
+            "default/_METADATA is missing"
+        ],
+    )

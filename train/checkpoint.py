@@ -48,6 +48,21 @@ class Restored:
     notes: list[str]  # one per rejected (newer) checkpoint
 
 
+class _Manager(ocp.CheckpointManager):
+    """An orbax ``CheckpointManager`` that never asks JAX's preemption sync point itself.
+
+    orbax's ``save(step)`` calls ``multihost_utils.reached_preemption_sync_point(step)``; the
+    epoch checkpoints are numbered by epoch, not by global step, so in a multi-process run
+    that call would make the sync manager's latest step the epoch number. A preemption notice
+    arriving during an epoch save then sets the sync point to ``epoch + 1``, a step the loop
+    (which asks with global steps, see ``train.loop.StopRequest``) has long passed: no process
+    would ever stop. The loop alone asks, and saves when told.
+    """
+
+    def reached_preemption(self, step: int) -> bool:
+        return False
+
+
 class Checkpoints:
     """``WORKDIR/checkpoints/<epoch>`` (params, batch_stats and optimizer state) and the
     mid-epoch checkpoint ``WORKDIR/mid-epoch/<global step>`` (see the module docstring).
@@ -58,22 +73,29 @@ class Checkpoints:
     epoch checkpoints are kept.
     """
 
-    def __init__(self, workdir: str | pathlib.Path, keep: int = 2):
+    def __init__(self, workdir: str | pathlib.Path, keep: int = 2, *, read_only: bool = False):
+        """``read_only``: only read the epoch checkpoints (``train.evaluate``): nothing is
+        created, deleted or cleaned up, so that a run still writing into the workdir (its
+        checkpoint in progress is a temporary directory) is left alone; the mid-epoch
+        checkpoint is not opened."""
         self.workdir = pathlib.Path(workdir).absolute()
         self.directory = self.workdir / "checkpoints"
         self.mid_directory = self.workdir / MID_EPOCH
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
+        if read_only:
+            options = ocp.CheckpointManagerOptions(read_only=True, create=False)
+        else:
+            options = ocp.CheckpointManagerOptions(
                 max_to_keep=keep, create=True, cleanup_tmp_directories=True
-            ),
-        )
+            )
+        self.manager = _Manager(self.directory, options=options)
         # Opened only where one exists (and then its leftover temporary directory is removed),
         # so that a run that is never stopped leaves no empty directory behind.
-        self._mid_manager = self._open_mid_epoch() if self.mid_directory.is_dir() else None
+        self._mid_manager = (
+            self._open_mid_epoch() if self.mid_directory.is_dir() and not read_only else None
+        )
 
     def _open_mid_epoch(self) -> ocp.CheckpointManager:
-        return ocp.CheckpointManager(
+        return _Manager(
             self.mid_directory,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=1, create=True, cleanup_tmp_directories=True

@@ -22,6 +22,7 @@ NORMS = ("batch", "group", "layer", "none")
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 DTYPES = ("float32", "bfloat16")
 AUGMENTED = ("cifar10",)  # the datasets --augment applies to (on by default there)
+MAX_SEED = 2**32 - 1  # jax.random.key keeps 32 bits of a seed: 2**32 would init like 0
 
 
 @dataclass(frozen=True)
@@ -135,7 +136,9 @@ def build_parser(
     opt.add_argument(
         "--weight-decay", type=float, default=defaults.weight_decay, help="L2 weight decay, >= 0"
     )
-    opt.add_argument("--seed", type=int, default=0, help="initialization and batch order")
+    opt.add_argument(
+        "--seed", type=int, default=0, help=f"initialization and batch order, in [0, {MAX_SEED}]"
+    )
     run = parser.add_argument_group("devices and hosts")
     run.add_argument(
         "--devices", type=int, default=1, help="data-parallel devices per process (CPU: simulated)"
@@ -196,6 +199,8 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error(f"--weight-decay must be >= 0, got {args.weight_decay}")
     if not 0 <= args.sgd_momentum < 1:
         parser.error(f"--sgd-momentum must be in [0, 1), got {args.sgd_momentum}")
+    if not 0 <= args.seed <= MAX_SEED:  # numpy's generator refuses < 0, JAX's keys take 32 bits
+        parser.error(f"--seed must be in [0, {MAX_SEED}], got {args.seed}")
     if getattr(args, "keep", 1) < 1:
         parser.error(f"--keep must be at least 1, got {args.keep}")
     if args.num_processes > 1 and not args.coordinator:

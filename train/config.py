@@ -62,9 +62,11 @@ class RunConfig:
         return dataclasses.replace(self, model=model, data=data)
 
     def changes(self, new: RunConfig, *, ignore: tuple[str, ...] = ()) -> list[str]:
-        """``"--lr 0.1 -> 0.5"`` for every field that differs (old value first)."""
+        """``"--lr 0.1 -> 0.5"`` for every field that differs (old value first); a switch as
+        the flags that give its values (``"--no-augment -> --augment"``), so that the saved
+        side can be repeated as written."""
         return [
-            f"{_flag(f.name)} {getattr(self, f.name)} -> {getattr(new, f.name)}"
+            _change(f.name, getattr(self, f.name), getattr(new, f.name))
             for f in dataclasses.fields(self)
             if f.name not in ignore and getattr(self, f.name) != getattr(new, f.name)
         ]
@@ -85,9 +87,18 @@ class RunConfig:
         if not path.exists():
             return None
         try:
-            return cls(**json.loads(path.read_text()))
+            fields = json.loads(path.read_text())
+            config = cls(**fields)
         except (OSError, ValueError, TypeError) as err:
             raise WorkdirError(f"{path} is not a readable run configuration: {err}") from err
+        for f in dataclasses.fields(cls):  # a hand-edited "lr": "0.1" would "differ" from 0.1
+            value = getattr(config, f.name)
+            if not _is_a(value, f.type):
+                raise WorkdirError(
+                    f"{path} is not a readable run configuration: {f.name} is {value!r}, "
+                    f"not of type {f.type}"
+                )
+        return config
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +150,27 @@ class Run:
         options["command"] = tuple(options.get("command", RunOptions.command))
         options["summary"] = bool(given.get("summary", True))
         return cls(config, RunOptions(**options))
+
+
+def _is_a(value, annotation: str) -> bool:
+    """Whether a JSON value fits a field annotated ``annotation`` (``"float | None"``, ...)."""
+    kinds = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "None": ()}
+    for name in annotation.split(" | "):
+        if name not in kinds:  # a type this check does not know: not checked
+            return True
+        if name == "None" and value is None:
+            return True
+        if isinstance(value, kinds[name]) and (name == "bool" or not isinstance(value, bool)):
+            return True
+    return False
+
+
+def _change(field: str, old, new) -> str:
+    flag = _flag(field)
+    if isinstance(old, bool) and isinstance(new, bool):  # --augment / --no-augment
+        switch = {True: flag, False: flag.replace("--", "--no-", 1)}
+        return f"{switch[old]} -> {switch[new]}"
+    return f"{flag} {old} -> {new}"
 
 
 def _flag(field: str) -> str:

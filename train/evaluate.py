@@ -42,11 +42,12 @@ def evaluate_checkpoint(
     """``(epoch, test loss, test accuracy)`` of a saved checkpoint of the run in ``workdir``.
 
     Raises:
-      WorkdirError: no run configuration, no such checkpoint, or other data than the run's.
+      WorkdirError: no run configuration, no such checkpoint (or only a mid-epoch one), one
+        that cannot be restored, or other data than the run's.
     """
     import importlib
 
-    from train.checkpoint import Checkpoints
+    from train.checkpoint import MID_EPOCH, Checkpoints, _first_line, _incomplete
     from train.config import RunConfig
     from train.datasets import load_dataset
     from train.feed import make_feed
@@ -71,15 +72,34 @@ def evaluate_checkpoint(
     steps = len(data.y_train) // config.batch_size
     tx = make_optimizer(config, steps * config.epochs)  # for the state's structure only
     like = create_state(model, tx, data, config.seed, parallel)
-    checkpoints = Checkpoints(workdir, keep=10**9)  # opening must never delete one
+    # read-only: a run may still be writing here (its save in progress must not be cleaned up)
+    checkpoints = Checkpoints(workdir, read_only=True)
     try:
-        kept = checkpoints.epochs()
-        epoch = kept[0] if epoch is None and kept else epoch
+        kept = checkpoints.epochs() if checkpoints.directory.is_dir() else []
+        if epoch is None and not kept:
+            mid = workdir / MID_EPOCH
+            stopped = (
+                f" (only a mid-epoch checkpoint, {mid}: resume the run to finish its epoch)"
+                if mid.is_dir() and any(p.name.isdigit() for p in mid.iterdir())
+                else ""
+            )
+            raise WorkdirError(f"{workdir} has no checkpoint of a finished epoch yet{stopped}")
+        epoch = kept[0] if epoch is None else epoch
         if epoch not in kept:
             raise WorkdirError(
                 f"{workdir} has no checkpoint of epoch {epoch} (kept: {kept or 'none'})"
             )
-        state = checkpoints.restore(epoch, like)
+        directory = checkpoints.directory / str(epoch)
+        why = _incomplete(directory)
+        if why is None:
+            try:
+                state = checkpoints.restore(epoch, like)
+            except Exception as err:  # orbax/tensorstore raise many types for bad files
+                why = f"{type(err).__name__}: {_first_line(err)}"
+        if why is not None:
+            raise WorkdirError(
+                f"the checkpoint of epoch {epoch} ({directory}) cannot be restored: {why}"
+            )
     finally:
         checkpoints.close()
     feed = make_feed(parallel, data, config)  # its test batches: never augmented
@@ -87,13 +107,22 @@ def evaluate_checkpoint(
     return epoch, loss, accuracy
 
 
+def _saved_devices(config_path: pathlib.Path) -> int:
+    """The run's ``devices`` as far as its ``config.json`` tells (1 if it cannot): simulated
+    CPU devices must be requested before JAX starts. A file that is not a configuration is
+    reported by ``RunConfig.load`` later, as one line."""
+    import json
+
+    try:
+        devices = json.loads(config_path.read_text()).get("devices", 1)
+        return devices if isinstance(devices, int) and devices >= 1 else 1
+    except (OSError, ValueError, AttributeError):
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    config_path = pathlib.Path(args.workdir, "config.json")
-    if config_path.exists():  # simulated CPU devices must be requested before JAX starts
-        import json
-
-        request_cpu_devices(int(json.loads(config_path.read_text()).get("devices", 1)))
+    request_cpu_devices(_saved_devices(pathlib.Path(args.workdir, "config.json")))
     from train.loop import EXPECTED_ERRORS
 
     try:
