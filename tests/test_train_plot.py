@@ -1,6 +1,7 @@
 """train.plot: the curves of workdirs (``python -m train.plot``) and the compare figure."""
 
 import colorsys
+import dataclasses
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import matplotlib.colors
 import pytest
 from PIL import Image
 
+from train.config import RunConfig
 from train.plot import (
     PALETTE,
     PlotError,
@@ -27,23 +29,15 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def config(**changes):
     """A config.json as train.config.RunConfig writes it."""
-    return {
-        "model": "MLP",
-        "norm": "batch",
-        "bn_momentum": 0.1,
-        "data": "digits (1437 train / 360 test)",
-        "batch_size": 64,
-        "lr": 0.1,
-        "schedule": "cosine",
-        "sgd_momentum": 0.9,
-        "weight_decay": 0.0005,
-        "seed": 0,
-        "devices": 1,
-        "num_processes": 1,
-        "epochs": 3,
-        "dtype": "float32",
-        **changes,
-    }
+    run = RunConfig(
+        model="MLP",
+        norm="batch",
+        data="digits (1437 train / 360 test)",
+        batch_size=64,
+        lr=0.1,
+        epochs=3,
+    )
+    return {**dataclasses.asdict(run), **changes}
 
 
 def metrics_row(epoch, test_accuracy=0.9):
