@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.workdir_checks import assert_same_leaves, logged, saved, without_time
 from train import cnn, compare, mlp
 from train.checkpoint import Checkpoints, MetricsLog
 from train.cli import parse_args
@@ -54,32 +55,6 @@ def train(workdir, *flags, epochs=3, script=mlp, data=None, log=lambda _: None):
     argv = [*FLAGS, "--epochs", str(epochs), "--workdir", str(workdir), *flags]
     args = parse_args("test", "", script.DEFAULTS, argv)
     return run(args, script.make_model, data=data or tiny(), log=log)
-
-
-TIMINGS = ("seconds", "examples_per_second")  # the only fields that vary between runs
-
-
-def without_time(rows):
-    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
-
-
-def logged(workdir):
-    return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").open()]
-
-
-def saved(workdir, epoch):
-    """The raw state of a checkpoint, as numpy leaves."""
-    manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").absolute())
-    state = manager.restore(epoch, args=ocp.args.StandardRestore())
-    manager.close()
-    return jax.tree.map(np.array, state)
-
-
-def assert_same_leaves(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b)
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")

@@ -10,17 +10,15 @@ import contextlib
 import io
 import json
 import os
-import pathlib
 import shlex
 import shutil
 import signal
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from jax.experimental import multihost_utils
 
+from tests.workdir_checks import assert_same_leaves, logged, saved, without_time
 from train import evaluate, mlp
 from train.checkpoint import Checkpoints, MidEpoch
 from train.cli import parse_args
@@ -32,30 +30,6 @@ from train.parallel import DataParallel
 # displaces an epoch one
 FLAGS = ["--use-bn", "--epochs", "2", "--batch-size", "64", "--schedule", "constant"]
 STEPS = 22
-TIMINGS = ("seconds", "examples_per_second")
-
-
-def without_time(rows):
-    return [{k: v for k, v in row.items() if k not in TIMINGS} for row in rows]
-
-
-def logged(workdir):
-    path = pathlib.Path(workdir, "metrics.jsonl")
-    return [json.loads(line) for line in path.open()] if path.exists() else []
-
-
-def saved(workdir, epoch):
-    manager = ocp.CheckpointManager(pathlib.Path(workdir, "checkpoints").absolute())
-    state = manager.restore(epoch, args=ocp.args.StandardRestore())
-    manager.close()
-    return jax.tree.map(np.array, state)
-
-
-def assert_same_leaves(a, b):
-    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(leaves_a) == len(leaves_b) > 0
-    for x, y in zip(leaves_a, leaves_b, strict=True):
-        np.testing.assert_array_equal(x, y)
 
 
 def signal_at_step(patch, step: int, signum=signal.SIGTERM):
