@@ -14,7 +14,7 @@ import torch
 
 import jaxbn
 from jaxbn import models
-from tests import torch_models
+from tests import linen_builders, torch_models
 
 
 @dataclass
@@ -53,12 +53,18 @@ class Pair:
         return out
 
     def load_into_jax(self, dtype=jnp.float32) -> dict:
-        template = self.model.init(
-            jax.random.key(0), jnp.zeros(self.channels_last_shape, dtype), train=False
+        # names, shapes and dtypes only: the weights come from torch (an init would compile
+        # JAX's random number generator for every layer's shape)
+        template = linen_builders.template(
+            self.model, jnp.zeros(self.channels_last_shape, dtype), train=False
         )
         if dtype == jnp.float64:
             template = jax.tree.map(
-                lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                lambda s: (
+                    jax.ShapeDtypeStruct(s.shape, dtype)
+                    if jnp.issubdtype(s.dtype, jnp.floating)
+                    else s
+                ),
                 template,
             )
         return jaxbn.interop.torch_to_flax(

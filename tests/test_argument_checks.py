@@ -11,9 +11,10 @@ import torch
 
 import jaxbn
 from jaxbn import functional as F
+from tests import linen_builders
 
 C = 3
-X = jax.random.normal(jax.random.key(0), (6, C)) + 2
+X = jnp.asarray(np.random.default_rng(0).standard_normal((6, C)) + 2, jnp.float32)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +132,7 @@ class RematNet(nn.Module):
 
 def test_remat_of_a_block_holding_batch_norm_equals_the_plain_block():
     plain, remat = RematNet(remat=False), RematNet(remat=True)
-    variables = plain.init(jax.random.key(1), X, train=False)
+    variables = linen_builders.init(plain, X, seed=1, train=False)
 
     def loss(model, params):
         y, updates = model.apply(

@@ -13,6 +13,11 @@ from tests.parity_report import assert_close
 from tests.torch_twins import to_jax, to_numpy
 
 
+def normal(seed, shape):
+    """float32 N(0, 1) data from numpy (JAX's generator compiles for every shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def test_init_in_train_mode_does_not_count_as_a_training_step():
     bn = jaxbn.BatchNorm1d(3)
     variables = bn.init(jax.random.key(0), jnp.arange(12.0).reshape(4, 3), train=True)
@@ -36,7 +41,7 @@ def test_affine_false_creates_no_params():
 
 def test_untracked_creates_no_batch_stats_and_eval_uses_batch_statistics():
     bn = jaxbn.BatchNorm1d(3, track_running_stats=False)
-    x = jax.random.normal(jax.random.key(1), (6, 3)) * 3 + 2
+    x = normal(1, (6, 3)) * 3 + 2
     variables = bn.init(jax.random.key(0), x, train=False)
     assert "batch_stats" not in variables
     y = bn.apply(variables, x, train=False)
@@ -74,7 +79,7 @@ def test_empty_batch_gives_empty_output_counts_a_step_and_keeps_stats_like_torch
 
 def test_momentum_none_is_the_cumulative_average_of_batch_statistics():
     bn = jaxbn.BatchNorm1d(2, momentum=None)
-    batches = [jax.random.normal(jax.random.key(i), (5, 2)) * (i + 1) for i in range(4)]
+    batches = [normal(i, (5, 2)) * (i + 1) for i in range(4)]
     variables = bn.init(jax.random.key(0), batches[0], train=False)
     for x in batches:
         _, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
@@ -87,7 +92,7 @@ def test_momentum_none_is_the_cumulative_average_of_batch_statistics():
 
 
 def test_feature_axis_one_reads_pytorch_layout():
-    x = jax.random.normal(jax.random.key(0), (4, 3, 5, 5))
+    x = normal(0, (4, 3, 5, 5))
     y1 = jaxbn.functional.batch_norm(x, None, None, training=True, axis=1)[0]
     y_last = jaxbn.functional.batch_norm(jnp.moveaxis(x, 1, -1), None, None, training=True)[0]
     np.testing.assert_allclose(y1, jnp.moveaxis(y_last, -1, 1), atol=1e-6)
@@ -118,7 +123,7 @@ def test_half_precision_matches_torch_with_float32_statistics(jdtype, tdtype, to
         y, upd = bn.apply(variables, x, train=True, mutable=["batch_stats"])
         return jnp.sum(y.astype(jnp.float32) * to_jax(g_t, True).astype(jnp.float32)), (y, upd)
 
-    dx, (y, updates) = jax.grad(loss, has_aux=True)(x)
+    dx, (y, updates) = jax.jit(jax.grad(loss, has_aux=True))(x)  # one compile, not one per op
     assert y.dtype == jdtype and dx.dtype == jdtype
     stats = updates["batch_stats"]
     assert stats["mean"].dtype == jnp.float32 and stats["var"].dtype == jnp.float32

@@ -57,7 +57,9 @@ def run_against_torch(name, channels_last, momentum, affine, track, dtype, steps
         )
         return jnp.sum(y * cotangent), (y, updates.get("batch_stats", {}))
 
-    grad_fn = jax.grad(loss, argnums=(0, 1), has_aux=True)
+    # jitted: one compile, then each step is one call (differentiated op by op, a step costs
+    # more than the compile)
+    grad_fn = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
     tm.train()
     for _ in range(steps):
         x_t = (torch.randn(shape, generator=gen) * 2 + 0.5).to(torch_dtype).requires_grad_()
@@ -91,7 +93,12 @@ def run_against_torch(name, channels_last, momentum, affine, track, dtype, steps
 
 @pytest.mark.parametrize(
     "name,channels_last,momentum,affine,track",
-    list(itertools.product(SHAPES, [True, False], MOMENTA, [True, False], [True, False])),
+    [
+        case
+        for case in itertools.product(SHAPES, [True, False], MOMENTA, [True, False], [True, False])
+        # without running statistics the momentum is unused: one float and None suffice
+        if case[4] or case[2] in (0.1, None)
+    ],
 )
 def test_float32_training_and_eval_match_torch_batchnorm(
     name, channels_last, momentum, affine, track

@@ -134,7 +134,8 @@ def test_derivatives_to_second_order(dtype):
 
     tol = 1e-6 if dtype == np.float64 else 5e-2
     eps = 1e-4 if dtype == np.float64 else 1e-2
-    check_grads(f, (x,), order=2, modes=("fwd", "rev"), atol=tol, rtol=tol, eps=eps)
+    # jitted: the checker's many evaluations reuse one compile instead of one per operation
+    check_grads(jax.jit(f), (x,), order=2, modes=("fwd", "rev"), atol=tol, rtol=tol, eps=eps)
 
 
 def test_vmap_matches_per_example_calls():
@@ -153,15 +154,15 @@ def test_empty_reduction_gives_zero_statistics():
     np.testing.assert_array_equal(m2, np.zeros((1, 3)))
 
 
-def _run_isolated(env_update: dict, code: str) -> subprocess.CompletedProcess:
+def _start_isolated(env_update: dict, code: str) -> subprocess.Popen:
     env = {**os.environ, **env_update}
     env.pop("XLA_FLAGS", None)
-    return subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(code)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
 
 
@@ -182,16 +183,40 @@ FALLBACK_CHECK = """
 """
 
 
-def test_switched_off_uses_the_reference_silently():
-    result = _run_isolated({"JAXBN_NATIVE": "0"}, FALLBACK_CHECK)
+@pytest.fixture(scope="module", autouse=True)
+def fallback_runs(tmp_path_factory):
+    """FALLBACK_CHECK switched off and with a failed build, each in a fresh interpreter (the
+    kernels are loaded once per process), started with the module's first test: they run on
+    the second core while the other tests run."""
+    processes = {
+        "switched off": _start_isolated({"JAXBN_NATIVE": "0"}, FALLBACK_CHECK),
+        "failed build": _start_isolated(
+            {"JAXBN_CACHE_DIR": str(tmp_path_factory.mktemp("cache")), "CXX": "false"},
+            FALLBACK_CHECK,
+        ),
+    }
+
+    def finish(name: str) -> subprocess.CompletedProcess:
+        process = processes[name]
+        stdout, stderr = process.communicate(timeout=300)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+    yield finish
+    for process in processes.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+
+
+def test_switched_off_uses_the_reference_silently(fallback_runs):
+    result = fallback_runs("switched off")
     assert result.returncode == 0, result.stderr
     assert "loaded False custom_call False" in result.stdout
     assert "warnings []" in result.stdout
 
 
-def test_failed_build_warns_and_falls_back(tmp_path):
-    env = {"JAXBN_CACHE_DIR": str(tmp_path), "CXX": "false"}
-    result = _run_isolated(env, FALLBACK_CHECK)
+def test_failed_build_warns_and_falls_back(fallback_runs):
+    result = fallback_runs("failed build")
     assert result.returncode == 0, result.stderr
     assert "loaded False custom_call False" in result.stdout
     assert "native CPU kernels are unavailable" in result.stdout
@@ -199,6 +224,10 @@ def test_failed_build_warns_and_falls_back(tmp_path):
 
 def test_build_is_cached_per_source(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXBN_CACHE_DIR", str(tmp_path))
+    # The real compiler on the real source, unoptimized: -O3 costs four times the CPU time and
+    # changes nothing this test checks (the cached pair's names and digest, no temporary left).
+    flags = tuple("-O0" if f.startswith("-O") else f for f in native.FLAGS)
+    monkeypatch.setattr(native, "FLAGS", flags)
     path = native.library_path()
     assert path.parent == tmp_path and not path.exists()
     native.build(path)

@@ -15,6 +15,7 @@ import torch
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_weights
 
 import jaxbn
+from tests import linen_builders
 from tests.model_pairs import make_pairs
 from tests.parity_report import assert_close
 
@@ -91,7 +92,7 @@ def test_a_folded_model_has_the_original_eval_outputs_and_no_batch_norm(name):
 
 def test_statistics_that_were_never_tracked_are_refused():
     model = jaxbn.models.MLP(hidden=(8,))
-    variables = model.init(jax.random.key(0), jnp.ones((2, 4)), train=False)
+    variables = linen_builders.init(model, jnp.ones((2, 4)), train=False)
     with pytest.raises(ValueError, match="layers_1: its statistics were never tracked"):
         jaxbn.fold_batch_norm(model, variables, jnp.ones((1, 4)))
 
@@ -105,7 +106,7 @@ class NormAfterActivation(nn.Module):
 
 def test_a_batch_norm_not_fed_by_a_conv_or_dense_is_refused():
     model = NormAfterActivation()
-    variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+    variables = linen_builders.init(model, jnp.ones((2, 3)), train=False)
     _, updates = model.apply(
         variables, jnp.arange(6.0).reshape(2, 3), train=True, mutable=["batch_stats"]
     )
@@ -187,24 +188,32 @@ class TiedDecoder(nn.Module):
         return nn.relu(h) @ encoder.variables["params"]["kernel"].T
 
 
+def normal(seed, shape, scale=1.0, shift=0.0):
+    """float32 N(shift, scale²) data from numpy (JAX's generator compiles for every shape)."""
+    return jnp.asarray(
+        np.random.default_rng(seed).standard_normal(shape) * scale + shift, jnp.float32
+    )
+
+
 def trained(model, features=5, seed=0):
     """Variables after 3 training steps on shifted, scaled data, with random BN scale/bias."""
-    keys = jax.random.split(jax.random.key(seed), 6)
-    variables = model.init(keys[0], jnp.ones((2, features)), train=False)
-    for key in keys[1:4]:
-        batch = 3.0 * jax.random.normal(key, (16, features)) + 1.0
+    rng = np.random.default_rng(seed)
+    variables = linen_builders.init(model, jnp.ones((2, features)), seed=seed, train=False)
+    for step in range(3):
+        batch = normal(1000 * seed + step, (16, features), 3.0, 1.0)
         _, updates = model.apply(variables, batch, train=True, mutable=["batch_stats"])
         variables = {**variables, **updates}
     params = flax.core.unfreeze(variables["params"])
     for path, _, _ in jaxbn.tools._tree.batch_norm_layers(variables):
         layer = jaxbn.tools._tree.get_path(params, path)
-        layer["scale"] = jax.random.uniform(keys[4], layer["scale"].shape, minval=0.5, maxval=2.0)
-        layer["bias"] = jax.random.normal(keys[5], layer["bias"].shape)
+        shape = layer["scale"].shape
+        layer["scale"] = jnp.asarray(rng.uniform(0.5, 2.0, shape), jnp.float32)
+        layer["bias"] = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     return {**variables, "params": params}
 
 
 def sample(features=5, n=32):
-    return 3.0 * jax.random.normal(jax.random.key(9), (n, features)) + 1.0
+    return normal(9, (n, features), 3.0, 1.0)
 
 
 def fold_and_compare(model, variables, group):
@@ -313,8 +322,8 @@ class ConvWithoutNormSwitch(nn.Module):
 
 def test_a_model_without_a_norm_switch_is_folded_into_a_folded_model():
     model = ConvWithoutNormSwitch()
-    x = 3.0 * jax.random.normal(jax.random.key(9), (8, 6, 6, 2)) + 1.0
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = normal(9, (8, 6, 6, 2), 3.0, 1.0)
+    variables = linen_builders.init(model, x, train=False)
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     variables = {**variables, **updates}
     result = jaxbn.fold_batch_norm(model, variables, x[:1])
@@ -345,8 +354,8 @@ class BiasFreeConv(nn.Module):
 
 def test_a_batch_norm_after_a_bias_free_conv_is_folded_and_the_conv_gets_a_bias():
     model = BiasFreeConv()
-    x = 3.0 * jax.random.normal(jax.random.key(9), (8, 6, 6, 2)) + 1.0
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = normal(9, (8, 6, 6, 2), 3.0, 1.0)
+    variables = linen_builders.init(model, x, train=False)
     _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
     variables = {**variables, **updates}
     result = jaxbn.fold_batch_norm(model, variables, x[:1])

@@ -7,13 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbn
+from tests import linen_builders
 
 MODEL = jaxbn.models.ConvNet(widths=(4, 8, 8), hidden=8)
-X = jax.random.normal(jax.random.key(1), (4, 8, 8, 1))
+X = jnp.asarray(np.random.default_rng(1).standard_normal((4, 8, 8, 1)), jnp.float32)
 
 
 def trained_variables():
-    variables = MODEL.init(jax.random.key(0), X, train=False)
+    variables = linen_builders.init(MODEL, X, train=False)  # in the model's order, like init
     _, updates = MODEL.apply(variables, X, train=True, mutable=["batch_stats"])
     return {**variables, **updates}
 
@@ -31,7 +32,7 @@ def test_every_batch_norm_is_listed_with_its_statistics():
 
 
 def test_statistics_never_updated_are_flagged():
-    report = jaxbn.inspect_batchnorm(MODEL.init(jax.random.key(0), X, train=False))
+    report = jaxbn.inspect_batchnorm(linen_builders.init(MODEL, X, train=False))
     assert len(report.problems) == 4
     assert all("never updated" in p for p in report.problems)
 
@@ -66,8 +67,8 @@ def test_a_tree_sorted_by_jax_is_listed_numerically():
 
 def test_a_deep_model_keeps_its_order_after_a_jitted_train_step():
     model = jaxbn.models.MLP(hidden=(2,) * 5)
-    x = jax.random.normal(jax.random.key(1), (4, 3))
-    variables = model.init(jax.random.key(0), x, train=False)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((4, 3)), jnp.float32)
+    variables = linen_builders.init(model, x, train=False)
 
     @jax.jit
     def step(variables):

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import jaxbn
+from tests import linen_builders
 from tests.model_pairs import make_pairs
 from tests.parity_report import assert_close
 
@@ -64,7 +64,7 @@ def test_torch_to_jaxbn_to_torch_is_bit_identical(name):
 
 
 def template(pair):
-    return pair.model.init(jax.random.key(0), jnp.zeros(pair.channels_last_shape), train=False)
+    return linen_builders.init(pair.model, jnp.zeros(pair.channels_last_shape), train=False)
 
 
 def test_missing_and_unexpected_keys_are_named():

@@ -15,7 +15,7 @@ import torch
 
 import jaxbn
 from jaxbn import interop
-from tests import torch_models
+from tests import linen_builders, torch_models
 from tests.model_pairs import make_pairs
 
 
@@ -76,7 +76,7 @@ def test_a_verified_convnet_port_gives_torchs_eval_logits():
 
 def test_a_misspelt_flatten_shapes_key_is_an_error_naming_the_dense_layers():
     pair = make_pairs()["convnet"]
-    template = pair.model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    template = linen_builders.init(pair.model, jnp.zeros((1, 8, 8, 1)), train=False)
     message = (
         "flatten_shapes keys ['classifer_0'] match no dense layer; "
         "the dense layers are ['classifier_0', 'classifier_3']"
@@ -91,7 +91,7 @@ def test_a_misspelt_flatten_shapes_key_is_an_error_naming_the_dense_layers():
 
 def test_a_flatten_shape_of_the_wrong_size_names_the_key():
     pair = make_pairs()["convnet"]
-    template = pair.model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+    template = linen_builders.init(pair.model, jnp.zeros((1, 8, 8, 1)), train=False)
     with pytest.raises(
         ValueError,
         match=re.escape(
@@ -334,7 +334,7 @@ def test_rename_as_a_function_and_for_a_parent_module():
 
 def test_a_rename_key_that_matches_no_module_is_an_error():
     model = jaxbn.models.MLP(hidden=(32, 16), norm="none")
-    template = model.init(jax.random.key(0), jnp.zeros((1, 64)), train=False)
+    template = linen_builders.init(model, jnp.zeros((1, 64)), train=False)
     sd = torch_models.NetWithoutBN(64, (32, 16)).state_dict()
     with pytest.raises(
         ValueError,
@@ -348,7 +348,7 @@ def test_a_rename_key_that_matches_no_module_is_an_error():
 
 def test_two_flax_modules_renamed_to_one_torch_module_is_an_error():
     model = jaxbn.models.MLP(hidden=(32, 16), norm="none")
-    template = model.init(jax.random.key(0), jnp.zeros((1, 64)), train=False)
+    template = linen_builders.init(model, jnp.zeros((1, 64)), train=False)
     with pytest.raises(
         ValueError,
         match=re.escape(

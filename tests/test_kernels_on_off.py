@@ -57,25 +57,36 @@ RUN = """
 """
 
 
-def _results(native_flag: str) -> dict:
+def _start(native_flag: str) -> subprocess.Popen:
     env = {**os.environ, "JAXBN_NATIVE": native_flag}
     env.pop("XLA_FLAGS", None)
-    done = subprocess.run(
+    return subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(RUN)],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=300,
     )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _results(process: subprocess.Popen) -> dict:
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
 def on_and_off():
     if not native.load():
         pytest.skip("no C++ compiler here: the kernels cannot be turned on")
-    on, off = _results("1"), _results("0")
+    processes = _start("1"), _start("0")  # side by side, on two cores
+    try:
+        on, off = (_results(process) for process in processes)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
     assert on["native"] and not off["native"]
     return on, off
 

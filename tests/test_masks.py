@@ -10,11 +10,16 @@ import pytest
 from jaxbn import functional as F
 
 
+def normal(seed, shape):
+    """float32 N(0, 1) data from numpy (JAX's generator compiles for every shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
 def masked_and_selected(x, keep_rows, momentum=0.1):
     """(masked run over all rows, plain run over the kept rows) with their gradients."""
     mask = jnp.asarray(keep_rows)[:, None]
     weight, bias = jnp.array([1.5, 0.5, 2.0]), jnp.array([0.1, -0.2, 0.3])
-    g = jax.random.normal(jax.random.key(9), x.shape)
+    g = normal(9, x.shape)
 
     def masked(x, w, b):
         y, m, v = F.batch_norm(x, jnp.zeros(3), jnp.ones(3), w, b, True, momentum, mask=mask)
@@ -24,13 +29,16 @@ def masked_and_selected(x, keep_rows, momentum=0.1):
         y, m, v = F.batch_norm(x, jnp.zeros(3), jnp.ones(3), w, b, True, momentum)
         return jnp.sum(y * g[np.asarray(keep_rows)]), (y, m, v)
 
-    full = jax.grad(masked, (0, 1, 2), has_aux=True)(x, weight, bias)
-    sub = jax.grad(selected, (0, 1, 2), has_aux=True)(x[np.asarray(keep_rows)], weight, bias)
+    # jitted: one compile each instead of one per operation of the forward and backward pass
+    full = jax.jit(jax.grad(masked, (0, 1, 2), has_aux=True))(x, weight, bias)
+    sub = jax.jit(jax.grad(selected, (0, 1, 2), has_aux=True))(
+        x[np.asarray(keep_rows)], weight, bias
+    )
     return full, sub
 
 
 def test_masked_rows_give_the_statistics_outputs_and_grads_of_the_selected_rows():
-    x = jax.random.normal(jax.random.key(0), (10, 3)) * 2 + 1
+    x = normal(0, (10, 3)) * 2 + 1
     keep = np.array([1, 1, 0, 1, 0, 1, 1, 1, 0, 1], bool)
     ((dx, dw, db), (y, m, v)), ((sdx, sdw, sdb), (sy, sm, sv)) = masked_and_selected(x, keep)
     np.testing.assert_allclose(y[keep], sy, atol=1e-5)
@@ -42,7 +50,7 @@ def test_masked_rows_give_the_statistics_outputs_and_grads_of_the_selected_rows(
 
 
 def test_masked_slots_holding_nan_do_not_leak():
-    x = jax.random.normal(jax.random.key(0), (8, 3))
+    x = normal(0, (8, 3))
     keep = np.array([1, 0, 1, 1, 0, 1, 1, 1], bool)
     x = x.at[~keep].set(jnp.nan)
     ((dx, dw, db), (y, m, v)), _ = masked_and_selected(x, keep)
@@ -53,7 +61,7 @@ def test_masked_slots_holding_nan_do_not_leak():
 
 
 def test_a_per_element_mask_counts_each_channel_separately():
-    x = jax.random.normal(jax.random.key(1), (6, 2))
+    x = normal(1, (6, 2))
     mask = jnp.array([[1, 1], [1, 0], [1, 1], [0, 1], [1, 1], [1, 0]], bool)
     _, m, v = F.batch_norm(x, jnp.zeros(2), jnp.ones(2), training=True, momentum=1.0, mask=mask)
     for c in range(2):

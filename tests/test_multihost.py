@@ -8,8 +8,10 @@ import pathlib
 import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
+import pytest
 import torch
 
 from tests.multihost_worker import STEPS, C, global_batches
@@ -38,14 +40,40 @@ def start_worker(port: int, rank: int, out: pathlib.Path, mode: str = "") -> sub
     )
 
 
-def finish(proc: subprocess.Popen, timeout: float = 180) -> tuple[int, str]:
+def finish(proc: subprocess.Popen, timeout: float = 180, started: float | None = None):
+    """(exit code, stderr) of a worker that must end within ``timeout`` s of ``started`` (a
+    time.monotonic(); default: now)."""
+    left = timeout - (time.monotonic() - started if started is not None else 0)
     try:
-        _, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=max(left, 0.1))
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
         raise AssertionError(f"worker hung for {timeout} s; stderr:\n{err[-3000:]}") from None
     return proc.returncode, err
+
+
+@pytest.fixture(scope="module", autouse=True)
+def failures(tmp_path_factory):
+    """The two failure cases, which mostly wait (on a coordinator that is not there, on a dead
+    peer's heartbeats): started with the module's first test, so that they wait beside it."""
+    tmp = tmp_path_factory.mktemp("failures")
+    with socket.socket() as closed:  # bound, never listening: refuses, and no one else gets it
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        started = time.monotonic()
+        runs = {"unreachable": (port, start_worker(port, 1, tmp / "x.npz", "short-timeout"))}
+        peers = free_port()
+        runs["dead peer"] = (
+            start_worker(peers, 0, tmp / "a.npz"),
+            start_worker(peers, 1, tmp / "b.npz", "die-after-init"),
+            tmp / "a.npz",
+        )
+        yield started, runs
+        for proc in [runs["unreachable"][1], *runs["dead peer"][:2]]:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
 
 
 def test_two_processes_sync_like_one_batch_norm_on_the_concatenated_batch(tmp_path):
@@ -84,19 +112,19 @@ def test_two_processes_sync_like_one_batch_norm_on_the_concatenated_batch(tmp_pa
     assert i == STEPS - 1
 
 
-def test_an_unreachable_coordinator_is_a_clear_error_not_a_hang(tmp_path):
-    port = free_port()  # nobody listens here
-    code, err = finish(start_worker(port, 1, tmp_path / "x.npz", "short-timeout"), timeout=60)
+def test_an_unreachable_coordinator_is_a_clear_error_not_a_hang(failures):
+    started, runs = failures
+    port, worker = runs["unreachable"]  # nobody listens on port
+    code, err = finish(worker, timeout=60, started=started)
     assert code != 0
     assert f"could not reach the jax.distributed coordinator at 127.0.0.1:{port}" in err
 
 
-def test_a_dead_peer_stops_the_survivor_with_an_error_instead_of_a_hang(tmp_path):
-    port = free_port()
-    survivor = start_worker(port, 0, tmp_path / "a.npz")
-    dying = start_worker(port, 1, tmp_path / "b.npz", "die-after-init")
-    assert finish(dying, timeout=60)[0] == 3
-    code, err = finish(survivor, timeout=90)
+def test_a_dead_peer_stops_the_survivor_with_an_error_instead_of_a_hang(failures):
+    started, runs = failures
+    survivor, dying, out = runs["dead peer"]
+    assert finish(dying, timeout=60, started=started)[0] == 3
+    code, err = finish(survivor, timeout=90, started=started)
     assert code != 0
     assert "stopped sending heartbeats" in err
-    assert not (tmp_path / "a.npz").exists()
+    assert not out.exists()

@@ -4,8 +4,8 @@ The library is loaded once per process, so every case runs a batch norm forward 
 a fresh interpreter whose ``$JAXBN_CACHE_DIR`` holds the damaged cache, and compares what it
 prints with the XLA reductions (``JAXBN_NATIVE=0``). The kernels are compiled at most once for
 the module (copied from this process's cache when it holds them); rebuilds use a stand-in
-compiler that writes that library (slowly, as a compiler does) and logs each call, so a test
-knows how many builds happened without paying for them.
+compiler that writes that library (in pieces, slowly where builders race, as a compiler does)
+and logs each call, so a test knows how many builds happened without paying for them.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ CHECK = """
 FAKE_COMPILER = """
     import os, sys, time
     source, log = os.environ["FAKE_CXX_LIBRARY"], os.environ["FAKE_CXX_LOG"]
+    delay = float(os.environ["FAKE_CXX_DELAY"])
     with open(log, "a") as file:
         file.write("build\\n")
     data = open(source, "rb").read()
@@ -54,7 +55,7 @@ FAKE_COMPILER = """
         for start in range(0, len(data), len(data) // 4 + 1):
             out.write(data[start : start + len(data) // 4 + 1])
             out.flush()
-            time.sleep(0.2)
+            time.sleep(delay)
 """
 
 WARNING = "RuntimeWarning: jaxbn:"
@@ -75,9 +76,20 @@ def built(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="module", autouse=True)
+def reference_process(tmp_path_factory):
+    """The run with XLA's reductions (JAXBN_NATIVE=0), started with the module's first test so
+    that it runs on the second core beside that test's own process."""
+    process = _start({"JAXBN_NATIVE": "0", "JAXBN_CACHE_DIR": str(tmp_path_factory.mktemp("none"))})
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.communicate()
+
+
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    run = _run({"JAXBN_NATIVE": "0", "JAXBN_CACHE_DIR": str(tmp_path_factory.mktemp("none"))})
+def reference(reference_process):
+    run = _wait(reference_process)
     assert run.returncode == 0, run.stderr
     return _result(run)["result"]
 
@@ -97,6 +109,7 @@ def compiler(built, tmp_path) -> dict:
         "CXX": shlex.join([sys.executable, str(script)]),
         "FAKE_CXX_LIBRARY": str(built / native.library_path().name),
         "FAKE_CXX_LOG": str(tmp_path / "builds.log"),
+        "FAKE_CXX_DELAY": "0",  # seconds per piece written: only racing builders need them
     }
 
 
@@ -239,7 +252,7 @@ def test_an_unwritable_cache_without_a_compiler_falls_back_with_one_warning(tmp_
 
 def test_concurrent_builds_leave_one_verified_library(tmp_path, compiler, reference):
     cache = tmp_path / "cache"
-    env = {"JAXBN_CACHE_DIR": str(cache), **compiler}
+    env = {"JAXBN_CACHE_DIR": str(cache), **compiler, "FAKE_CXX_DELAY": "0.2"}
     runs = [_wait(process) for process in [_start(env), _start(env)]]
     for run in runs:
         assert run.returncode == 0, run.stderr

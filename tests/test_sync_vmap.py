@@ -15,6 +15,7 @@ from tests.test_sync_batch_norm import (
     TOL,
     C,
     make_variables,
+    normal,
     pmapped_step,
     shard,
     torch_step,
@@ -99,8 +100,8 @@ def test_vmap_sync_with_one_row_per_member_equals_torch_on_the_full_batch():
 def test_vmap_sync_equals_pmap_sync_and_the_switch_equals_the_field():
     synced, plain = jaxbn.BatchNorm2d(C, axis_name="batch"), jaxbn.BatchNorm2d(C)
     variables = make_variables(plain, jnp.zeros((2, 3, 3, C)))
-    x = jax.random.normal(jax.random.key(5), (4, 3, 3, 3, C)) * 2 + 1
-    g = jax.random.normal(jax.random.key(6), x.shape)
+    x = normal(5, (4, 3, 3, 3, C)) * 2 + 1
+    g = normal(6, x.shape)
     mask = jnp.ones(x.shape, bool)
     by_pmap = pmapped_step(synced, 4)(variables, x, g, mask)
     by_field = vmapped_step(synced)(variables, x, g, mask)
@@ -118,7 +119,7 @@ def test_vmap_sync_continues_training_from_an_unsynced_checkpoint():
     # the same as four steps on the whole batch.
     model = jaxbn.BatchNorm2d(C, axis_name="batch")
     plain = jaxbn.BatchNorm2d(C)
-    batches = [jax.random.normal(jax.random.key(i), (16, 3, 3, C)) * (i + 1) for i in range(4)]
+    batches = [normal(i, (16, 3, 3, C)) * (i + 1) for i in range(4)]
     variables = make_variables(plain, batches[0])
     reference = variables
     g = jnp.ones_like(batches[0])
@@ -141,7 +142,7 @@ def test_vmap_sync_continues_training_from_an_unsynced_checkpoint():
 
 def test_a_synced_model_initializes_in_training_mode_outside_any_mapped_axis():
     synced = jaxbn.BatchNorm2d(C, axis_name="batch")
-    x = jax.random.normal(jax.random.key(0), (1, 8, 8, C))  # one row, as on one device
+    x = normal(0, (1, 8, 8, C))  # one row, as on one device
     variables = synced.init(jax.random.key(1), x, train=True)
     np.testing.assert_array_equal(variables["batch_stats"]["mean"], jnp.zeros(C))
     np.testing.assert_array_equal(variables["batch_stats"]["var"], jnp.ones(C))
@@ -159,7 +160,7 @@ class _SharedTwice(nn.Module):
 
 
 def test_init_of_a_batch_norm_called_twice_counts_no_step_and_skips_the_collective():
-    x = jax.random.normal(jax.random.key(0), (2, 3, 3, C)) + 5
+    x = normal(0, (2, 3, 3, C)) + 5
     variables = _SharedTwice().init(jax.random.key(1), x, train=True)
     stats = variables["batch_stats"]["norm"]
     assert int(stats["num_batches_tracked"]) == 0
@@ -168,7 +169,7 @@ def test_init_of_a_batch_norm_called_twice_counts_no_step_and_skips_the_collecti
 
 def test_nested_vmaps_sync_over_both_axis_names_like_one_device():
     model = jaxbn.BatchNorm1d(C, axis_name=("outer", "inner"))
-    x = jax.random.normal(jax.random.key(0), (2, 3, 4, C)) * 3 + 1  # 2 × 3 members of 4 rows
+    x = normal(0, (2, 3, 4, C)) * 3 + 1  # 2 × 3 members of 4 rows
     variables = model.init(jax.random.key(1), x[0, 0], train=False)
 
     def member(x):

@@ -12,8 +12,14 @@ import torch
 from torch.optim.swa_utils import update_bn as torch_update_bn
 
 import jaxbn
+from tests import linen_builders
 from tests.model_pairs import make_pairs
 from tests.parity_report import assert_close
+
+
+def normal(seed, shape):
+    """float32 N(0, 1) data from numpy (JAX's generator compiles for every shape)."""
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
 def test_update_bn_matches_torch_swa_utils_update_bn_on_the_convnet():
@@ -39,7 +45,7 @@ def test_update_bn_matches_torch_swa_utils_update_bn_on_the_convnet():
 
 def test_update_bn_is_the_plain_average_of_batch_statistics():
     model = jaxbn.BatchNorm1d(3, momentum=0.5)  # the module's own momentum is ignored here
-    batches = [jax.random.normal(jax.random.key(i), (6, 3)) * (i + 1) for i in range(3)]
+    batches = [normal(i, (6, 3)) * (i + 1) for i in range(3)]
     variables = model.init(jax.random.key(0), batches[0], train=False)
     updated = jaxbn.update_bn(model.apply, variables, batches)
     expected_mean = sum(b.mean(0) for b in batches) / 3
@@ -52,13 +58,13 @@ def test_update_bn_is_the_plain_average_of_batch_statistics():
 
 def test_update_bn_leaves_a_model_without_batch_norm_alone():
     model = jaxbn.models.MLP(hidden=(4,), norm="none")
-    variables = model.init(jax.random.key(0), jnp.ones((2, 3)), train=False)
+    variables = linen_builders.init(model, jnp.ones((2, 3)), train=False)
     assert jaxbn.update_bn(model.apply, variables, [jnp.ones((2, 3))]) == variables
 
 
 def test_update_bn_accepts_frozen_variables_and_leaves_them_untouched():
     model = jaxbn.BatchNorm1d(3)
-    batch = jax.random.normal(jax.random.key(0), (6, 3)) + 2
+    batch = normal(0, (6, 3)) + 2
     variables = flax.core.freeze(model.init(jax.random.key(0), batch, train=False))
     updated = jaxbn.update_bn(model.apply, variables, [batch])
     assert_close("update_bn frozen mean", updated["batch_stats"]["mean"], batch.mean(0), 1e-6, 1e-6)
@@ -87,13 +93,13 @@ class _ScannedNet(nn.Module):
 
 
 def _scan_batches():
-    return [jax.random.normal(jax.random.key(i), (8, 4)) * (i + 1) + i for i in range(3)]
+    return [normal(i, (8, 4)) * (i + 1) + i for i in range(3)]
 
 
 def test_update_bn_averages_batch_norms_inside_nn_scan_layer_by_layer():
     model = _ScannedNet(report=True)
     batches = _scan_batches()
-    variables = model.init(jax.random.key(0), batches[0], train=False)
+    variables = linen_builders.init(model, batches[0], train=False)
     updated = jaxbn.update_bn(model.apply, variables, batches)
     # the oracle: each scanned layer's input, recomputed layer by layer in numpy-free jax
     inputs = [[] for _ in range(3)]
@@ -116,14 +122,14 @@ def test_update_bn_averages_batch_norms_inside_nn_scan_layer_by_layer():
 def test_update_bn_refuses_a_scan_that_drops_the_reports_instead_of_resetting_it():
     model = _ScannedNet(report=False)
     batches = _scan_batches()
-    variables = model.init(jax.random.key(0), batches[0], train=False)
+    variables = linen_builders.init(model, batches[0], train=False)
     with pytest.raises(ValueError, match=r"\[.Scan_ScanBody_0/BatchNorm1d_0.\] were trained but"):
         jaxbn.update_bn(model.apply, variables, batches)
 
 
 def test_update_bn_ignores_reports_left_in_the_variables_by_an_earlier_apply():
     model = jaxbn.BatchNorm1d(3)
-    batches = [jax.random.normal(jax.random.key(i), (6, 3)) * (i + 1) + i for i in range(3)]
+    batches = [normal(i, (6, 3)) * (i + 1) + i for i in range(3)]
     variables = model.init(jax.random.key(0), batches[0], train=False)
     _, stale = model.apply(
         variables, batches[0] * 100, train=True, mutable=["batch_stats", "batch_moments"]
@@ -137,7 +143,7 @@ def test_update_bn_ignores_reports_left_in_the_variables_by_an_earlier_apply():
 
 def test_update_bn_of_replicated_variables_under_pmap_gives_the_global_average():
     model = jaxbn.BatchNorm1d(3, axis_name="batch")
-    batches = [jax.random.normal(jax.random.key(i), (4, 5, 3)) * (i + 1) + i for i in range(2)]
+    batches = [normal(i, (4, 5, 3)) * (i + 1) + i for i in range(2)]
     variables = model.init(jax.random.key(0), batches[0][0], train=False)
     replicated = jax.tree.map(lambda a: jnp.stack([a] * 4), variables)
     mapped = jax.pmap(
