@@ -11,13 +11,13 @@ the ratio to host slicing. The loop is the training loop's: no host sync inside 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 
 import jax
 
+from benchmarks.timing import script_parser
 from train import cnn
 from train.batching import train_batches
 from train.cli import parse_args
@@ -39,11 +39,7 @@ class PlainHostFeed(HostFeed):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.feed",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("python -m benchmarks.feed", __doc__)
     parser.add_argument("--quick", action="store_true", help="2 epochs (smoke)")
     quick = parser.parse_args(argv).quick
     args = parse_args("bench", "", cnn.DEFAULTS, ["--use-bn"])

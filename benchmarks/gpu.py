@@ -32,7 +32,6 @@ the smoke run.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -43,7 +42,13 @@ import numpy as np
 import torch
 
 from benchmarks import bn, train_step
-from benchmarks.timing import copy_bandwidth, interleaved_rounds, jax_timer, torch_timer
+from benchmarks.timing import (
+    copy_bandwidth,
+    interleaved_rounds,
+    jax_timer,
+    script_parser,
+    torch_timer,
+)
 from tests.torch_twins import to_jax
 
 GPU_PLATFORMS = ("gpu", "cuda")
@@ -381,11 +386,7 @@ def _shape(shape) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.gpu",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = script_parser("python -m benchmarks.gpu", __doc__)
     parser.add_argument("--smoke", action="store_true", help="the tiny run, even on a GPU")
     parser.add_argument("--quick", action="store_true", help="fewer shapes, batch 128, 5 repeats")
     parser.add_argument("--repeats", type=int, help="timed repeats per contender (median)")

@@ -162,6 +162,13 @@ STEADY_ALLOCATOR = {
 }
 
 
+def script_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A benchmark script's parser; ``--help`` keeps the docstring's usage lines as written."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def benchmark_main(
     prog: str,
     description: str,
@@ -180,9 +187,7 @@ def benchmark_main(
     start-up only).
     """
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = argparse.ArgumentParser(
-        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = script_parser(prog, description)
     parser.add_argument("--quick", action="store_true", help="tiny shapes, few repeats (smoke)")
     parser.add_argument("--repeats", type=int, default=20, help="timed repeats (median)")
     parser.add_argument(
