@@ -17,6 +17,7 @@ from __future__ import annotations
 import numbers
 import os
 import sys
+import types
 import warnings
 from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -55,6 +56,7 @@ __all__ = [
     "input_features",
     "momentum_convention_message",
     "next_count",
+    "rank_variants",
     "sync_axis",
     "warn_momentum_convention",
 ]
@@ -151,6 +153,20 @@ class Ranks3d:
     rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"
 
 
+def rank_variants(base: type) -> tuple[type, type, type]:
+    """``<base>1d``, ``<base>2d``, ``<base>3d``: ``base`` with the input-rank check of
+    ``torch.nn.BatchNorm1d/2d/3d``, defined in ``base``'s module (where the caller binds them, so
+    that they pickle by name). Linen's and NNX's ``BatchNorm`` both take theirs from here."""
+
+    def variant(ranks: type) -> type:
+        name = base.__name__ + ranks.__name__[-2:]
+        namespace = {"__doc__": ranks.__doc__, "__module__": base.__module__, "__qualname__": name}
+        # types.new_class, not type(): it runs the metaclass (NNX's) as a class statement does
+        return types.new_class(name, (ranks, base), exec_body=lambda ns: ns.update(namespace))
+
+    return variant(Ranks1d), variant(Ranks2d), variant(Ranks3d)
+
+
 # --- fields (construction time) --------------------------------------------------------------
 
 
@@ -170,8 +186,21 @@ def check_initializer(init: Any, name: str) -> None:
         )
 
 
-def momentum_convention_message(cls_name: str, momentum: Any, checked: bool) -> str | None:
-    """The warning text for a momentum that reads like Flax's convention (> 0.5), or None."""
+#: what the momentum warning of :class:`jaxbn.BatchNorm` offers besides the converted value.
+FLAX_SPELLING = " or use jaxbn.flax_compat.BatchNorm (Flax's spelling)"
+
+
+def momentum_convention_message(
+    cls_name: str,
+    momentum: Any,
+    checked: bool,
+    *,
+    example: str = "Flax's momentum=0.9 is jaxbn's 0.1",
+    alternative: str = FLAX_SPELLING,
+) -> str | None:
+    """The warning text for a momentum that reads like Flax's or Keras's convention (> 0.5),
+    or None. ``example``: the other convention's usual value, as the users of this module
+    know it; ``alternative``: another way out, appended to the converted value."""
     if momentum is None or momentum <= 0.5 or checked:
         return None
     m = momentum
@@ -179,9 +208,8 @@ def momentum_convention_message(cls_name: str, momentum: Any, checked: bool) -> 
         f"jaxbn.{cls_name}(momentum={m}): jaxbn follows PyTorch, where "
         f"momentum is the weight of the new batch (running = (1 - momentum) * running "
         f"+ momentum * batch; default 0.1), so {m} keeps only {1 - m:.3g} of the old "
-        f"value. Flax and Keras use the weight of the old value (Flax's momentum=0.9 "
-        f"is jaxbn's 0.1). If you meant Flax's convention pass momentum={1 - m:.6g} "
-        f"or use jaxbn.flax_compat.BatchNorm (Flax's spelling); if {m} is meant, pass "
+        f"value. Flax and Keras use the weight of the old value ({example}). If you meant "
+        f"their convention pass momentum={1 - m:.6g}{alternative}; if {m} is meant, pass "
         f"momentum_convention_checked=True."
     )
 

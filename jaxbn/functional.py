@@ -483,18 +483,20 @@ def ghost_batch_norm(
     x: jax.Array,
     running_mean: jax.Array | None,
     running_var: jax.Array | None,
-    weight: jax.Array | None = None,
-    bias: jax.Array | None = None,
+    *,
+    virtual_batch_size: int,
     training: bool = False,
     momentum: float | jax.Array = 0.1,
     eps: float = 1e-5,
-    *,
-    virtual_batch_size: int,
+    weight: jax.Array | None = None,
+    bias: jax.Array | None = None,
     axis: int = -1,
     mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array | None, jax.Array | None]:
     """Ghost (virtual) batch norm (Hoffer et al. 2017): :func:`batch_norm` on each run of
     ``virtual_batch_size`` examples of the batch (axis 0) in turn, outputs concatenated.
+    ``x`` and the running statistics go by position, everything else by keyword (there is no
+    PyTorch function whose argument order to mirror).
 
     In training each virtual batch is normalized with its own mean and biased variance, and the
     running statistics are updated once per virtual batch, in order — exactly what

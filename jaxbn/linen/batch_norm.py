@@ -57,15 +57,6 @@ from jaxbn._module_logic import (  # noqa: F401  (check_initializer: re-exported
     warn_momentum_convention,
 )
 
-__all__ = [
-    "MOMENTS_COLLECTION",
-    "BatchNorm",
-    "BatchNorm1d",
-    "BatchNorm2d",
-    "BatchNorm3d",
-    "MomentumConventionWarning",
-]
-
 #: Flax's initializer signature: ``init(key, shape, dtype) -> array``.
 Initializer = Callable[..., jax.Array]
 
@@ -213,13 +204,5 @@ class BatchNorm(nn.Module):
         return requested is not True and self.is_mutable_collection(MOMENTS_COLLECTION)
 
 
-class BatchNorm1d(logic.Ranks1d, BatchNorm):
-    __doc__ = logic.Ranks1d.__doc__
-
-
-class BatchNorm2d(logic.Ranks2d, BatchNorm):
-    __doc__ = logic.Ranks2d.__doc__
-
-
-class BatchNorm3d(logic.Ranks3d, BatchNorm):
-    __doc__ = logic.Ranks3d.__doc__
+#: ``BatchNorm`` with ``torch.nn.BatchNorm1d/2d/3d``'s input-rank check.
+BatchNorm1d, BatchNorm2d, BatchNorm3d = logic.rank_variants(BatchNorm)

@@ -57,8 +57,9 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -67,21 +68,13 @@ import jax.numpy as jnp
 from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core.checks import (
-    check_axis,
     check_clipping,
-    check_eps,
     check_feature_count,
-    check_momentum,
     is_real,
     train_flag,
 )
-from jaxbn.linen.batch_norm import (
-    Initializer,
-    affine_params,
-    check_initializer,
-    running_stats,
-    warn_momentum_convention,
-)
+from jaxbn.linen.batch_norm import affine_params, running_stats
+from jaxbn.linen.variant_fields import UpdatingVariantFields
 
 __all__ = ["BatchRenorm", "renorm_schedule"]
 
@@ -112,10 +105,11 @@ def renorm_schedule(
     return ramp(r_max, 1.0, r_max_steps), ramp(d_max, 0.0, d_max_steps)
 
 
-class BatchRenorm(nn.Module):
+class BatchRenorm(UpdatingVariantFields):
     """Batch Renormalization with PyTorch-style fields (see the module docstring).
 
-    Attributes:
+    Attributes (``num_features`` by position or keyword, the rest by keyword only; shared with
+    the other variants in :mod:`jaxbn.linen.variant_fields`):
       num_features: C, the size of the feature axis; inferred from the input when None.
       eps: added to the variances (PyTorch's 1e-5; Keras's is 1e-3).
       momentum: weight of the new batch in the running averages (PyTorch's meaning; Keras's
@@ -141,43 +135,21 @@ class BatchRenorm(nn.Module):
       :func:`renorm_schedule`), replacing the fields and the warm-up.
     """
 
-    num_features: int | None = None
-    eps: float = 1e-5
-    momentum: float | None = 0.1
-    affine: bool = True
-    axis: int = -1
+    _: dataclasses.KW_ONLY
     axis_name: str | Sequence[str] | None = None
     axis_index_groups: Any = None
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
     r_max: float = 3.0
     d_max: float = 5.0
     warmup_steps: int = 0
     update_rule: str = "torch"
-    scale_init: Initializer = nn.initializers.ones
-    bias_init: Initializer = nn.initializers.zeros
-    momentum_convention_checked: bool = False
+
+    momentum_example: ClassVar[str] = "Keras's momentum=0.99 is jaxbn's 0.01"
 
     def __post_init__(self) -> None:
-        check_feature_count(self.num_features, "num_features")
-        check_eps(self.eps)
-        check_momentum(self.momentum)
-        check_axis(self.axis)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
         check_clipping(self.r_max, self.d_max)
         check_feature_count(self.warmup_steps, "warmup_steps", allow_none=False)
         if self.update_rule not in ("torch", "keras"):
             raise ValueError(f"update_rule must be 'torch' or 'keras', got {self.update_rule!r}")
-        m = self.momentum
-        if m is not None and m > 0.5 and not self.momentum_convention_checked:
-            warn_momentum_convention(
-                f"jaxbn.BatchRenorm(momentum={m}): jaxbn follows PyTorch, where momentum is "
-                f"the weight of the new batch (default 0.1), so {m} keeps only {1 - m:.3g} of "
-                f"the old value. Keras and Flax use the weight of the old value (Keras's "
-                f"momentum=0.99 is jaxbn's 0.01): pass momentum={1 - m:.6g}, or "
-                f"momentum_convention_checked=True if {m} is meant."
-            )
         super().__post_init__()
 
     @nn.compact

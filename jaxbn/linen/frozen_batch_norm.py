@@ -26,16 +26,15 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import check_axis, check_eps, check_feature_count
-from jaxbn.linen.batch_norm import Initializer, affine_params, check_initializer, running_stats
+from jaxbn.linen.batch_norm import affine_params, running_stats
+from jaxbn.linen.variant_fields import VariantFields
 
 __all__ = ["FrozenBatchNorm", "frozen_batch_norm"]
 
@@ -69,10 +68,11 @@ def frozen_batch_norm(
     return y
 
 
-class FrozenBatchNorm(nn.Module):
+class FrozenBatchNorm(VariantFields):
     """Frozen batch norm (see module docstring): a BatchNorm's variables, all constant.
 
-    Attributes:
+    Attributes (``num_features`` and ``eps`` by position or keyword, the rest by keyword only;
+    shared with the other variants in :mod:`jaxbn.linen.variant_fields`):
       num_features: C; inferred from the input when None.
       eps: added to the variance (torchvision's 1e-5).
       affine: whether ``params: scale, bias`` exist (as the BatchNorm it replaces).
@@ -85,22 +85,9 @@ class FrozenBatchNorm(nn.Module):
       ``x``: [N, ..., C]; ``train`` accepted and ignored; optional ``mask``.
     """
 
-    num_features: int | None = None
+    # positional like torchvision's FrozenBatchNorm2d(num_features, eps); the rest by keyword
     eps: float = 1e-5
-    affine: bool = True
-    axis: int = -1
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    scale_init: Initializer = nn.initializers.ones
-    bias_init: Initializer = nn.initializers.zeros
-
-    def __post_init__(self) -> None:
-        check_feature_count(self.num_features, "num_features")
-        check_eps(self.eps)
-        check_axis(self.axis)
-        check_initializer(self.scale_init, "scale_init")
-        check_initializer(self.bias_init, "bias_init")
-        super().__post_init__()
+    _: dataclasses.KW_ONLY
 
     @nn.compact
     def __call__(

@@ -35,7 +35,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -45,14 +45,16 @@ from jaxbn import _module_logic as logic
 from jaxbn import functional
 from jaxbn._core import checks
 from jaxbn.linen import batch_norm as linen_bn
+from jaxbn.linen.variant_fields import UpdatingVariantFields
 
 __all__ = ["GhostBatchNorm"]
 
 
-class GhostBatchNorm(nn.Module):
+class GhostBatchNorm(UpdatingVariantFields):
     """Batch norm with statistics over virtual batches in training (see module docstring).
 
-    Attributes:
+    Attributes (``num_features`` and ``virtual_batch_size`` by position or keyword, the rest by
+    keyword only; shared with the other variants in :mod:`jaxbn.linen.variant_fields`):
       num_features: C; inferred from the input when None.
       virtual_batch_size: examples per virtual batch (required); must divide the batch size
         in training.
@@ -71,40 +73,16 @@ class GhostBatchNorm(nn.Module):
       ``x``: [N, ..., C]; ``train`` (keyword, required); optional ``mask``.
     """
 
-    num_features: int | None = None
     virtual_batch_size: int | None = None
-    eps: float = 1e-5
-    momentum: float | None = 0.1
-    affine: bool = True
+    _: dataclasses.KW_ONLY
     track_running_stats: bool = True
-    axis: int = -1
-    dtype: Any = None
-    param_dtype: Any = jnp.float32
-    scale_init: linen_bn.Initializer = nn.initializers.ones
-    bias_init: linen_bn.Initializer = nn.initializers.zeros
-    momentum_convention_checked: bool = False
 
     def __post_init__(self) -> None:
-        checks.check_feature_count(self.num_features, "num_features")
         if self.virtual_batch_size is None:
             raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
         checks.check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
         if self.virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be positive, got {self.virtual_batch_size}")
-        checks.check_eps(self.eps)
-        checks.check_momentum(self.momentum)
-        checks.check_axis(self.axis)
-        linen_bn.check_initializer(self.scale_init, "scale_init")
-        linen_bn.check_initializer(self.bias_init, "bias_init")
-        m = self.momentum
-        if m is not None and m > 0.5 and not self.momentum_convention_checked:
-            linen_bn.warn_momentum_convention(
-                f"jaxbn.GhostBatchNorm(momentum={m}): jaxbn follows PyTorch, where momentum "
-                f"is the weight of the new batch (default 0.1), so {m} keeps only "
-                f"{1 - m:.3g} of the old value. Flax and Keras use the weight of the old "
-                f"value (Flax's momentum=0.9 is jaxbn's 0.1): pass momentum={1 - m:.6g}, or "
-                f"momentum_convention_checked=True if {m} is meant."
-            )
         super().__post_init__()
 
     @nn.compact
@@ -146,12 +124,12 @@ class GhostBatchNorm(nn.Module):
             x,
             mean,
             var,
-            weight,
-            bias,
-            train,
-            momentum,
-            self.eps,
             virtual_batch_size=self.virtual_batch_size,
+            weight=weight,
+            bias=bias,
+            training=train,
+            momentum=momentum,
+            eps=self.eps,
             axis=self.axis,
             mask=mask,
         )

@@ -230,13 +230,5 @@ class BatchNorm(nnx.Module):
             self.use_running_average = train_flag(use_running_average, "use_running_average")
 
 
-class BatchNorm1d(logic.Ranks1d, BatchNorm):
-    __doc__ = logic.Ranks1d.__doc__
-
-
-class BatchNorm2d(logic.Ranks2d, BatchNorm):
-    __doc__ = logic.Ranks2d.__doc__
-
-
-class BatchNorm3d(logic.Ranks3d, BatchNorm):
-    __doc__ = logic.Ranks3d.__doc__
+#: ``BatchNorm`` with ``torch.nn.BatchNorm1d/2d/3d``'s input-rank check.
+BatchNorm1d, BatchNorm2d, BatchNorm3d = logic.rank_variants(BatchNorm)

@@ -186,9 +186,7 @@ class ConvNet(_Normalized):
         **norm_options: Any,
     ) -> None:
         self._setup(**norm_options)
-        self.widths = tuple(widths)
-        self.hidden = hidden
-        self.num_classes = num_classes
+        self.widths, self.hidden, self.num_classes = tuple(widths), hidden, num_classes
         channels, side, index = in_channels, image_size, 0
         for block, width in enumerate(self.widths):
             conv = nnx.Conv(channels, width, (3, 3), padding=1, **self._options, rngs=rngs)

@@ -31,16 +31,6 @@ from jaxbn.tools import inspect_bn as _inspect
 from jaxbn.tools import interop as _interop
 from jaxbn.tools.update_bn import update_bn as _linen_update_bn
 
-__all__ = [
-    "fold_batch_norm",
-    "from_linen_variables",
-    "inspect_batchnorm",
-    "nnx_to_torch",
-    "to_linen_variables",
-    "torch_to_nnx",
-    "update_bn",
-]
-
 #: Linen collection ← the NNX variable type that holds it.
 COLLECTIONS = (("params", nnx.Param), ("batch_stats", nnx.BatchStat))
 
