@@ -28,7 +28,13 @@ def test_the_library_needs_jax_flax_and_numpy_and_the_scripts_the_train_extra():
     extras = PROJECT["optional-dependencies"]
     script_needs = {"optax", "orbax-checkpoint", "tqdm", "matplotlib", "scikit-learn"}
     assert names(extras["train"]) == script_needs
-    assert names(extras["test"]) == script_needs | {"pytest", "torch", "ruff", "keras"}
+    assert names(extras["test"]) == script_needs | {
+        "pytest",
+        "pytest-xdist",
+        "torch",
+        "ruff",
+        "keras",
+    }
     assert PROJECT["license"] == "Apache-2.0"
     assert "Apache License" in (ROOT / "LICENSE").read_text()
 
