@@ -9,7 +9,7 @@ works on variable trees (fold, update_bn, inspect, interop, Flax checkpoints);
 :mod:`jaxbn.flax_compat` ``flax.linen.BatchNorm``'s spelling over jaxbn's numbers.
 """
 
-from importlib.metadata import PackageNotFoundError
+from importlib.metadata import PackageNotFoundError as _PackageNotFoundError
 from importlib.metadata import version as _version
 
 from jaxbn import flax_compat, functional, linen, models, multihost, nnx, tools
@@ -46,7 +46,7 @@ from jaxbn.tools import (
 
 try:
     __version__ = _version("jaxbn")
-except PackageNotFoundError:  # running from a source tree that was never installed
+except _PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0+unknown"
 
 __all__ = [

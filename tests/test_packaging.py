@@ -94,3 +94,23 @@ def test_importing_jaxbn_imports_none_of_the_training_packages():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_version_comes_from_the_package_metadata():
+    import jaxbn
+
+    assert jaxbn.__version__ == importlib.metadata.version("jaxbn") == PROJECT["version"]
+
+
+def test_the_top_level_names_are_the_public_api_and_its_subpackages():
+    import types
+
+    import jaxbn
+
+    assert all(hasattr(jaxbn, name) for name in jaxbn.__all__)
+    assert not [name for name in jaxbn.__all__ if name.startswith("_") and name != "__version__"]
+    # what else `import jaxbn` leaves public is a submodule, not a helper (jaxbn.tree_paths
+    # became jaxbn.tools._tree)
+    unlisted = {name for name in vars(jaxbn) if not name.startswith("_")} - set(jaxbn.__all__)
+    assert all(isinstance(getattr(jaxbn, name), types.ModuleType) for name in unlisted), unlisted
+    assert not hasattr(jaxbn, "tree_paths")
