@@ -114,6 +114,26 @@ def test_ctrl_c_prints_one_line_with_the_kept_checkpoint_and_exits_130(interrupt
     assert lines[0].endswith(" --resume")
 
 
+@pytest.mark.parametrize("at_epoch, kept", [(1, False), (2, True)])
+def test_a_second_ctrl_c_says_whether_a_checkpoint_is_kept(
+    tmp_path, monkeypatch, capsys, at_epoch, kept
+):
+    real_save = Checkpoints.save
+
+    def save(self, epoch, state):  # a second Ctrl-C while the checkpoint is written
+        if epoch == at_epoch:
+            raise KeyboardInterrupt
+        real_save(self, epoch, state)
+
+    monkeypatch.setattr(Checkpoints, "save", save)
+    workdir = f"{tmp_path / 'w'}/"  # as a shell completes it
+    assert mlp.main([*RUN, "--workdir", workdir]) == 130
+    [line] = [line for line in capsys.readouterr().err.splitlines() if "absl" not in line]
+    said = f"the checkpoints in {workdir} are kept" if kept else "no checkpoint was saved yet"
+    assert line.startswith(f"interrupted; {said}; continue with: python -m train.mlp ")
+    assert line.endswith(f" --workdir {workdir} --resume")
+
+
 def test_the_continued_run_equals_a_straight_run_and_ends_with_a_summary(interrupted, tmp_path):
     workdir, _, _, out = interrupted
     assert mlp.main([*RUN, "--workdir", str(tmp_path), "--keep", "1"]) == 0

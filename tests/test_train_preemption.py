@@ -144,6 +144,12 @@ def test_a_stop_without_a_workdir_saves_nothing_and_says_so():
     )
 
 
+def test_a_workdir_with_a_trailing_slash_is_named_with_one_slash(tmp_path):
+    code, _, err = main([*FLAGS, "--workdir", f"{tmp_path / 'w'}/"], signal_at=3)
+    assert code == 143 and len(err) == 1
+    assert f"step 3 ({tmp_path / 'w'}/mid-epoch/3); continue with: " in err[0]
+
+
 class SimulatedKillError(Exception):
     pass
 

@@ -370,7 +370,7 @@ def train_and_evaluate(
                 if main_process:
                     workdir.metrics.append(row)
                 workdir.checkpoints.save(epoch, state)
-                saved = Saved(epoch, None, f"{options.workdir}/checkpoints/{epoch}")
+                saved = Saved(epoch, None, os.path.join(options.workdir, "checkpoints", str(epoch)))
             history.append(row)
             trained_seconds += train_seconds
             trained_steps += steps - first_step
@@ -555,7 +555,9 @@ def _stopped(
         mid = MidEpoch(epoch, stopped.step, stopped.losses, stopped.accuracies)
         workdir.checkpoints.save_mid_epoch(mid, state, s.steps_per_epoch)
         global_step = (epoch - 1) * s.steps_per_epoch + stopped.step
-        saved = Saved(epoch, stopped.step, f"{options.workdir}/{MID_EPOCH}/{global_step}")
+        saved = Saved(
+            epoch, stopped.step, os.path.join(options.workdir, MID_EPOCH, str(global_step))
+        )
         kept = f"saved: {saved.describe()}"
     elif saved is not None:
         kept = f"kept: {saved.describe()}"
@@ -568,10 +570,12 @@ def _newest_saved(
     options: RunOptions, start_epoch: int, mid: MidEpoch | None, steps: int
 ) -> Saved | None:
     if mid is not None:
-        path = f"{options.workdir}/{MID_EPOCH}/{(mid.epoch - 1) * steps + mid.step}"
+        path = os.path.join(options.workdir, MID_EPOCH, str((mid.epoch - 1) * steps + mid.step))
         return Saved(mid.epoch, mid.step, path)
     if start_epoch:
-        return Saved(start_epoch, None, f"{options.workdir}/checkpoints/{start_epoch}")
+        return Saved(
+            start_epoch, None, os.path.join(options.workdir, "checkpoints", str(start_epoch))
+        )
     return None
 
 
@@ -605,12 +609,7 @@ def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
         print(str(err), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop could look
-        if run.options.workdir:
-            kept = f"the checkpoints in {run.options.workdir} are kept"
-            command = _continue_command(run.options)
-            print(f"interrupted; {kept}; continue with: {command}", file=sys.stderr)
-        else:
-            print("interrupted; nothing was saved (no --workdir)", file=sys.stderr)
+        print(_interrupted(run.options), file=sys.stderr)
         return 130
     except TrainingDivergedError as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
@@ -619,6 +618,28 @@ def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def _interrupted(options: RunOptions) -> str:
+    """The line for a Ctrl-C that stopped the run where it was: what is on disk, and how to
+    go on."""
+    if not options.workdir:
+        return "interrupted; nothing was saved (no --workdir)"
+    if _finished_checkpoint_in(options.workdir):
+        kept = f"the checkpoints in {options.workdir} are kept"
+    else:
+        kept = "no checkpoint was saved yet"
+    return f"interrupted; {kept}; continue with: {_continue_command(options)}"
+
+
+def _finished_checkpoint_in(workdir: str) -> bool:
+    # orbax writes a checkpoint under a temporary name and renames it to its number when
+    # complete: a numbered folder is a finished epoch or mid-epoch checkpoint
+    for folder in ("checkpoints", MID_EPOCH):
+        path = os.path.join(workdir, folder)
+        if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
+            return True
+    return False
 
 
 class stop_on_signals:  # noqa: N801 (a context manager, used like a function)
