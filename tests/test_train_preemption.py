@@ -144,6 +144,20 @@ def test_a_stop_without_a_workdir_saves_nothing_and_says_so():
     )
 
 
+def test_a_sigint_after_a_sigterm_still_ends_as_preempted(tmp_path, monkeypatch):
+    real_kill = os.kill
+
+    def sigterm_then_sigint(pid, signum):  # both arrive during the same step
+        real_kill(pid, signum)
+        if signum == signal.SIGTERM:
+            real_kill(pid, signal.SIGINT)
+
+    monkeypatch.setattr(os, "kill", sigterm_then_sigint)
+    code, _, err = main([*FLAGS, "--workdir", str(tmp_path / "w")], signal_at=3)
+    assert code == 143 and len(err) == 1
+    assert err[0].startswith(f"stopped by SIGTERM at epoch 1, step 3/{STEPS}; saved: ")
+
+
 def test_a_workdir_with_a_trailing_slash_is_named_with_one_slash(tmp_path):
     code, _, err = main([*FLAGS, "--workdir", f"{tmp_path / 'w'}/"], signal_at=3)
     assert code == 143 and len(err) == 1

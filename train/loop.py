@@ -107,6 +107,8 @@ class StopRequest:
     In a cluster (``cluster=True``) SIGTERM never reaches Python: JAX's preemption notifier
     takes it and tells every process, and :meth:`reached` is the preemption sync point, the
     same step on all of them. A SIGINT (one process's Ctrl-C) is passed on as such a notice.
+    A later signal of the other kind does not change the stop: a SIGTERM followed by a Ctrl-C
+    still ends as preempted (143), which a scheduler reads as "requeue".
     """
 
     def __init__(self) -> None:
@@ -116,7 +118,8 @@ class StopRequest:
     def __call__(self, signum: int, frame: Any = None) -> None:
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.signum = signum
+        if self.signum is None:  # the first names the stop and its exit status (143 or 130)
+            self.signum = signum
         if self.cluster and signum == signal.SIGINT:
             os.kill(os.getpid(), signal.SIGTERM)  # to the notifier: every process stops
 
