@@ -55,7 +55,7 @@ class _Manager(ocp.CheckpointManager):
     epoch checkpoints are numbered by epoch, not by global step, so in a multi-process run
     that call would make the sync manager's latest step the epoch number. A preemption notice
     arriving during an epoch save then sets the sync point to ``epoch + 1``, a step the loop
-    (which asks with global steps, see ``train.loop.StopRequest``) has long passed: no process
+    (which asks with global steps, see ``train.stopping.StopRequest``) has long passed: no process
     would ever stop. The loop alone asks, and saves when told.
     """
 

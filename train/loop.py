@@ -11,12 +11,7 @@ arrays once per epoch. A divergence therefore still stops the run before anythin
 is logged or saved, and the epoch's figures are exactly the old step-by-step ones (the float64
 mean of the float32 step values, in step order).
 
-Stopping: SIGINT and SIGTERM end the run at a step boundary. With ``--workdir`` the state and
-the epoch's step figures so far are saved as a mid-epoch checkpoint, from which ``--resume``
-continues at the next step, bit for bit the uninterrupted run. In a multi-process run JAX's
-preemption notifier takes SIGTERM (a scheduler's notice to any process reaches all of them) and
-every process asks :func:`jax.experimental.multihost_utils.reached_preemption_sync_point` before
-each step, so all stop at the same step; SIGINT is turned into such a notice.
+Stopping on SIGINT/SIGTERM at a step boundary: :mod:`train.stopping`.
 """
 
 from __future__ import annotations
@@ -25,7 +20,6 @@ import argparse
 import functools
 import math
 import os
-import shlex
 import signal
 import sys
 import time
@@ -49,6 +43,13 @@ from train.download import ChecksumError, DatasetUnavailableError
 from train.feed import make_feed
 from train.files import WorkdirError
 from train.parallel import DataParallel
+from train.stopping import (
+    RunStoppedError,
+    StopRequest,
+    continue_command,
+    interrupted_message,
+    stop_on_signals,
+)
 from train.workdir import Workdir, open_workdir
 
 ModelFactory = Callable[[RunConfig, Dataset], nn.Module]
@@ -73,15 +74,6 @@ class RunError(RuntimeError):
     """An expected failure outside the workdir (e.g. the cluster could not be joined)."""
 
 
-class RunStoppedError(Exception):
-    """SIGINT or SIGTERM stopped the run between two steps; the message says where, what is
-    saved and how to continue. ``exit_code`` is 128 + the signal number (130, 143)."""
-
-    def __init__(self, message: str, signum: int):
-        super().__init__(message)
-        self.exit_code = 128 + signum
-
-
 # What the scripts turn into a one-line ``error: ...`` and exit status 2.
 EXPECTED_ERRORS = (
     DatasetUnavailableError,
@@ -97,47 +89,6 @@ EXPECTED_ERRORS = (
 class RunResult:
     history: list[dict]  # one row per epoch, as in metrics.jsonl
     variables: dict[str, Any]  # {"params", "batch_stats"} on the host, in the model's order
-
-
-class StopRequest:
-    """Set by SIGINT/SIGTERM (see :func:`stop_on_signals`); the loop asks :meth:`reached`
-    before every step, so a save in progress always completes. A second SIGINT interrupts at
-    once.
-
-    In a cluster (``cluster=True``) SIGTERM never reaches Python: JAX's preemption notifier
-    takes it and tells every process, and :meth:`reached` is the preemption sync point, the
-    same step on all of them. A SIGINT (one process's Ctrl-C) is passed on as such a notice.
-    A later signal of the other kind does not change the stop: a SIGTERM followed by a Ctrl-C
-    still ends as preempted (143), which a scheduler reads as "requeue".
-    """
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self.cluster = False
-
-    def __call__(self, signum: int, frame: Any = None) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signum is None:  # the first names the stop and its exit status (143 or 130)
-            self.signum = signum
-        if self.cluster and signum == signal.SIGINT:
-            os.kill(os.getpid(), signal.SIGTERM)  # to the notifier: every process stops
-
-    def reached(self, step: int) -> bool:
-        """Whether to stop before global step ``step`` (every process calls it with the same
-        steps, in order)."""
-        if not self.cluster:
-            return self.signum is not None
-        from jax.experimental import multihost_utils
-
-        try:  # a C++ call under a lock; it talks to the other processes only after a notice
-            reached = multihost_utils.reached_preemption_sync_point(step)
-        except RuntimeError:  # jax_enable_preemption_service off: SIGTERM reaches Python
-            self.cluster = False
-            return self.signum is not None
-        if reached:
-            self.signum = self.signum or signal.SIGTERM
-        return reached
 
 
 def dtype_of(config: RunConfig) -> Any:
@@ -566,7 +517,7 @@ def _stopped(
         kept = f"kept: {saved.describe()}"
     else:
         kept = "no checkpoint was saved yet"
-    return RunStoppedError(f"{where}; {kept}; continue with: {_continue_command(options)}", signum)
+    return RunStoppedError(f"{where}; {kept}; continue with: {continue_command(options)}", signum)
 
 
 def _newest_saved(
@@ -612,7 +563,7 @@ def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
         print(str(err), file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the loop could look
-        print(_interrupted(run.options), file=sys.stderr)
+        print(interrupted_message(run.options), file=sys.stderr)
         return 130
     except TrainingDivergedError as err:
         print(f"error: {_first_line(err)}", file=sys.stderr)
@@ -621,51 +572,6 @@ def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
         print(f"error: {_first_line(err)}", file=sys.stderr)
         return 2
     return 0
-
-
-def _interrupted(options: RunOptions) -> str:
-    """The line for a Ctrl-C that stopped the run where it was: what is on disk, and how to
-    go on."""
-    if not options.workdir:
-        return "interrupted; nothing was saved (no --workdir)"
-    if _finished_checkpoint_in(options.workdir):
-        kept = f"the checkpoints in {options.workdir} are kept"
-    else:
-        kept = "no checkpoint was saved yet"
-    return f"interrupted; {kept}; continue with: {_continue_command(options)}"
-
-
-def _finished_checkpoint_in(workdir: str) -> bool:
-    # orbax writes a checkpoint under a temporary name and renames it to its number when
-    # complete: a numbered folder is a finished epoch or mid-epoch checkpoint
-    for folder in ("checkpoints", MID_EPOCH):
-        path = os.path.join(workdir, folder)
-        if os.path.isdir(path) and any(name.isdigit() for name in os.listdir(path)):
-            return True
-    return False
-
-
-class stop_on_signals:  # noqa: N801 (a context manager, used like a function)
-    """Within: SIGINT and SIGTERM set ``stop`` instead of killing the process (main thread
-    only; elsewhere nothing changes). Once a cluster is joined, JAX's preemption notifier
-    replaces the SIGTERM handler (see :class:`StopRequest`)."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self, stop: StopRequest):
-        self.stop, self.saved = stop, {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            self.saved = {s: signal.signal(s, self.stop) for s in self.SIGNALS}
-        return self.stop
-
-    def __exit__(self, *exc):
-        for s, handler in self.saved.items():
-            signal.signal(s, handler)
-        return False
 
 
 def join_cluster(run: Run) -> None:
@@ -722,13 +628,6 @@ def _kept(options: RunOptions, saved: Saved | None, finished: int) -> str:
     rows = f" and the metrics of epochs 1-{finished}" if finished else ""
     note = ", the newest; every saved checkpoint is finite"
     return f"; kept: {saved.describe(note)}{rows}"
-
-
-def _continue_command(options: RunOptions) -> str:
-    command = list(options.command)
-    if "--resume" not in command:
-        command.append("--resume")
-    return shlex.join(command)
 
 
 def _first_line(err: BaseException) -> str:
