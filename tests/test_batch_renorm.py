@@ -27,6 +27,7 @@ from jaxbn import functional as F  # noqa: E402
 from jaxbn.linen.batch_norm import BatchNorm  # noqa: E402
 from jaxbn.linen.batch_renorm import BatchRenorm, renorm_schedule  # noqa: E402
 from jaxbn.sync import sync_batch_norm  # noqa: E402
+from tests.bn_train_step import bn_train_step  # noqa: E402
 from tests.parity_report import assert_close  # noqa: E402
 
 C = 3
@@ -39,18 +40,6 @@ def data(step, shape, seed=0):
     x = rng.normal(size=shape) * 3 + 2
     g = rng.normal(size=shape)
     return jnp.asarray(x, jnp.float32), jnp.asarray(g, jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def jaxbn_step(model, variables, x, g):
-    def loss(params, x):
-        y, updates = model.apply(
-            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-        )
-        return jnp.sum(y * g), (y, updates)
-
-    (dparams, dx), (y, updates) = jax.grad(loss, (0, 1), has_aux=True)(variables["params"], x)
-    return y, dx, dparams, updates["batch_stats"]
 
 
 @pytest.mark.skipif(keras.backend.backend() != "jax", reason="Keras runs another backend")
@@ -104,7 +93,7 @@ def test_outputs_gradients_and_moving_statistics_match_keras_renorm_over_steps(
         x, g = data(step, shape)
 
         (k_dparams, k_dx), (k_y, keras_state) = keras_grad(keras_params, x, keras_state, g)
-        y, dx, dparams, stats = jaxbn_step(model, variables, x, g)
+        y, dx, dparams, stats = bn_train_step(model, variables, x, g)
         k_stats = dict(zip(names, keras_state, strict=True))
         group = "renorm vs keras"
         assert_close(group, y, k_y, rtol=1e-5, atol=1e-5)
@@ -158,7 +147,7 @@ def test_r_max_1_and_d_max_0_is_torch_batchnorm_over_steps(momentum):
     nchw = lambda a: np.ascontiguousarray(np.moveaxis(np.asarray(a), -1, 1))
     for step in range(4):
         x, g = data(step, shape, seed=1)
-        y, dx, dparams, stats = jaxbn_step(model, variables, x, g)
+        y, dx, dparams, stats = bn_train_step(model, variables, x, g)
         t_y, t_dx, t_dw, t_db = torch_bn_step(tm, nchw(x), nchw(g))
         group = "renorm r_max=1 d_max=0 vs torch BN"
         assert_close(group, nchw(y), t_y, 1e-5, 2e-5)
@@ -309,11 +298,11 @@ def test_sync_equals_one_device_on_the_concatenated_batch():
     variables = model.init(jax.random.key(0), jnp.zeros(shape), train=False)
     variables["params"] = {"scale": jnp.linspace(0.5, 2.0, C), "bias": jnp.linspace(-1.0, 1.0, C)}
     x, g = data(0, shape, seed=5)
-    y, dx, dparams, stats = jaxbn_step(single, variables, x, g)
+    y, dx, dparams, stats = bn_train_step(single, variables, x, g)
 
     @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0, 0))
     def per_device(variables, x, g):
-        y, dx, dparams, stats = jaxbn_step(model, variables, x, g)
+        y, dx, dparams, stats = bn_train_step(model, variables, x, g)
         return y, dx, jax.lax.psum(dparams, "batch"), stats
 
     split = lambda a: a.reshape(n, -1, *a.shape[1:])
@@ -330,7 +319,7 @@ def test_sync_equals_one_device_on_the_concatenated_batch():
     @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0, 0))
     @sync_batch_norm("batch")
     def switched(variables, x, g):
-        return jaxbn_step(single, variables, x, g)[0]
+        return bn_train_step(single, variables, x, g)[0]
 
     np.testing.assert_allclose(
         switched(variables, split(x), split(g)).reshape(x.shape), y, atol=2e-6

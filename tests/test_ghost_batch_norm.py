@@ -16,6 +16,7 @@ from jaxbn import functional as F
 from jaxbn.linen.batch_norm import BatchNorm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
 from jaxbn.sync import sync_batch_norm
+from tests.bn_train_step import bn_train_step
 from tests.parity_report import assert_close
 
 C = 3
@@ -32,18 +33,6 @@ def data(step, shape, seed=0):
     # each example its own offset: the virtual batches have different statistics
     x = rng.normal(size=shape) + rng.normal(size=(shape[0],) + (1,) * (len(shape) - 1)) * 2
     return jnp.asarray(x, jnp.float32), jnp.asarray(rng.normal(size=shape), jnp.float32)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def train_step(model, variables, x, g):
-    def loss(params, x):
-        y, updates = model.apply(
-            {**variables, "params": params}, x, train=True, mutable=["batch_stats"]
-        )
-        return jnp.sum(y * g), (y, updates)
-
-    (dparams, dx), (y, updates) = jax.grad(loss, (0, 1), has_aux=True)(variables["params"], x)
-    return y, dx, dparams, updates["batch_stats"]
 
 
 def twins(momentum, shape, virtual_batch_size):
@@ -64,7 +53,7 @@ def test_training_matches_torch_batchnorm_applied_split_by_split_over_steps(mome
     group = "ghost BN vs torch split by split"
     for step in range(3):
         x, g = data(step, shape)
-        y, dx, dparams, stats = train_step(model, variables, x, g)
+        y, dx, dparams, stats = bn_train_step(model, variables, x, g)
         x_t = torch.tensor(nchw(x), requires_grad=True)
         tm.weight.grad = tm.bias.grad = None
         y_t = torch.cat([tm(s) for s in x_t.split(v)])
@@ -96,8 +85,8 @@ def test_a_virtual_batch_of_the_whole_batch_is_batch_norm():
     x, g = data(0, shape)
     ghost = GhostBatchNorm(C, virtual_batch_size=6)
     variables = ghost.init(jax.random.key(0), x, train=False)
-    got = train_step(ghost, variables, x, g)
-    expected = train_step(BatchNorm(C), variables, x, g)
+    got = bn_train_step(ghost, variables, x, g)
+    expected = bn_train_step(BatchNorm(C), variables, x, g)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
 
@@ -161,11 +150,11 @@ def test_virtual_batches_stay_on_their_device_and_the_sync_switch_is_ignored():
     @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0, 0))
     @sync_batch_norm("batch")
     def per_device(variables, x, g):
-        return train_step.__wrapped__(model, variables, x, g)
+        return bn_train_step.__wrapped__(model, variables, x, g)
 
     p_y, p_dx, _, p_stats = per_device(variables, split(x), split(g))
     for d in range(n):
-        y, dx, _, stats = train_step(model, variables, split(x)[d], split(g)[d])
+        y, dx, _, stats = bn_train_step(model, variables, split(x)[d], split(g)[d])
         np.testing.assert_allclose(p_y[d], y, atol=1e-6)
         np.testing.assert_allclose(p_dx[d], dx, atol=1e-6)
         for k in ("mean", "var"):

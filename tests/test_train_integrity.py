@@ -22,31 +22,20 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from tests.tiny_digits import tiny
 from tests.workdir_checks import assert_same_leaves, logged, saved, without_time
 from train import cnn, compare, mlp
 from train.checkpoint import Checkpoints, MetricsLog
 from train.cli import parse_args
-from train.datasets import Dataset, load_dataset
+from train.datasets import Dataset
 from train.files import WorkdirError
 from train.loop import TrainingDivergedError, run
 from train.parallel import DataParallel
 from train.plot import draw_comparison
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-DIGITS = load_dataset("digits")
 # 3 steps per epoch; the constant schedule lets a run be extended (see train/config.py)
 FLAGS = ["--norm", "batch", "--batch-size", "32", "--schedule", "constant"]
-
-
-def tiny() -> Dataset:
-    return Dataset(
-        "digits-tiny",
-        DIGITS.x_train[:96].copy(),
-        DIGITS.y_train[:96].copy(),
-        DIGITS.x_test[:37].copy(),
-        DIGITS.y_test[:37].copy(),
-        10,
-    )
 
 
 def train(workdir, *flags, epochs=3, script=mlp, data=None, log=lambda _: None):

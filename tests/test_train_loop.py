@@ -10,27 +10,14 @@ import numpy as np
 import pytest
 
 import train.loop
+from tests.tiny_digits import tiny
 from train import cnn, mlp
 from train.batching import eval_batches, train_batches
 from train.checkpoint import Checkpoints
 from train.cli import parse_args
-from train.datasets import Dataset, load_dataset
 from train.feed import DeviceFeed, HostFeed
 from train.loop import TrainingDivergedError, create_state, make_optimizer, run
 from train.parallel import DataParallel
-
-DIGITS = load_dataset("digits")
-
-
-def tiny() -> Dataset:
-    return Dataset(
-        "digits-tiny",
-        DIGITS.x_train[:96].copy(),
-        DIGITS.y_train[:96].copy(),
-        DIGITS.x_test[:37].copy(),
-        DIGITS.y_test[:37].copy(),
-        10,
-    )
 
 
 def step_by_step(args, script, data, epochs):

@@ -13,26 +13,13 @@ import pytest
 
 import jaxbn
 import train.plot
+from tests.tiny_digits import tiny
 from train import cnn, compare, mlp, resnet
 from train.checkpoint import Checkpoints
 from train.cli import parse_args
-from train.datasets import Dataset, load_dataset
 from train.files import WorkdirError
 from train.loop import TrainingDivergedError, run
 from train.parallel import DataParallel
-
-DIGITS = load_dataset("digits")
-
-
-def tiny(n_train=96, n_test=37) -> Dataset:
-    return Dataset(
-        "digits-tiny",
-        DIGITS.x_train[:n_train].copy(),
-        DIGITS.y_train[:n_train].copy(),
-        DIGITS.x_test[:n_test].copy(),
-        DIGITS.y_test[:n_test].copy(),
-        10,
-    )
 
 
 def args_for(script, *flags):
