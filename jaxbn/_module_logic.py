@@ -27,16 +27,22 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import functional
+
+# The argument checks are the core's; the modules take them from here (with the rest of what a
+# module does), so that a module file reaches the core only through this room and functional.
 from jaxbn._core.checks import (
     check_axis,
+    check_clipping,
     check_eps,
     check_feature_count,
     check_momentum,
     check_running_stat,
     check_shape,
+    is_real,
+    train_flag,
 )
 from jaxbn._core.running import BatchMoments
-from jaxbn._core.shapes import feature_axis
+from jaxbn._core.shapes import as_shape, feature_axis
 from jaxbn.sync import current_sync
 
 __all__ = [
@@ -45,19 +51,27 @@ __all__ = [
     "Ranks2d",
     "Ranks3d",
     "RunningStats",
+    "as_shape",
     "batch_norm_call",
+    "check_axis",
     "check_batch_norm_fields",
+    "check_clipping",
+    "check_eps",
+    "check_feature_count",
     "check_group_norm_fields",
     "check_initializer",
     "check_initializers",
     "check_layer_norm_fields",
+    "check_momentum",
     "check_running_stats",
     "group_norm_channels",
     "input_features",
+    "is_real",
     "momentum_convention_message",
     "next_count",
     "rank_variants",
     "sync_axis",
+    "train_flag",
     "warn_momentum_convention",
 ]
 

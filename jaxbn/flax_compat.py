@@ -52,7 +52,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn._core.checks import check_axis, check_eps, train_flag
+from jaxbn._module_logic import check_axis, check_eps, train_flag
 from jaxbn.linen.batch_norm import BatchNorm as _JaxbnBatchNorm
 from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
 

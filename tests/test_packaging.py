@@ -114,3 +114,39 @@ def test_the_top_level_names_are_the_public_api_and_its_subpackages():
     unlisted = {name for name in vars(jaxbn) if not name.startswith("_")} - set(jaxbn.__all__)
     assert all(isinstance(getattr(jaxbn, name), types.ModuleType) for name in unlisted), unlisted
     assert not hasattr(jaxbn, "tree_paths")
+
+
+def imported_modules(path: Path) -> set[str]:
+    """The modules a source file imports (``from a.b import c`` counts as ``a.b``)."""
+    import ast
+
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
+    return found
+
+
+def test_the_modules_reach_the_core_only_through_functional_and_module_logic():
+    # a batch norm call goes module -> functional -> core (-> kernels); the modules' argument
+    # checks come to them through jaxbn._module_logic
+    package = ROOT / "jaxbn"
+    module_files = [
+        *sorted((package / "linen").glob("*.py")),
+        *sorted((package / "nnx").glob("*.py")),
+        *sorted((package / "models").glob("*.py")),
+        package / "flax_compat.py",
+    ]
+    assert len(module_files) > 15
+    reaching = {
+        str(path.relative_to(ROOT)): sorted(
+            name
+            for name in imported_modules(path)
+            if name.startswith(("jaxbn._core", "jaxbn._cpu_kernels"))
+        )
+        for path in module_files
+    }
+    assert {file: names for file, names in reaching.items() if names} == {}

@@ -50,10 +50,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
-from jaxbn._core.checks import train_flag
 from jaxbn._module_logic import (  # noqa: F401  (check_initializer: re-exported)
     MomentumConventionWarning,
     check_initializer,
+    train_flag,
     warn_momentum_convention,
 )
 

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import (
+from jaxbn._module_logic import (
     check_clipping,
     check_feature_count,
     is_real,

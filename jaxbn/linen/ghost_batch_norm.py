@@ -43,7 +43,6 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core import checks
 from jaxbn.linen import batch_norm as linen_bn
 from jaxbn.linen.variant_fields import UpdatingVariantFields
 
@@ -80,14 +79,14 @@ class GhostBatchNorm(UpdatingVariantFields):
     def __post_init__(self) -> None:
         if self.virtual_batch_size is None:
             raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
-        checks.check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
+        logic.check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
         if self.virtual_batch_size < 1:
             raise ValueError(f"virtual_batch_size must be positive, got {self.virtual_batch_size}")
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
-        train = checks.train_flag(train)
+        train = logic.train_flag(train)
         x, features = logic.input_features(self, x)
         weight, bias = linen_bn.affine_params(self, features)
         mean = var = count = None

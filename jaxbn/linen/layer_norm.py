@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.shapes import as_shape
+from jaxbn._module_logic import as_shape
 from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["LayerNorm"]

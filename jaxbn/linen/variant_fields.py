@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
-from jaxbn._core.checks import check_axis, check_eps, check_feature_count, check_momentum
+from jaxbn._module_logic import check_axis, check_eps, check_feature_count, check_momentum
 from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["UpdatingVariantFields", "VariantFields"]

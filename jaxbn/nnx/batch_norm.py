@@ -54,8 +54,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import _module_logic as logic
-from jaxbn._core.checks import check_feature_count, train_flag
-from jaxbn._module_logic import warn_momentum_convention
+from jaxbn._module_logic import check_feature_count, train_flag, warn_momentum_convention
 
 __all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "resolve_mode"]
 

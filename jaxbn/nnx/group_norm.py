@@ -25,7 +25,7 @@ from flax import nnx
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.checks import check_feature_count
+from jaxbn._module_logic import check_feature_count
 from jaxbn.nnx.batch_norm import affine_params
 
 __all__ = ["GroupNorm"]

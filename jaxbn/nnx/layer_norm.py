@@ -26,7 +26,7 @@ from flax import nnx
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._core.shapes import as_shape
+from jaxbn._module_logic import as_shape
 from jaxbn.nnx.batch_norm import affine_params
 
 __all__ = ["LayerNorm"]
