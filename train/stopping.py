@@ -35,7 +35,7 @@ class RunStoppedError(Exception):
 class StopRequest:
     """Set by SIGINT/SIGTERM (see :func:`stop_on_signals`); the loop asks :meth:`reached`
     before every step, so a save in progress always completes. A second SIGINT interrupts at
-    once.
+    once (also after a SIGTERM).
 
     In a cluster (``cluster=True``) SIGTERM never reaches Python: JAX's preemption notifier
     takes it and tells every process, and :meth:`reached` is the preemption sync point, the
@@ -47,10 +47,13 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
         self.cluster = False
+        self.sigints = 0
 
     def __call__(self, signum: int, frame: Any = None) -> None:
-        if self.signum == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            self.sigints += 1
+            if self.sigints > 1:  # Ctrl-C twice: stop now, whatever signal came first
+                raise KeyboardInterrupt
         if self.signum is None:  # the first names the stop and its exit status (143 or 130)
             self.signum = signum
         if self.cluster and signum == signal.SIGINT:

@@ -63,6 +63,7 @@ class UpdatingVariantFields(VariantFields):
 
     def __post_init__(self) -> None:
         check_momentum(self.momentum)
+        super().__post_init__()  # every field is checked before a warning is given
         message = logic.momentum_convention_message(
             type(self).__name__,
             self.momentum,
@@ -72,4 +73,3 @@ class UpdatingVariantFields(VariantFields):
         )
         if message:
             logic.warn_momentum_convention(message)
-        super().__post_init__()
