@@ -9,10 +9,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import pathlib
 import shlex
-import signal
 
 import jax
 import numpy as np
@@ -20,6 +18,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from tests.test_datasets import write_cifar_archive
+from tests.workdir_checks import signal_at_step
 from train import datasets, mlp
 from train.augment import augment_batch
 from train.cli import parse_args
@@ -54,20 +53,7 @@ def main(argv, signal_at=None):
     out, err = io.StringIO(), io.StringIO()
     with pytest.MonkeyPatch.context() as patch:
         if signal_at is not None:
-            real_train_step, calls = DataParallel.train_step, []
-
-            def train_step(self, model, tx, batch_size):
-                step = real_train_step(self, model, tx, batch_size)
-
-                def signalled(state, x, y):
-                    calls.append(1)
-                    if len(calls) == signal_at:
-                        os.kill(os.getpid(), signal.SIGTERM)
-                    return step(state, x, y)
-
-                return signalled
-
-            patch.setattr(DataParallel, "train_step", train_step)
+            signal_at_step(patch, signal_at)
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = mlp.main(argv)
     return code, out.getvalue(), err.getvalue()

@@ -18,36 +18,23 @@ import numpy as np
 import pytest
 from jax.experimental import multihost_utils
 
-from tests.workdir_checks import assert_same_leaves, logged, saved, without_time
+from tests.workdir_checks import (
+    assert_same_leaves,
+    logged,
+    saved,
+    signal_at_step,
+    without_time,
+)
 from train import evaluate, mlp
 from train.checkpoint import Checkpoints, MidEpoch
 from train.cli import parse_args
 from train.files import WorkdirError
 from train.loop import run
-from train.parallel import DataParallel
 
 # digits: 1437 / 64 = 22 steps per epoch; --keep 1 shows that the mid-epoch checkpoint never
 # displaces an epoch one
 FLAGS = ["--use-bn", "--epochs", "2", "--batch-size", "64", "--schedule", "constant"]
 STEPS = 22
-
-
-def signal_at_step(patch, step: int, signum=signal.SIGTERM):
-    """The process sends itself ``signum`` during its ``step``-th training step (from 1)."""
-    real_train_step, calls = DataParallel.train_step, []
-
-    def train_step(self, model, tx, batch_size):
-        step_fn = real_train_step(self, model, tx, batch_size)
-
-        def signalled(state, x, y):
-            calls.append(1)
-            if len(calls) == step:
-                os.kill(os.getpid(), signum)
-            return step_fn(state, x, y)
-
-        return signalled
-
-    patch.setattr(DataParallel, "train_step", train_step)
 
 
 def main(argv, *, signal_at=None, signum=signal.SIGTERM):

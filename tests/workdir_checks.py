@@ -1,14 +1,18 @@
 """What the training-integrity tests read back from a workdir: the metrics rows, a checkpoint's
-raw state, and exact comparisons of both."""
+raw state, and exact comparisons of both; and a signal sent during a chosen training step."""
 
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+from train.parallel import DataParallel
 
 TIMINGS = ("seconds", "examples_per_second")  # the only fields that vary between runs
 
@@ -37,3 +41,21 @@ def assert_same_leaves(a, b) -> None:
     assert len(leaves_a) == len(leaves_b) > 0
     for x, y in zip(leaves_a, leaves_b, strict=True):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def signal_at_step(patch, step: int, signum=signal.SIGTERM):
+    """The process sends itself ``signum`` during its ``step``-th training step (from 1)."""
+    real_train_step, calls = DataParallel.train_step, []
+
+    def train_step(self, model, tx, batch_size):
+        step_fn = real_train_step(self, model, tx, batch_size)
+
+        def signalled(state, x, y):
+            calls.append(1)
+            if len(calls) == step:
+                os.kill(os.getpid(), signum)
+            return step_fn(state, x, y)
+
+        return signalled
+
+    patch.setattr(DataParallel, "train_step", train_step)
