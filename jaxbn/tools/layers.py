@@ -1,0 +1,202 @@
+"""What a batch norm layer is, once, for every tool: its kind, whether it is stacked, how it
+is called.
+
+Every tool (fold, update_bn, inspect, freeze, interop) reads this module instead of guessing
+from the shape of a variables tree, because the tree alone cannot tell the kinds apart: a
+``FrozenBatchNorm`` holds exactly a ``BatchNorm``'s variables, but its statistics are constants
+that no tool may reset or re-estimate.
+
+The kinds (:data:`KINDS`):
+
+==============  =============================================================================
+``trained``     ``BatchNorm``/``BatchNorm1d/2d/3d`` with running statistics (also under
+                ``jaxbn.flax_compat.BatchNorm``): eval uses the running statistics.
+``untracked``   the same with ``track_running_stats=False``: no running statistics; eval uses
+                the batch's statistics (so it is not an affine map, and cannot be folded).
+``frozen``      ``FrozenBatchNorm`` (also what ``freeze_batch_norm`` runs): constants; eval and
+                train are the same affine map; never reset, re-estimated or updated.
+``ghost``       ``GhostBatchNorm``: eval is BatchNorm's eval with the running statistics.
+``renorm``      ``BatchRenorm``: eval is BatchNorm's eval with the running statistics.
+==============  =============================================================================
+
+A layer is *stacked* when its statistics have leading axes before the channel axis
+(``[T, C]`` under ``nn.scan``/``nn.vmap``, ``[D, C]`` replicated for ``pmap``): one member per
+leading index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.core
+import flax.linen as nn
+import jax
+
+from jaxbn.linen.batch_norm import BatchNorm
+from jaxbn.linen.batch_renorm import BatchRenorm
+from jaxbn.linen.frozen_batch_norm import FrozenBatchNorm
+from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
+from jaxbn.nnx.batch_norm import BatchNorm as NnxBatchNorm
+from jaxbn.tools._tree import Path, batch_norm_layers
+
+TRAINED, UNTRACKED, FROZEN, GHOST, RENORM = "trained", "untracked", "frozen", "ghost", "renorm"
+KINDS = (TRAINED, UNTRACKED, FROZEN, GHOST, RENORM)
+
+#: Kinds whose eval is ``(x − mean)·rsqrt(var + eps)·scale + bias`` with stored statistics:
+#: an affine map per channel, so they fold into a preceding Conv/Dense.
+AFFINE_IN_EVAL = (TRAINED, FROZEN, GHOST, RENORM)
+
+#: Kinds whose running statistics ``update_bn`` re-estimates (as a BatchNorm's: the cumulative
+#: average of the batches' statistics). Frozen layers are constants; untracked have none.
+RE_ESTIMATED = (TRAINED, GHOST, RENORM)
+
+
+def kind_of(module: Any) -> str | None:
+    """The kind of a jaxbn batch norm module (Linen or NNX), None for any other module.
+
+    Args:
+      module: a module instance.
+
+    Returns:
+      One of :data:`KINDS`, or None.
+    """
+    declared = getattr(type(module), "batch_norm_kind", None)
+    if isinstance(declared, str):  # a class that says what it is (NNX/Equinox variants)
+        kind = declared
+    elif isinstance(module, FrozenBatchNorm):
+        kind = FROZEN
+    elif isinstance(module, GhostBatchNorm):
+        kind = GHOST
+    elif isinstance(module, BatchRenorm):
+        kind = RENORM
+    elif isinstance(module, BatchNorm | NnxBatchNorm):
+        kind = TRAINED
+    else:
+        return None
+    if kind == TRAINED and not getattr(module, "track_running_stats", True):
+        return UNTRACKED
+    return kind
+
+
+#: Keyword arguments that put a model in eval mode, by the name of its flag (a model's own
+#: ``__call__`` signature tells which it has). ``nn.Sequential`` and models without a flag get
+#: none: their batch norms carry the mode as a field (``use_running_average=True``).
+EVAL_FLAGS = {
+    "train": False,
+    "training": False,
+    "is_training": False,
+    "use_running_average": True,
+    "deterministic": True,
+}
+
+
+def eval_kwargs(model: nn.Module, method: str | Callable | None = None) -> dict[str, Any]:
+    """The keyword arguments that call ``model`` (or its ``method``) in eval mode.
+
+    Read from the signature: ``train``/``training``/``is_training`` → False,
+    ``use_running_average``/``deterministic`` → True; none of them (``nn.Sequential``, a model
+    whose batch norms carry the mode as a field) → no keyword.
+
+    Args:
+      model: a Flax linen module.
+      method: the method to call (name or function); default ``__call__``.
+
+    Returns:
+      ``{flag: value}`` (empty when the model has no eval flag).
+    """
+    if isinstance(model, nn.Sequential):
+        return {}
+    function = method if callable(method) else getattr(type(model), method or "__call__")
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+        return {}
+    return {name: value for name, value in EVAL_FLAGS.items() if name in parameters}
+
+
+@dataclasses.dataclass
+class LayerCalls:
+    """How one batch norm layer was called in a traced call of its model.
+
+    Attributes:
+      path: its scope path (as in the variables tree).
+      kind: one of :data:`KINDS`.
+      module_type: its class name.
+      calls: how many times its ``__call__`` ran in the traced call (a layer inside ``nn.scan``
+        counts once: its body is traced once).
+      masked: whether any call passed a ``mask``.
+      eps: its ``eps``.
+      axis: its feature axis.
+    """
+
+    path: Path
+    kind: str
+    module_type: str
+    calls: int = 0
+    masked: bool = False
+    eps: float = 1e-5
+    axis: int = -1
+
+
+def traced_layers(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    *args: Any,
+    method: str | Callable | None = None,
+    **kwargs: Any,
+) -> dict[Path, LayerCalls]:
+    """Every jaxbn batch norm that ``model.apply(variables, *args, method=method, **kwargs)``
+    calls, with its kind and how it was called, found by tracing the call abstractly
+    (``jax.eval_shape``: nothing is computed, nothing is updated).
+
+    Args:
+      model: a Flax linen module.
+      variables: its variables.
+      *args, **kwargs: the call's arguments (``kwargs`` includes the mode flag, e.g.
+        :func:`eval_kwargs`).
+      method: the method to call; default ``__call__``.
+
+    Returns:
+      ``{path: LayerCalls}`` in the order of the first calls.
+    """
+    found: dict[Path, LayerCalls] = {}
+
+    def record(next_fun, call_args, call_kwargs, context):
+        module = context.module
+        kind = kind_of(module)
+        if kind is not None and context.method_name == "__call__":
+            path = tuple(module.scope.path)
+            layer = found.setdefault(
+                path,
+                LayerCalls(
+                    path,
+                    kind,
+                    type(module).__name__,
+                    eps=getattr(module, "eps", 1e-5),
+                    axis=getattr(module, "axis", -1),
+                ),
+            )
+            layer.calls += 1
+            layer.masked |= call_kwargs.get("mask") is not None
+        return next_fun(*call_args, **call_kwargs)
+
+    plain = flax.core.unfreeze(variables)
+    with nn.intercept_methods(record):
+        # the arguments are closed over: flags such as train=False must stay Python values
+        jax.eval_shape(lambda: model.apply(plain, *args, method=method, mutable=False, **kwargs))
+    return found
+
+
+def stacked_shape(stats: Mapping[str, Any]) -> tuple[int, ...]:
+    """The leading axes of a layer's statistics before its channel axis: ``()`` for a plain
+    layer, ``(T,)`` under ``nn.scan``/``nn.vmap``, ``(D,)`` replicated for ``pmap``."""
+    return tuple(jax.numpy.shape(stats["mean"])[:-1])
+
+
+def stored_layers(variables: Mapping[str, Any]) -> dict[Path, tuple[dict, dict]]:
+    """``{path: (batch_stats leaves, params leaves)}`` of every layer with running statistics
+    in ``variables`` (stacked or not)."""
+    return {path: (stats, params) for path, stats, params in batch_norm_layers(variables)}
