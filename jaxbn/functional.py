@@ -153,6 +153,25 @@ def batch_norm_with_moments(
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {tuple(x.shape)}"
         )
+    if not reduce_axes:
+        # A [C] input: one example (Equinox's per-example call inside a named jax.vmap, whose
+        # members are the batch). The core reduces over at least one axis: give it [1, C].
+        y, new_mean, new_var, moments = batch_norm_with_moments(
+            x[None],
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training,
+            momentum,
+            eps,
+            check_count=False,
+            axis=-1,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=None if mask is None else mask[None],
+        )
+        return y[0], new_mean, new_var, moments
     # Floating x goes in as it is: normalize reads half precision without a float32 copy.
     y, count, mean, var = normalize(
         x if jnp.issubdtype(x.dtype, jnp.floating) else x32,
