@@ -51,6 +51,9 @@ Example:
 
 from __future__ import annotations
 
+import os
+import sys
+import warnings
 from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
@@ -73,12 +76,24 @@ NO_MODE = (
 
 def default_dtype() -> Any:
     """Equinox's default parameter dtype: float64 under ``jax_enable_x64``, else float32."""
-    return jnp.float64 if jax.config.read("jax_enable_x64") else jnp.float32
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
 
 
 def static_axis_name(axis_name: Any) -> Hashable | tuple[Hashable, ...] | None:
     """A static field's value must hash: a list of names becomes a tuple."""
     return tuple(axis_name) if isinstance(axis_name, list) else axis_name
+
+
+_INTERNAL_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (eqx, jax, logic))
+
+
+def warn_from_user_code(message: str) -> None:
+    """A :class:`jaxbn.MomentumConventionWarning` attributed to the first frame outside jaxbn,
+    Equinox and JAX (the user's line that built the layer); Python shows it once per line."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, logic.MomentumConventionWarning, stacklevel=level)
 
 
 def resolve_mode(layer: Any, inference: Any) -> bool:
@@ -168,7 +183,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
             alternative="",
         )
         if message:
-            logic.warn_momentum_convention(message)
+            warn_from_user_code(message)
         param_dtype = default_dtype() if param_dtype is None else param_dtype
         self.weight = jnp.ones((num_features,), param_dtype) if affine else None
         self.bias = jnp.zeros((num_features,), param_dtype) if affine else None
