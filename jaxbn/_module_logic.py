@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import flax
+import flax.linen
 import jax
 import jax.numpy as jnp
 
@@ -64,9 +65,11 @@ __all__ = [
     "check_layer_norm_fields",
     "check_momentum",
     "check_running_stats",
+    "check_vmapped_update",
     "group_norm_channels",
     "input_features",
     "is_real",
+    "masked_statistics_call",
     "momentum_convention_message",
     "next_count",
     "rank_variants",
@@ -126,11 +129,13 @@ def _user_frame() -> tuple[int, Any] | None:
     internal = (_JAXBN_DIR, _FLAX_DIR)
 
     def constructing(frame) -> bool:
-        # __post_init__ (jaxbn's), the generated dataclass __init__, Flax's kw-only wrapper
+        # __post_init__ (jaxbn's), the generated dataclass __init__, Flax's kw-only wrapper.
+        # The generated __init__ is compiled from a string ("<string>"), as is the code of
+        # ``python -c``: only an __init__ of a Linen module there is the dataclass's.
         name, file = frame.f_code.co_name, frame.f_code.co_filename
-        return file == "<string>" or (
-            name in ("__post_init__", "init_wrapper") and file.startswith(internal)
-        )
+        if file == "<string>":
+            return name == "__init__" and isinstance(frame.f_locals.get("self"), flax.linen.Module)
+        return name in ("__post_init__", "init_wrapper") and file.startswith(internal)
 
     while frame is not None and constructing(frame):
         frame, level = frame.f_back, level + 1
@@ -202,6 +207,10 @@ def check_initializer(init: Any, name: str) -> None:
 
 #: what the momentum warning of :class:`jaxbn.BatchNorm` offers besides the converted value.
 FLAX_SPELLING = " or use jaxbn.flax_compat.BatchNorm (Flax's spelling)"
+#: the same for :class:`jaxbn.nnx.BatchNorm`: the NNX class with ``flax.nnx.BatchNorm``'s spelling.
+NNX_FLAX_SPELLING = " or use jaxbn.nnx.flax_compat.BatchNorm (flax.nnx.BatchNorm's spelling)"
+#: the other convention's usual value, as ``flax.nnx.BatchNorm``'s users know it.
+NNX_FLAX_EXAMPLE = "flax.nnx.BatchNorm's momentum=0.99 is jaxbn's 0.01"
 
 
 def momentum_convention_message(
@@ -361,6 +370,77 @@ def batch_norm_call(
     if not updating:
         return y, None, None
     return y, RunningStats(new_mean, new_var, next_count(stats.num_batches_tracked)), moments
+
+
+def check_vmapped_update(name: str, x: jax.Array, stats: Sequence[jax.Array | None]) -> None:
+    """Refuses a training update of unmapped running statistics from a vmapped batch.
+
+    Under ``nnx.vmap`` with the module's state not mapped (``in_axes=None`` or
+    ``nnx.StateAxes({...: None})``) and no ``axis_name``, each member would compute its own
+    statistics and write them into the one shared copy: JAX then fails at the transform's output
+    with ``got axis spec None but output was batched``. This says what to do instead. Called only
+    when the module updates its statistics and does not sync (no axis name).
+
+    Args:
+      name: the module's name for the message (``jaxbn.nnx.BatchNorm2d``).
+      x: the call's input; stats: the running statistics' values (None ones are skipped).
+    """
+    from jax._src.interpreters import batching  # BatchTracer has no public name
+
+    def mapped_traces(value) -> set[int]:
+        # the vmaps that map ``value`` (nested ones too): ids of their traces
+        found = set()
+        while isinstance(value, jax.core.Tracer):
+            if isinstance(value, batching.BatchTracer):
+                if value.batch_dim is not None:  # None: not mapped by this vmap
+                    found.add(id(value._trace))
+                value = value.val
+            elif hasattr(value, "primal"):  # a JVP tracer (grad inside vmap)
+                value = value.primal
+            else:
+                break
+        return found
+
+    batched = mapped_traces(x)
+    for stat in stats:
+        if stat is not None and batched - mapped_traces(stat):
+            raise ValueError(
+                f"{name} is training under vmap (nnx.vmap) with running statistics that are not "
+                f"mapped, and no axis_name: every member would write its own batch statistics "
+                f"into the one shared copy. To compute the statistics over all members (as one "
+                f"batch, synced), give the vmap an axis_name and the batch norm the same "
+                f"axis_name=...; for per-member statistics, map the model's state too "
+                f"(nnx.vmap(..., in_axes=0, out_axes=0) over a model with a leading members "
+                f"axis, e.g. created under nnx.vmap)"
+            )
+
+
+def masked_statistics_call(
+    module: Any,
+    x: jax.Array,
+    weight: jax.Array | None,
+    bias: jax.Array | None,
+    stats: RunningStats,
+    *,
+    mask: jax.Array,
+) -> tuple[jax.Array, RunningStats | None]:
+    """A training call with Flax's meaning of ``mask``: the statistics (and the running
+    update) come from the True elements, and *every* element is normalized with them.
+
+    jaxbn's own modules give the masked-out elements 0 instead (:func:`batch_norm_call`); the
+    Flax-spelled modules take Flax's meaning. Gradients flow through the batch statistics as in
+    training (the moments are differentiable, merged over devices when synced).
+
+    Returns:
+      ``(y, new_stats)`` as :func:`batch_norm_call`'s first two.
+    """
+    _, new, moments = batch_norm_call(module, x, weight, bias, stats, train=True, mask=mask)
+    y, _, _ = functional.batch_norm(
+        x, moments.mean, moments.var, weight, bias, False, 0.0, module.eps, axis=module.axis
+    )
+    if module.dtype is not None:
+        y = y.astype(module.dtype)
+    return y, new
 
 
 def next_count(count: jax.Array, steps: int = 1) -> jax.Array:

@@ -45,7 +45,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -56,7 +57,15 @@ from flax import nnx
 from jaxbn import _module_logic as logic
 from jaxbn._module_logic import check_feature_count, train_flag, warn_momentum_convention
 
-__all__ = ["BatchNorm", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "resolve_mode"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "affine_params",
+    "resolve_mode",
+    "set_mode_view",
+]
 
 Initializer = Callable[..., jax.Array]
 
@@ -93,14 +102,40 @@ def resolve_mode(module: nnx.Module, train: Any, use_running_average: Any, attri
     return not train_flag(attribute, "use_running_average")
 
 
-def affine_params(affine: bool, shape, scale_init, bias_init, param_dtype, rngs):
-    """``(scale, bias)`` as ``nnx.Param`` of ``shape``, or both empty without ``affine``."""
-    if not affine:
-        return nnx.data(None), nnx.data(None)
-    key = None if rngs is None else rngs.params()
-    return nnx.Param(scale_init(key, shape, param_dtype)), nnx.Param(
-        bias_init(key, shape, param_dtype)
-    )
+def affine_params(
+    affine: bool,
+    shape: tuple[int, ...],
+    scale_init: Initializer,
+    bias_init: Initializer,
+    param_dtype: Any,
+    rngs: nnx.Rngs | None,
+    *,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+) -> tuple[Any, Any]:
+    """``(scale, bias)`` as ``nnx.Param`` of ``shape`` (each absent, ``nnx.data(None)``, without
+    ``affine`` or its ``use_*``), with their metadata (e.g. sharding names).
+
+    Like ``flax.nnx.BatchNorm``, each parameter created takes its own ``rngs.params()`` key,
+    scale first: a model keeps the random stream of the Flax layer it replaces.
+    """
+
+    def param(used: bool, init: Initializer, metadata: Mapping[str, Any]) -> Any:
+        if not (affine and used):
+            return nnx.data(None)
+        key = None if rngs is None else rngs.params()
+        return nnx.Param(init(key, shape, param_dtype), **metadata)
+
+    scale = param(use_scale, scale_init, scale_metadata)
+    return scale, param(use_bias, bias_init, bias_metadata)
+
+
+def set_mode_view(module: nnx.Module, use_running_average: bool | None) -> None:
+    """What ``set_view`` does for every jaxbn NNX batch norm (checked like the field)."""
+    if use_running_average is not None:
+        module.use_running_average = train_flag(use_running_average, "use_running_average")
 
 
 class BatchNorm(nnx.Module):
@@ -110,7 +145,7 @@ class BatchNorm(nnx.Module):
       num_features: C, the size of the feature axis.
       eps: added to the variance.
       momentum: weight of the new batch in the running average; None = cumulative average.
-      affine: learn ``scale`` (init 1) and ``bias`` (init 0).
+      affine: learn ``scale`` (init 1) and ``bias`` (init 0); False: neither.
       track_running_stats: keep ``mean``/``var``/``num_batches_tracked``; if False, eval uses
         batch statistics too.
       axis: the feature axis (-1 channels-last; 1 for PyTorch's NC... layout).
@@ -121,6 +156,12 @@ class BatchNorm(nnx.Module):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of ``scale``, ``bias`` and the running ``mean``/``var``.
       scale_init, bias_init: initializers ``(key, shape, dtype)``; default ones / zeros.
+      bias: with ``affine``, learn ``bias`` (PyTorch 2.13's ``BatchNorm2d(C, bias=False)``:
+        ``scale`` only).
+      use_scale, use_bias: ``flax.nnx.BatchNorm``'s switches, each parameter apart (with
+        ``affine``; ``use_bias=False`` is ``bias=False``).
+      scale_metadata, bias_metadata: metadata of the ``nnx.Param`` (e.g.
+        ``{"sharding_names": ("model",)}``), as in ``flax.nnx.BatchNorm``.
       use_running_average: the mode: None (default: none yet, the first call needs one),
         True (eval) or False (train); ``.train()`` / ``.eval()`` set it.
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
@@ -151,6 +192,11 @@ class BatchNorm(nnx.Module):
         *,
         scale_init: Initializer = nn.initializers.ones,
         bias_init: Initializer = nn.initializers.zeros,
+        bias: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         use_running_average: bool | None = None,
         momentum_convention_checked: bool = False,
         rngs: nnx.Rngs | None = None,
@@ -158,10 +204,16 @@ class BatchNorm(nnx.Module):
         check_feature_count(num_features, "num_features", allow_none=False)
         logic.check_batch_norm_fields(num_features, eps, momentum, axis)
         logic.check_initializers(scale_init, bias_init)
+        for name, flag in (("bias", bias), ("use_scale", use_scale), ("use_bias", use_bias)):
+            train_flag(flag, name)
         if use_running_average is not None:
             train_flag(use_running_average, "use_running_average")
         message = logic.momentum_convention_message(
-            f"nnx.{type(self).__name__}", momentum, momentum_convention_checked
+            f"nnx.{type(self).__name__}",
+            momentum,
+            momentum_convention_checked,
+            example=logic.NNX_FLAX_EXAMPLE,
+            alternative=logic.NNX_FLAX_SPELLING,
         )
         if message is not None:
             warn_momentum_convention(message)
@@ -186,8 +238,19 @@ class BatchNorm(nnx.Module):
         self._report_moments = False
         shape = (self.num_features,)
         self.scale, self.bias = affine_params(
-            self.affine, shape, scale_init, bias_init, param_dtype, rngs
+            self.affine,
+            shape,
+            scale_init,
+            bias_init,
+            param_dtype,
+            rngs,
+            use_scale=use_scale,
+            use_bias=bias and use_bias,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
         )
+        # what exists: tells the input checks whether parameters will check the size of C
+        self.affine = self.scale is not None or self.bias is not None
         if self.track_running_stats:
             self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
             self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
@@ -205,13 +268,14 @@ class BatchNorm(nnx.Module):
     ) -> jax.Array:
         training = resolve_mode(self, train, use_running_average, self.use_running_average)
         x, features = logic.input_features(self, x)
-        weight = bias = None
-        if self.scale is not None:
-            weight, bias = self.scale[...], self.bias[...]
+        weight = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
         stats = None
         if self.mean is not None:
             stats = logic.RunningStats(self.mean[...], self.var[...], self.num_batches_tracked[...])
             logic.check_running_stats(type(self).__name__, stats, features)
+            if training and logic.sync_axis(self)[0] is None:
+                logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
         y, new, moments = logic.batch_norm_call(
             self, x, weight, bias, stats, train=training, mask=mask
         )
@@ -224,9 +288,13 @@ class BatchNorm(nnx.Module):
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
-        """Used by ``nnx.view(model, use_running_average=...)``."""
-        if use_running_average is not None:
-            self.use_running_average = train_flag(use_running_average, "use_running_average")
+        """Used by ``nnx.view(model, use_running_average=...)`` (and ``nnx.view_info``).
+
+        Args:
+          use_running_average: True: eval (running statistics); False: training (batch
+            statistics, running statistics updated); None: unchanged.
+        """
+        set_mode_view(self, use_running_average)
 
 
 #: ``BatchNorm`` with ``torch.nn.BatchNorm1d/2d/3d``'s input-rank check.
