@@ -52,7 +52,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn._module_logic import check_axis, check_eps, train_flag
+from jaxbn import functional
+from jaxbn._module_logic import check_axis, check_eps, sync_axis, train_flag
 from jaxbn.linen.batch_norm import BatchNorm as _JaxbnBatchNorm
 from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
 
@@ -74,6 +75,7 @@ class _FlaxSpelledBatchNorm(_JaxbnBatchNorm):
     use_scale: bool = True
     use_bias: bool = True
 
+    @nn.nowrap  # as the method it overrides: not a call of its own for nn.tabulate
     def _affine_params(self, features: int) -> tuple[jax.Array | None, jax.Array | None]:
         shape = (features,)
         scale = (
@@ -196,4 +198,47 @@ class BatchNorm(nn.Module):
                 "use_running_average was passed to the constructor and at call time; pass it once"
             )
         mode = self.use_running_average if use_running_average is None else use_running_average
-        return self.norm(x, train=not train_flag(mode, "use_running_average"), mask=mask)
+        train = not train_flag(mode, "use_running_average")
+        if not train:
+            # Flax's eval reads no mask: every element is normalized with the running statistics.
+            return self.norm(x, train=False)
+        y = self.norm(x, train=True, mask=mask)  # updates the running statistics from the mask
+        if mask is None:
+            return y
+        # Flax's meaning of the mask: it selects the elements the statistics come from, and
+        # every element is normalized with them (jaxbn.BatchNorm outputs 0 where masked).
+        return self._normalize_every_element(jnp.asarray(x), mask, y.dtype)
+
+    def _normalize_every_element(self, x: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
+        """``(x − μ)·rsqrt(σ² + ε)·scale + bias`` on every element of ``x`` ([N, ..., C]), with
+        the batch's ``μ`` and biased ``σ²`` taken over the elements where ``mask`` is True
+        (merged over ``axis_name`` as the child's are, so they equal the ones it stored)."""
+        axis_name, axis_index_groups = sync_axis(self.norm, synced=not self.is_initializing())
+        # The moments are differentiable outputs (their tangents are exact, masked and synced):
+        # the gradient flows through μ and σ² from every element, as in Flax.
+        _, _, _, moments = functional.batch_norm_with_moments(
+            x,
+            None,
+            None,
+            None,
+            None,
+            True,
+            0.0,
+            self.epsilon,
+            axis=self.axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            check_count=False,  # the child's call has already checked the count
+        )
+        ax = self.axis % x.ndim
+        stat_shape = tuple(x.shape[ax] if i == ax else 1 for i in range(x.ndim))
+        compute = moments.mean.dtype
+        mean, var = (jnp.reshape(a, stat_shape) for a in (moments.mean, moments.var))
+        y = (x.astype(compute) - mean) * jax.lax.rsqrt(var + self.epsilon)
+        params = self.norm.variables.get("params", {})
+        if "scale" in params:
+            y = y * jnp.reshape(params["scale"], stat_shape).astype(compute)
+        if "bias" in params:
+            y = y + jnp.reshape(params["bias"], stat_shape).astype(compute)
+        return y.astype(dtype)

@@ -562,3 +562,88 @@ def test_the_converter_refuses_what_it_cannot_convert(variables, kwargs, error, 
     kwargs = {"batch_count": 4, "num_batches_tracked": 1, "flax_momentum": 0.9, **kwargs}
     with pytest.raises(error, match=message):
         jaxbn.from_flax_batch_norm(variables, **kwargs)
+
+
+# --- mask: Flax's meaning (statistics from the selected elements, every element normalized) ---
+
+MASK_X = normal(20, (5, 2, 2, 3)) * 2 + 1
+MASK = np.array([True, False, True, True, False])[:, None, None, None]  # [N, 1, 1, 1]: rows
+
+
+def masked_runs(mask=MASK, x=MASK_X):
+    """(flax.linen.BatchNorm, jaxbn.flax_compat.BatchNorm): (variables, y, updates) of one
+    training call with ``mask``, from the same parameters."""
+    runs = []
+    for cls in (nn.BatchNorm, jaxbn.flax_compat.BatchNorm):
+        bn = cls(momentum=0.9)
+        variables = bn.init(jax.random.key(0), x, use_running_average=False)
+        variables["params"] = {"scale": jnp.asarray([0.5, 2.0, -1.0]), "bias": jnp.ones(3)}
+        y, updates = bn.apply(
+            variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+        )
+        runs.append((bn, variables, y, updates["batch_stats"]))
+    return runs
+
+
+def test_a_masked_training_call_normalizes_every_element_with_the_masks_statistics_like_flax():
+    (_, _, y_flax, flax_stats), (_, _, y, stats) = masked_runs()
+    assert float(jnp.max(jnp.abs(y[~MASK[:, 0, 0, 0]]))) > 0.5  # rows outside the mask too
+    np.testing.assert_allclose(y, y_flax, atol=2e-5)
+    np.testing.assert_allclose(stats["mean"], flax_stats["mean"], atol=1e-6)
+    n = int(MASK.sum()) * 2 * 2  # the masked count per channel
+    flax_batch_var = (flax_stats["var"] - 0.9) / 0.1  # flax: 0.9·1 + 0.1·biased
+    np.testing.assert_allclose((stats["var"] - 0.9) / 0.1, flax_batch_var * n / (n - 1), rtol=2e-5)
+    assert int(stats["num_batches_tracked"]) == 1
+
+
+def test_a_masked_eval_call_ignores_the_mask_like_flax():
+    (flax_bn, _, _, _), (bn, variables, _, stats) = masked_runs()
+    # the same running statistics in both: Flax's eval reads its mean and var as they are
+    flax_vars = {
+        "params": variables["params"],
+        "batch_stats": {k: stats[k] for k in ("mean", "var")},
+    }
+    jaxbn_vars = {"params": variables["params"], "batch_stats": stats}
+    y_flax = flax_bn.apply(flax_vars, MASK_X, use_running_average=True, mask=MASK)
+    y = bn.apply(jaxbn_vars, MASK_X, use_running_average=True, mask=MASK)
+    assert float(jnp.max(jnp.abs(y[~MASK[:, 0, 0, 0]]))) > 0.5
+    np.testing.assert_allclose(y, y_flax, atol=2e-5)
+
+
+def test_masked_training_gradients_equal_flaxs():
+    grads = []
+    for bn, variables, _, _ in masked_runs():
+
+        def loss(params, x, bn=bn, variables=variables):
+            y, _ = bn.apply(
+                {**variables, "params": params},
+                x,
+                use_running_average=False,
+                mask=MASK,
+                mutable=["batch_stats"],
+            )
+            return jnp.sum(jnp.sin(y))  # a cotangent that differs per element
+
+        grads.append(jax.grad(loss, argnums=(0, 1))(variables["params"], jnp.asarray(MASK_X)))
+    (flax_params, flax_x), (params, dx) = grads
+    np.testing.assert_allclose(dx, flax_x, atol=5e-5)
+    np.testing.assert_allclose(params["scale"], flax_params["scale"], atol=5e-5)
+    np.testing.assert_allclose(params["bias"], flax_params["bias"], atol=5e-5)
+
+
+def test_an_elementwise_mask_with_nan_outside_it_leaks_only_where_flax_outputs_nan_too():
+    mask = np.random.default_rng(3).random(MASK_X.shape) < 0.7
+    x = np.where(mask, MASK_X, np.nan).astype(np.float32)
+    (_, _, y_flax, flax_stats), (_, _, y, stats) = masked_runs(mask, x)
+    assert np.all(np.isfinite(stats["mean"])) and np.all(np.isfinite(stats["var"]))
+    np.testing.assert_allclose(stats["mean"], flax_stats["mean"], atol=1e-6)
+    np.testing.assert_array_equal(np.isnan(y), ~mask)  # the NaN inputs themselves, as in Flax
+    np.testing.assert_allclose(y, y_flax, atol=2e-5)
+
+
+def test_jaxbn_batchnorm_keeps_its_meaning_of_the_mask_masked_elements_output_zero():
+    bn = jaxbn.BatchNorm()
+    variables = bn.init(jax.random.key(0), MASK_X, train=False)
+    y, _ = bn.apply(variables, MASK_X, train=True, mask=MASK, mutable=["batch_stats"])
+    rows_out = ~MASK[:, 0, 0, 0]
+    assert np.all(np.asarray(y)[rows_out] == 0) and np.all(np.asarray(y)[~rows_out] != 0)
