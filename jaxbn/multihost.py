@@ -32,7 +32,8 @@ def initialize_multihost(
     """Joins the cluster, or raises ``RuntimeError`` within ``timeout_seconds``.
 
     Args:
-      coordinator_address: ``HOST:PORT`` of process 0, which hosts the coordinator.
+      coordinator_address: ``HOST:PORT`` of process 0, which hosts the coordinator; an IPv6
+        host in brackets (``[::1]:1234``).
       num_processes: number of processes in the cluster.
       process_id: this process's rank, ``0 <= process_id < num_processes``.
       timeout_seconds: how long to wait for the coordinator and all peers.
@@ -40,17 +41,20 @@ def initialize_multihost(
         dead and every process stops with an error instead of hanging in a collective.
 
     Raises:
-      ValueError: a bad address or rank. RuntimeError: the cluster could not be joined in time.
+      ValueError: a bad address or rank. RuntimeError: JAX has already computed something in
+        this process (it must be called first), or the cluster could not be joined in time.
     """
-    host, _, port = coordinator_address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"coordinator address must be HOST:PORT, got {coordinator_address!r}")
+    host, port = _host_and_port(coordinator_address)
     if not 0 <= process_id < num_processes:
         raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+    if _backend_started():
+        # The runtime's own error comes only after the coordinator probe below, and reads like
+        # a network failure once wrapped: say the real cause first, before waiting for anyone.
+        raise RuntimeError(_STARTED.format(address=coordinator_address))
     if process_id != 0:
         # The runtime aborts the whole process on a failed connect; probe first so that an
         # unreachable coordinator is a Python error naming the address.
-        _wait_for_coordinator(host, int(port), timeout_seconds, coordinator_address)
+        _wait_for_coordinator(host, port, timeout_seconds, coordinator_address)
     # Only the CPU backend reads this; set before any backend exists (querying one would
     # start it, and initialize must come first).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -64,11 +68,47 @@ def initialize_multihost(
             shutdown_timeout_seconds=timeout_seconds,
         )
     except Exception as err:  # the runtime raises several types; one clear message for all
+        if "must be called before" in str(err):  # JAX computed something after the check above
+            raise RuntimeError(f"{_STARTED.format(address=coordinator_address)} ({err})") from err
+        # The runtime's reason first: only a timeout is about the network.
         raise RuntimeError(
             f"could not join the jax.distributed cluster at {coordinator_address} as process "
-            f"{process_id} of {num_processes} within {timeout_seconds} s "
-            f"(is process 0 running and the port reachable?): {err}"
+            f"{process_id} of {num_processes}: {err} (if it timed out after {timeout_seconds} s: "
+            f"is process 0 running and the port reachable?)"
         ) from err
+
+
+_STARTED = (
+    "initialize_multihost must be called before JAX computes anything in this process (any "
+    "computation, jax.devices(), jax.device_put, ...): JAX's backend is already running, so it "
+    "cannot join the cluster at {address}. Call it first, right after importing jax"
+)
+
+
+def _host_and_port(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` → (host for ``socket``, port); an IPv6 host is written in brackets
+    (``[::1]:1234``, as gRPC takes it) and handed to ``socket`` without them."""
+    host, _, port = address.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(
+            f"coordinator address must be HOST:PORT, got {address!r}: write an IPv6 host in "
+            f"brackets, [{host}]:{port}"
+        )
+    if not host or not port.isdigit():
+        raise ValueError(f"coordinator address must be HOST:PORT, got {address!r}")
+    return host, int(port)
+
+
+def _backend_started() -> bool:
+    """Whether JAX has started a backend in this process (then it cannot join a cluster)."""
+    try:
+        from jax._src import xla_bridge  # no public API answers this without starting one
+    except ImportError:  # pragma: no cover - a JAX without it: the runtime's error remains
+        return False
+    started = getattr(xla_bridge, "backends_are_initialized", None)
+    return bool(started()) if callable(started) else False
 
 
 def _wait_for_coordinator(host: str, port: int, timeout_seconds: float, address: str) -> None:

@@ -4,8 +4,10 @@
 
 Joins a 2-process cluster (2 CPU devices each), runs 3 synced BatchNorm2d training steps over
 the 4 devices on its half of a fixed global batch, and saves its outputs to OUT (.npz).
-MODE ``die-after-init`` exits abruptly after joining (to test that the peer does not hang);
-``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator).
+MODE ``die-after-init`` exits abruptly after joining (to test that the peer does not hang;
+the peer runs as ``survivor``: 5 s without heartbeats declare a process dead, 60 s otherwise);
+``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator);
+``ipv6-join`` joins at ``[::1]:PORT``, checks the 4 devices and leaves.
 The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment (not
 done here, so importing this module from the tests changes nothing).
 
@@ -63,12 +65,20 @@ def local_rows(a: jax.Array) -> np.ndarray:
 
 
 def main(port: str, rank: str, out: str, mode: str = "") -> None:
-    timeout = 3 if mode == "short-timeout" else 30
+    # Generous limits where nothing is meant to fail: a loaded machine may start one process
+    # minutes after the other or starve it for seconds; a hang still ends within them.
+    timeout = 3 if mode == "short-timeout" else 300
+    heartbeat = 5 if mode in ("survivor", "die-after-init") else 60
+    host = "[::1]" if mode == "ipv6-join" else "127.0.0.1"
     initialize_multihost(
-        f"127.0.0.1:{port}", 2, int(rank), timeout_seconds=timeout, heartbeat_seconds=5
+        f"{host}:{port}", 2, int(rank), timeout_seconds=timeout, heartbeat_seconds=heartbeat
     )
     if mode == "die-after-init":
         os._exit(3)
+    if mode == "ipv6-join":
+        assert jax.device_count() == 4 and jax.local_device_count() == 2
+        jax.distributed.shutdown()
+        return
     assert jax.device_count() == 4 and jax.local_device_count() == 2
     model = jaxbn.BatchNorm2d(C)
 

@@ -198,7 +198,7 @@ def fallback_runs(tmp_path_factory):
 
     def finish(name: str) -> subprocess.CompletedProcess:
         process = processes[name]
-        stdout, stderr = process.communicate(timeout=300)
+        stdout, stderr = process.communicate(timeout=1200)  # a hang only; loaded machines are slow
         return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     yield finish

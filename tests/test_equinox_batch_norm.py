@@ -267,6 +267,6 @@ def test_jaxbn_imports_without_equinox_and_jaxbn_equinox_names_the_extra():
         "    print(e)\n"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1200
     )
     assert "pip install 'jaxbn[equinox]'" in out.stdout

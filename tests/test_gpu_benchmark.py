@@ -32,7 +32,7 @@ def smoke_run() -> subprocess.CompletedProcess:
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1800,  # stops a hang only: generous for a loaded machine
     )
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_multihost import ROOT, free_port
+from tests.test_multihost import HANG_LIMIT, ROOT, free_port
 
 # 1437 // 32 = 44 steps per epoch, 4 epochs: a stop requested during step 5 is agreed on long
 # before the end (after 2 to 30 steps here); the constant schedule makes the first 2 epochs those
@@ -55,7 +55,7 @@ def start_pair(workdirs, hook: str = "none", *flags: str) -> list[subprocess.Pop
     ]
 
 
-def finish(procs, timeout: float = 240) -> list[tuple[int, str, list[str]]]:
+def finish(procs, timeout: float = HANG_LIMIT * 2) -> list[tuple[int, str, list[str]]]:
     """``(exit status, stdout, stderr lines that are not JAX's or gloo's logs)`` per process."""
     results = []
     for proc in procs:
@@ -116,7 +116,7 @@ def test_two_processes_train_like_one_process_with_four_devices(straight):
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=HANG_LIMIT * 2,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert len(epoch_lines(results[0][1])) == 4
@@ -184,7 +184,7 @@ def test_sigterm_to_both_processes_stops_them_at_one_step_and_resume_equals_stra
 @pytest.mark.slow
 def test_a_workdir_per_process_is_refused_on_every_process_in_bounded_time(tmp_path):
     workdirs = [tmp_path / "p0", tmp_path / "p1"]
-    results = finish(start_pair(workdirs, "none", "--join-timeout", "3"), timeout=120)
+    results = finish(start_pair(workdirs, "none", "--join-timeout", "3"), timeout=HANG_LIMIT)
     for rank, (code, out, err) in enumerate(results):
         assert code == 2 and len(err) == 1, err
         assert err[0] == (

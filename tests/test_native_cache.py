@@ -135,7 +135,7 @@ def _start(env_update: dict) -> subprocess.Popen:
 
 
 def _wait(process: subprocess.Popen) -> subprocess.CompletedProcess:
-    stdout, stderr = process.communicate(timeout=300)
+    stdout, stderr = process.communicate(timeout=1200)  # a hang only; loaded machines are slow
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
