@@ -136,3 +136,28 @@ def test_a_mask_that_does_not_broadcast_is_refused():
 def test_functional_momentum_none_points_to_the_module():
     with pytest.raises(ValueError, match="momentum=None"):
         F.batch_norm(jnp.ones((4, 3)), jnp.zeros(3), jnp.ones(3), training=True, momentum=None)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["training", "eval"])
+@pytest.mark.parametrize(
+    "make, tracking",
+    [
+        (lambda eps: jaxbn.BatchNorm1d(3, eps=eps), True),
+        (lambda eps: jaxbn.BatchNorm1d(3, eps=eps, track_running_stats=False), False),
+        (lambda eps: jaxbn.flax_compat.BatchNorm(epsilon=eps), True),
+    ],
+    ids=["BatchNorm1d", "untracked", "flax_compat"],
+)
+def test_a_negative_eps_module_is_built_and_refused_when_it_runs_like_torch(
+    make, tracking, training
+):
+    # torch builds it and raises in forward: "positive during training" where the batch's
+    # statistics are used (training, or eval without running statistics), else "non-negative"
+    torch_bn = torch.nn.BatchNorm1d(3, eps=-1.0, track_running_stats=tracking).train(training)
+    expected = torch_message(lambda: torch_bn(torch.randn(4, 3)))
+    bn = make(-1.0)  # built, as torch's
+    if isinstance(bn, jaxbn.flax_compat.BatchNorm):
+        kwargs = {"use_running_average": not training}
+    else:
+        kwargs = {"train": training}
+    jax_raises(lambda: bn.init(jax.random.key(0), jnp.ones((4, 3)), **kwargs), expected)

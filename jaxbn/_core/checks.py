@@ -22,6 +22,7 @@ __all__ = [
     "check_feature_count",
     "check_floating_input",
     "check_momentum",
+    "check_norm_eps",
     "check_running_stat",
     "check_shape",
     "is_real",
@@ -86,8 +87,19 @@ def check_momentum(momentum: Any) -> None:
 
 
 def check_eps(eps: Any) -> None:
+    """A batch norm's ``eps`` field: a real number. Its value is checked where PyTorch checks
+    it, when the layer runs (at trace time, in :func:`jaxbn.functional.batch_norm`): ``eps <= 0``
+    in training is "batch_norm eps must be positive during training, but got …", ``eps < 0``
+    in eval "batch_norm eps must be non-negative, but got …"; ``torch.nn.BatchNorm1d(10,
+    eps=-1.0)`` itself is built."""
     if not is_real(eps):
         raise TypeError(f"eps must be float, not {type(eps).__name__} ({eps!r})")
+
+
+def check_norm_eps(eps: Any) -> None:
+    """GroupNorm's and LayerNorm's ``eps``: a real number, not negative. PyTorch has no check
+    there and returns NaN; refused when the module is built instead."""
+    check_eps(eps)
     if eps < 0:
         raise ValueError(f"eps must be non-negative, but got {eps}")
 
