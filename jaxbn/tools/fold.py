@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter, defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
 import flax.core
@@ -38,8 +38,22 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxbn.linen.batch_norm import BatchNorm
 from jaxbn.tools._tree import Path, batch_norm_layers, get_path, set_path
+from jaxbn.tools.freeze import (
+    FrozenModel,
+    WrappedModel,
+    freezes,
+    frozen_call,
+    relative_path,
+)
+from jaxbn.tools.layers import (
+    FROZEN,
+    UNTRACKED,
+    eval_kwargs,
+    kind_of,
+    stacked_shape,
+    stored_layers,
+)
 
 __all__ = [
     "FoldResult",
@@ -126,7 +140,7 @@ class FoldResult(_ModelAndVariables):
         )
 
 
-class FoldedModel(nn.Module):
+class FoldedModel(WrappedModel):
     """``model`` with the batch norms named in ``folded`` replaced by the identity.
 
     What :func:`fold_batch_norm` returns for any Flax model (unless every batch norm was folded
@@ -134,45 +148,162 @@ class FoldedModel(nn.Module):
     variable names, the folded batch norms skipped (their scale and shift live in the Conv/Dense
     weights), the others run as before. A Conv/Dense layer built with ``use_bias=False`` that a
     batch norm was folded into gets a ``bias`` in its variables; the layers named in ``biased``
-    add it to their output (what the layer would compute with ``use_bias=True``).
+    add it to their output (what the layer would compute with ``use_bias=True``). Any method of
+    ``model`` runs folded: ``folded_model.apply(v, x, train=False, method="encode")``.
 
     Attributes:
       model: the original model.
       folded: ``/``-joined paths (relative to ``model``) of the batch norms to skip.
       biased: ``/``-joined paths of the ``use_bias=False`` layers that add the ``bias`` found in
         their ``params``.
+      frozen: the batch norms that compute frozen batch norm, as :class:`FrozenModel`'s
+        (None: every one left); ``()`` (default) none. Set when a ``freeze_batch_norm`` result
+        is folded, or a folded model frozen.
     """
 
-    model: nn.Module
     folded: tuple[str, ...] = ()
     biased: tuple[str, ...] = ()
+    frozen: tuple[str, ...] | None = ()
 
-    def setup(self) -> None:
-        nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
+    def interceptor(self, base: Path) -> Callable:
+        return _Rewriter(base, self.folded, self.biased, self.frozen)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        base = tuple(self.scope.path)
-        skipped = {tuple(path.split("/")) for path in self.folded}
-        biased = {tuple(path.split("/")) for path in self.biased}
 
-        def skip_folded(next_fun, args, kwargs, context):
-            module = context.module
-            if context.method_name != "__call__":
-                return next_fun(*args, **kwargs)
-            path = tuple(module.scope.path)
-            relative = path[len(base) :] if path[: len(base)] == base else None
-            if isinstance(module, BatchNorm) and relative in skipped:
-                x = args[0] if args else kwargs["x"]
-                return x if module.dtype is None else jnp.asarray(x).astype(module.dtype)
+@dataclasses.dataclass
+class _NormCall:
+    """One traced ``__call__`` of a batch norm (fold's trace)."""
+
+    path: Path  # relative to the traced model
+    kind: str | None  # one of layers.KINDS; None for flax.linen.BatchNorm
+    eps: float
+    last: bool  # its feature axis is its input's last axis
+    masked: bool
+    tag: str  # the name of its input's tag in the jaxpr
+
+
+class _Trace:
+    """What fold's trace records: the Conv/Dense calls and batch norm calls, in call order, and
+    the tags (``checkpoint_name``) it puts on their outputs and inputs."""
+
+    def __init__(self) -> None:
+        self.producers: list[Path] = []  # Conv/Dense call index → path
+        self.norms: list[_NormCall] = []
+
+    def norm(self, module, path, kind, next_fun, args, kwargs) -> Any:
+        index = len(self.norms)
+        tag = f"{_MARK}in{index}"
+        x = args[0] if args else kwargs.get("x")
+        last = False
+        if isinstance(x, jax.Array):
+            x = checkpoint_name(x, tag)
+            last = getattr(module, "axis", -1) % x.ndim == x.ndim - 1
+            args, kwargs = ((x, *args[1:]), kwargs) if args else (args, {**kwargs, "x": x})
+        eps = getattr(module, "eps", getattr(module, "epsilon", 1e-5))
+        masked = kwargs.get("mask") is not None
+        self.norms.append(_NormCall(path, kind, eps, last, masked, tag))
+        # an untracked one's eval would take the sample's statistics: see _as_identity
+        out = _identity(module, x) if kind == UNTRACKED else next_fun(*args, **kwargs)
+        if isinstance(out, jax.Array):  # a batch norm folded away may feed the next one
+            out = checkpoint_name(out, f"{_MARK}bn{index}")
+        return out
+
+    def producer(self, path: Path, out: Any) -> Any:
+        if isinstance(out, jax.Array):
+            out = checkpoint_name(out, f"{_MARK}out{len(self.producers)}")
+            self.producers.append(path)
+        return out
+
+
+def _effective_kind(module: nn.Module, frozen: bool) -> str | None:
+    """The layer's kind as fold sees it: :func:`kind_of`, with ``track_running_stats=False``
+    untracked whatever the class (a GhostBatchNorm's too) and a frozen selection frozen."""
+    kind = kind_of(module)
+    if kind is None or kind == FROZEN:
+        return kind
+    if not getattr(module, "track_running_stats", True):
+        return UNTRACKED
+    return FROZEN if frozen else kind
+
+
+def _identity(module: nn.Module, x: Any) -> Any:
+    """A skipped batch norm's output: its input, in the module's output dtype."""
+    dtype = getattr(module, "dtype", None)
+    return x if dtype is None else jnp.asarray(x).astype(dtype)
+
+
+class _Rewriter:
+    """The ``nn.intercept_methods`` function of a :class:`FoldedModel` (skip the folded batch
+    norms, add the new biases, freeze the frozen selection), and of fold's trace (the same, and
+    every Conv/Dense output and batch norm input tagged).
+
+    A subclass's ``super().__call__`` runs the same module's ``__call__`` again inside the
+    first: a batch norm is handled at its outermost call, a Conv/Dense at its innermost (the
+    ``nn.Conv``/``nn.Dense`` computation whose output a bias or a fold concerns).
+    """
+
+    def __init__(self, base, folded, biased, frozen, trace: _Trace | None = None) -> None:
+        self.base = base
+        self.folded = {tuple(path.split("/")) for path in folded}
+        self.biased = {tuple(path.split("/")) for path in biased}
+        self.frozen = frozen
+        self.trace = trace
+        self.active: list[list] = []  # [path, re-entered] per Conv/Dense/norm call in progress
+
+    def __call__(self, next_fun, args, kwargs, context):
+        module = context.module
+        if context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        is_norm = kind_of(module) is not None or isinstance(module, nn.BatchNorm)
+        if not (is_norm or isinstance(module, nn.Conv | nn.Dense)):
+            return next_fun(*args, **kwargs)
+        path = tuple(module.scope.path)
+        outer = [frame for frame in self.active if frame[0] == path]
+        if is_norm and outer:  # a batch norm subclass's super().__call__
+            return next_fun(*args, **kwargs)
+        for frame in outer:
+            frame[1] = True
+        frame = [path, False]
+        self.active.append(frame)
+        try:
+            if is_norm:
+                return self._norm(module, relative_path(path, self.base), next_fun, args, kwargs)
             out = next_fun(*args, **kwargs)
-            if relative in biased:
-                # nn.Conv/nn.Dense add their bias last, in the output's (promoted) dtype
-                bias = module.get_variable("params", "bias")
-                out = out + jnp.asarray(bias).astype(out.dtype)
+        finally:
+            self.active.pop()
+        if frame[1]:  # not the innermost call of this Conv/Dense
             return out
+        relative = relative_path(path, self.base)
+        if relative in self.biased:
+            # nn.Conv/nn.Dense add their bias last, in the output's (promoted) dtype
+            out = out + jnp.asarray(module.get_variable("params", "bias")).astype(out.dtype)
+        return out if self.trace is None else self.trace.producer(relative, out)
 
-        with nn.intercept_methods(skip_folded):
-            return self.model(*args, **kwargs)
+    def _norm(self, module, relative, next_fun, args, kwargs):
+        if relative in self.folded:
+            if kwargs.get("mask") is not None:
+                raise ValueError(
+                    f"the batch norm at {'/'.join(relative)} was folded by fold_batch_norm, "
+                    "whose sample call passed it no mask; a masked call needs the batch norm: "
+                    "fold with a sample call that passes the mask, and it is kept"
+                )
+            return _identity(module, args[0] if args else kwargs["x"])
+        frozen = freezes(module, relative, self.frozen)
+        if self.trace is not None:
+            kind = None if kind_of(module) is None else _effective_kind(module, frozen)
+            return self.trace.norm(module, relative, kind, next_fun, args, kwargs)
+        if frozen:
+            return frozen_call(module, "/".join(relative), args, kwargs)
+        return next_fun(*args, **kwargs)
+
+
+def _as_identity(next_fun, args, kwargs, context):
+    """Untracked batch norms as the identity, for fold's comparison of the folded and the
+    original model: their eval takes the input's own statistics (a sample of one example would
+    raise "Expected more than 1 value per channel"), and folding leaves them as they are."""
+    module = context.module
+    if context.method_name == "__call__" and _effective_kind(module, False) == UNTRACKED:
+        return _identity(module, args[0] if args else kwargs["x"])
+    return next_fun(*args, **kwargs)
 
 
 @dataclasses.dataclass
@@ -182,8 +313,58 @@ class _Plan:
     biased: list[Path]  # use_bias=False producers that get a bias
 
 
+@dataclasses.dataclass
+class _Call:
+    """A model call to fold: the model unwrapped, and what its wrapper already changed."""
+
+    model: nn.Module  # never a WrappedModel
+    folded: tuple[str, ...]
+    biased: tuple[str, ...]
+    frozen: tuple[str, ...] | None
+    args: tuple
+    kwargs: dict[str, Any]
+    method: str | Callable | None
+
+    @classmethod
+    def of(cls, model, args, method, kwargs) -> _Call:
+        folded: tuple[str, ...] = ()
+        biased: tuple[str, ...] = ()
+        frozen: tuple[str, ...] | None = ()
+        if isinstance(model, WrappedModel):
+            frozen = model.frozen
+            folded = getattr(model, "folded", ())
+            biased = getattr(model, "biased", ())
+            model = model.model
+        if not args:
+            raise TypeError("fold_batch_norm needs a sample input: fold_batch_norm(model, v, x)")
+        try:
+            flags = eval_kwargs(model, method)
+        except AttributeError:  # a submodule's name: its flags are the caller's to pass
+            flags = {}
+        return cls(model, folded, biased, frozen, tuple(args), {**flags, **kwargs}, method)
+
+    def wrapped(self, folded=None, biased=None) -> FoldedModel | nn.Module:
+        """The model with these folds (default: the wrapper's), as one wrapper."""
+        folded = self.folded if folded is None else folded
+        biased = self.biased if biased is None else biased
+        if not folded and not biased and self.frozen == ():
+            return self.model
+        if not folded and not biased:
+            return FrozenModel(self.model, self.frozen)
+        return FoldedModel(self.model, folded, biased, self.frozen)
+
+    def run(self, model: nn.Module, variables: Mapping[str, Any]) -> Any:
+        """``model.apply(variables, ...)`` in eval, untracked batch norms as the identity."""
+        with nn.intercept_methods(_as_identity):
+            return model.apply(variables, *self.args, method=self.method, **self.kwargs)
+
+
 def fold_batch_norm_variables(
-    model: nn.Module, variables: Mapping[str, Any], x: jax.Array
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    *args: Any,
+    method: str | Callable | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
     """Variables with every batch norm folded into its producer and removed.
 
@@ -192,79 +373,106 @@ def fold_batch_norm_variables(
     keeps the batch norms that cannot be folded, and checks the outputs.
 
     Args:
-      model: a Flax model using jaxbn batch norms, called as ``model.apply(v, x, train=...)``.
+      model: a Flax model using jaxbn batch norms.
       variables: its variables, with tracked statistics.
-      x: an example input (only shapes matter; one example is enough).
+      *args, method, **kwargs: a sample call, as for :func:`fold_batch_norm`.
 
     A layer built with ``use_bias=False`` gets a ``bias``: the copy of the model must build it
     with ``use_bias=True``.
 
     Raises:
-      ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded:
-        its input does not come straight from a Conv/Dense layer, that layer's output is also
-        used elsewhere (a skip connection), the layer runs more than once (shared weights), or
-        the batch norm has no running statistics.
+      ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded
+        (the message says why, as :func:`fold_batch_norm`'s ``.left``).
     """
-    plan = _plan(model, variables, x)
+    call = _Call.of(model, args, method, kwargs)
+    plan = _plan(call, variables)
     for path, reason in plan.left.items():
         raise ValueError(f"cannot fold the batch norm at {'/'.join(path)}: {reason}")
     return _folded_variables(variables, plan.folded)
 
 
-def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> FoldResult:
+def fold_batch_norm(
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    *args: Any,
+    method: str | Callable | None = None,
+    **kwargs: Any,
+) -> FoldResult:
     """The model with every foldable batch norm folded into the Conv/Dense layer feeding it.
 
-    Works on any Flax linen model: a batch norm is folded when it is the only consumer of a
-    Conv/Dense output (or of a batch norm folded that way) and that layer runs once per call
-    (found by tracing ``model.apply(variables, x, train=False)``); a layer with
-    ``use_bias=False`` gets a bias. The others stay as they are, in eval mode with their
-    statistics: a layer whose output also feeds a skip connection (``bn(h) + h``) or a second
-    batch norm, a layer called twice with the same weights, a batch norm after an activation, a
-    concatenation or an addition, or without running statistics. The folded model is
-    ``model.clone(norm="none")`` when every batch norm was folded and the model has a ``norm``
-    field (the jaxbn models) whose ``"none"`` reproduces the outputs; otherwise a
-    :class:`FoldedModel`, which runs ``model`` with the folded batch norms skipped (and the
-    biases added). Either is checked against the original on ``x`` before it is returned.
+    Works on any Flax linen model: a batch norm is folded when its eval is an affine map with
+    stored statistics (``BatchNorm``, ``FrozenBatchNorm``, ``GhostBatchNorm``, ``BatchRenorm``,
+    ``jaxbn.flax_compat.BatchNorm``, or any of them frozen by :func:`freeze_batch_norm`), it is
+    the only consumer of a Conv/Dense output (or of a batch norm folded that way) and that layer
+    runs once per call (found by tracing the sample call in eval mode); a layer with
+    ``use_bias=False`` gets a bias. The others stay as they are, and ``.left`` says why: a layer
+    whose output also feeds a skip connection (``bn(h) + h``) or a second batch norm, a layer
+    called twice with the same weights, a batch norm after an activation, a concatenation or an
+    addition, one called with ``mask=``, one with stacked statistics (under ``nn.scan`` or
+    ``nn.vmap``), one inside ``nn.scan``/``jax.lax`` control flow, or an untracked one
+    (``track_running_stats=False``: its eval uses the batch's statistics). Every batch norm ends
+    in ``.folded`` or ``.left``. The folded model is ``model.clone(norm="none")`` when every
+    batch norm was folded and the model has a ``norm`` field (the jaxbn models) whose
+    ``"none"`` reproduces the outputs; otherwise a :class:`FoldedModel`, which runs ``model``
+    with the folded batch norms skipped (and the biases added). Either is checked against the
+    original on the sample call before it is returned (untracked batch norms, unchanged by
+    folding, count as the identity in that check, so one example is enough).
+
+    A :class:`FrozenModel` (a ``freeze_batch_norm`` result) or a :class:`FoldedModel` folds too:
+    its frozen batch norms fold (constants: no counter needed), the rest stay frozen, and the
+    result is one :class:`FoldedModel`.
 
     Args:
-      model: a Flax linen model using jaxbn batch norms, called as
-        ``model.apply(v, x, train=...)``; no ``norm`` field or other change is needed.
+      model: a Flax linen model using jaxbn batch norms; no ``norm`` field or other change is
+        needed.
       variables: its variables, with tracked statistics.
-      x: an example input; the folded model is checked against the original on it.
+      *args: the sample call's positional inputs (``x``; one example is enough); the folded
+        model is checked against the original on them.
+      method: the method to trace and check, as in ``model.apply`` (default ``__call__``).
+      **kwargs: more keyword arguments of the sample call (e.g. ``mask=``). The eval flag is
+        added from the method's signature (``train``/``training``/``is_training`` = False,
+        ``use_running_average``/``deterministic`` = True; none for ``nn.Sequential`` or a model
+        without a flag, whose batch norms carry the mode); pass it here to override.
 
     Returns:
       A :class:`FoldResult`: unpacks as ``(folded_model, folded_variables)``; ``.folded`` and
-      ``.left`` say which batch norms were folded and why the others were kept.
+      ``.left`` say which batch norms were folded and why the others were kept. The folded
+      model is called as the original: ``folded_model.apply(folded_variables, x, train=False)``.
 
     Raises:
-      ValueError: statistics that were never tracked, or folded outputs that differ from the
-        original's on ``x`` beyond rounding (the message names the largest difference).
+      ValueError: statistics that were never tracked (of a layer that would be folded; a frozen
+        one's are constants and need no counter), or folded outputs that differ from the
+        original's on the sample beyond rounding (the message names the largest difference).
 
     Example:
         >>> result = jaxbn.fold_batch_norm(model, variables, x[:1])
         >>> folded_model, folded_vars = result
         >>> result.folded, result.left           # {"bn1": "conv1", ...}, {"bn2": "why", ...}
+        >>> jaxbn.fold_batch_norm(sequential, variables, x[:1])        # no flag: none passed
+        >>> jaxbn.fold_batch_norm(model, variables, x[:1], method="encode")
     """
-    plan = _plan(model, variables, x)
+    call = _Call.of(model, args, method, kwargs)
+    plan = _plan(call, variables)
     folded_variables = _folded_variables(variables, plan.folded)
-    expected = model.apply(variables, x, train=False)
+    expected = call.run(model, variables)
+    new_folded = tuple("/".join(path) for path in plan.folded)
+    new_biased = tuple("/".join(path) for path in plan.biased)
     candidates: list[nn.Module] = []
-    if not plan.left and hasattr(model, "norm"):
-        candidates.append(model.clone(norm="none"))
+    if not plan.left and hasattr(call.model, "norm"):
+        candidates.append(call.model.clone(norm="none"))
     candidates.append(
-        FoldedModel(
-            model,
-            tuple("/".join(path) for path in plan.folded),
-            tuple("/".join(path) for path in plan.biased),
+        call.wrapped(
+            tuple(dict.fromkeys((*call.folded, *new_folded))),
+            tuple(dict.fromkeys((*call.biased, *new_biased))),
         )
     )
     mismatch = None
     for candidate in candidates:
-        if isinstance(candidate, FoldedModel):
-            got = candidate.apply(folded_variables, x, train=False)
+        if isinstance(candidate, WrappedModel) or candidate is call.model:
+            got = call.run(candidate, folded_variables)
         else:
             try:  # a model whose norm="none" is not "the same network without batch norm"
-                got = candidate.apply(folded_variables, x, train=False)
+                got = call.run(candidate, folded_variables)
             except Exception:  # the FoldedModel below is the fallback
                 continue
         mismatch = _output_mismatch(got, expected)
@@ -281,191 +489,275 @@ def fold_batch_norm(model: nn.Module, variables: Mapping[str, Any], x: jax.Array
     )
 
 
-def _plan(model: nn.Module, variables: Mapping[str, Any], x: jax.Array) -> _Plan:
-    layers = {path: (stats, params) for path, stats, params in batch_norm_layers(variables)}
-    for path, (stats, _) in layers.items():
-        if int(stats["num_batches_tracked"]) == 0:
-            raise ValueError(
-                f"cannot fold the batch norm at {'/'.join(path)}: its statistics were never "
-                "tracked (num_batches_tracked == 0); train it or run jaxbn.update_bn first"
-            )
+def _plan(call: _Call, variables: Mapping[str, Any]) -> _Plan:
+    traced = _trace(call, variables)
+    trace, uses, tagged = traced.calls, traced.uses, traced
+    stats_tree = variables.get("batch_stats", {})
     params = variables.get("params", {})
+
+    # Reasons that belong to a layer, whichever of its calls: decided before the calls.
+    by_path: dict[Path, list[int]] = defaultdict(list)
+    for index, norm in enumerate(trace.norms):
+        by_path[norm.path].append(index)
+    layer_reason: dict[Path, str] = {}
+    for path, indices in by_path.items():
+        norm = trace.norms[indices[0]]
+        stats = _lookup(stats_tree, path)
+        real = [i for i in indices if traced.ran(trace.norms[i])]
+        if norm.kind is None:
+            layer_reason[path] = (
+                "flax.linen.BatchNorm is not a jaxbn batch norm; use jaxbn.flax_compat.BatchNorm "
+                "(jaxbn.from_flax_batch_norm converts its statistics) to fold it"
+            )
+        elif norm.kind == UNTRACKED:
+            layer_reason[path] = (
+                "it is untracked (track_running_stats=False): its eval normalizes with the "
+                "batch's own statistics, which no Conv/Dense weights can hold"
+            )
+        elif stats is None or "mean" not in stats or "var" not in stats:
+            layer_reason[path] = "it has no running statistics in variables['batch_stats']"
+        elif shape := stacked_shape(stats):
+            layer_reason[path] = (
+                f"its statistics are stacked {[*shape, stats['mean'].shape[-1]]} (one member per "
+                "step or mapped index, as under nn.scan or nn.vmap); folding keeps them"
+            )
+        elif any(trace.norms[i].masked for i in indices):
+            layer_reason[path] = (
+                "it is called with mask=, and its masked elements output 0, which folded "
+                "Conv/Dense weights cannot reproduce"
+            )
+        elif any(trace.norms[i].tag in traced.nested for i in indices):
+            layer_reason[path] = (
+                "it runs inside a loop or branch (nn.scan, nn.while_loop, nn.cond, jax.lax "
+                "control flow) that folding does not look into"
+            )
+        elif len(real) > 1:
+            layer_reason[path] = f"it is called {len(real)} times"
+
+    producer_calls = Counter(trace.producers)
     plan = _Plan({}, {}, [])
-    for bn_path, (producer, eps_or_why) in _find_producers(model, variables, x).items():
-        if producer is None:
-            plan.left[bn_path] = eps_or_why
-            continue
-        stats, bn_params = layers.get(bn_path, (None, None))
-        layer = get_path(params, producer)
-        channels = None if stats is None else stats["mean"].shape
-        if stats is None:
-            plan.left[bn_path] = "it has no running statistics (track_running_stats=False)"
-        elif not (
-            layer["kernel"].shape[-1:] == channels
-            and ("bias" not in layer or layer["bias"].shape == channels)
-            and all(p.shape == channels for p in bn_params.values())
-        ):
-            plan.left[bn_path] = (
-                f"the weights of {'/'.join(producer)} do not have one output channel per "
-                "batch norm channel on their last axis"
-            )
-        else:
-            plan.folded[bn_path] = (producer, eps_or_why)
-            if "bias" not in layer and producer not in plan.biased:
-                plan.biased.append(producer)
-    return plan
-
-
-_MARK = "jaxbn.fold_batch_norm:"  # prefix of the checkpoint names that tag values in the trace
-
-
-def _find_producers(
-    model: nn.Module, variables: Mapping[str, Any], x: jax.Array
-) -> dict[Path, tuple[Path, float] | tuple[None, str]]:
-    """Batch norm path → (the Conv/Dense path it alone consumes, eps), or (None, why not).
-
-    One eval-mode call is traced to a jaxpr, with every Conv/Dense output and every batch norm
-    input and output tagged by a named identity (``checkpoint_name``). A batch norm input that
-    is a Conv/Dense output used by nothing else (no other operation, not the model's output),
-    from a layer called once whose kernel and bias are read by nothing else, can be folded; so
-    can a batch norm fed in the same way by a batch norm that is folded (conv → bn → bn, as
-    ``torch.fx.experimental.optimization.fuse`` does).
-    """
-    producers: list[Path] = []  # Conv/Dense call index → path
-    norms: list[tuple[Path, float, bool]] = []  # batch norm call → (path, eps, feature axis last)
-
-    def tag(next_fun, args, kwargs, context):
-        module = context.module
-        if context.method_name != "__call__":
-            return next_fun(*args, **kwargs)
-        path = tuple(module.scope.path)
-        if isinstance(module, BatchNorm):
-            name = f"{_MARK}in{len(norms)}"
-            if args and isinstance(args[0], jax.Array):
-                args = (checkpoint_name(args[0], name), *args[1:])
-                last = module.axis % args[0].ndim == args[0].ndim - 1
-            elif isinstance(kwargs.get("x"), jax.Array):
-                kwargs = {**kwargs, "x": checkpoint_name(kwargs["x"], name)}
-                last = module.axis % kwargs["x"].ndim == kwargs["x"].ndim - 1
-            else:
-                last = False
-            norms.append((path, module.eps, last))
-            out = next_fun(*args, **kwargs)
-            if isinstance(out, jax.Array):  # a batch norm folded away may feed the next one
-                out = checkpoint_name(out, f"{_MARK}bn{len(norms) - 1}")
-            return out
-        out = next_fun(*args, **kwargs)
-        if isinstance(module, nn.Conv | nn.Dense) and isinstance(out, jax.Array):
-            out = checkpoint_name(out, f"{_MARK}out{len(producers)}")
-            producers.append(path)
-        return out
-
-    plain = flax.core.unfreeze(variables)
-    with nn.intercept_methods(tag):
-        closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(plain, x)
-    jaxpr = closed.jaxpr
-
-    # Every use of every value at the top level; the model's outputs count as a use.
-    uses: dict[Any, list[str]] = defaultdict(list)
-    tagged_out: dict[Any, int] = {}  # value → Conv/Dense call that produced it
-    tagged_in: dict[int, Any] = {}  # batch norm call → its input value
-    tagged_bn: dict[int, Any] = {}  # batch norm call → its output value
-    for eqn in jaxpr.eqns:
-        name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
-        for var in eqn.invars:
-            if not isinstance(var, jax_core.Literal):
-                uses[var].append(name or eqn.primitive.name)
-        if name.startswith(f"{_MARK}out"):
-            tagged_out[eqn.outvars[0]] = int(name.removeprefix(f"{_MARK}out"))
-        elif name.startswith(f"{_MARK}in"):
-            tagged_in[int(name.removeprefix(f"{_MARK}in"))] = eqn.invars[0]
-        elif name.startswith(f"{_MARK}bn"):
-            tagged_bn[int(name.removeprefix(f"{_MARK}bn"))] = eqn.outvars[0]
-    for var in jaxpr.outvars:
-        if not isinstance(var, jax_core.Literal):
-            uses[var].append("the model's output")
-    nested = {
-        str(eqn.params.get("name", ""))
-        for sub in _sub_jaxprs(jaxpr)
-        for eqn in _all_eqns(sub)
-        if eqn.primitive.name == "name"
-    }
-    leaves, _ = jax.tree_util.tree_flatten_with_path((plain, x))
-    weight_uses = {
-        tuple(getattr(key, "key", None) for key in keys[1:]): len(uses[var])
-        for (keys, _), var in zip(leaves, jaxpr.invars, strict=True)
-        if keys[0] == jax.tree_util.SequenceKey(0)  # a variable, not a leaf of x
-    }
-
-    producer_calls = Counter(producers)
-    norm_calls = Counter(path for path, _, _ in norms)
-    found: dict[Path, tuple[Path, float] | tuple[None, str]] = {}
     chained: dict[Any, str] = {}  # output of a folded batch norm → its path
-    for index, (path, eps, last) in enumerate(norms):
-        source = tagged_out.get(tagged_in.get(index))
-        producer = None if source is None else producers[source]
+    for index, norm in enumerate(trace.norms):
+        path = norm.path
+        if path in plan.left or path in plan.folded:
+            continue
+        if path in layer_reason:
+            plan.left[path] = layer_reason[path]
+            continue
+        source = tagged.out.get(tagged.inputs.get(index))
+        producer = None if source is None else trace.producers[source]
         name = "/".join(producer or ())
-        if norm_calls[path] > 1:
-            why = f"it is called {norm_calls[path]} times"
-        elif f"{_MARK}in{index}" in nested:
-            why = (
-                "it runs inside a transformation (jax.jit, nn.remat, nn.scan, ...) that "
-                "folding does not look into"
-            )
-        elif producer is None:
+        why = None
+        if producer is None:
             why = "its input does not come straight from a Conv or Dense layer"
-        elif not last:
+        elif not norm.last:
             why = "its feature axis is not the producer's output axis (last)"
         elif producer_calls[producer] > 1:
             why = (
                 f"{name} is called {producer_calls[producer]} times with the same weights; "
                 "folding would change its other calls"
             )
-        elif others := [use for use in uses[tagged_in[index]] if use != f"{_MARK}in{index}"]:
-            others = [
-                f"the batch norm at {'/'.join(norms[int(use.removeprefix(f'{_MARK}in'))][0])}"
-                if use.startswith(f"{_MARK}in")
-                else use
-                for use in others
-            ]
-            folded_before = chained.get(tagged_in[index])
+        elif others := [use for use in uses[tagged.inputs[index]] if use != norm.tag]:
+            others = [_use_name(trace, use) for use in others]
+            folded_before = chained.get(tagged.inputs[index])
             what = name if folded_before is None else f"the batch norm at {folded_before}"
             why = (
                 f"the output of {what} is also used elsewhere ({', '.join(others)}), "
                 "e.g. a skip connection; folding would change that use"
             )
         elif any(
-            weight_uses.get(("params", *producer, leaf), 1) != 1 for leaf in ("kernel", "bias")
+            traced.weight_uses.get(("params", *producer, leaf), 1) != 1
+            for leaf in ("kernel", "bias")
         ):
             why = f"the weights of {name} are also read outside it"
         else:
-            found[path] = (producer, eps)
-            if index in tagged_bn:  # conv → bn → bn: the second folds into the same layer
-                tagged_out[tagged_bn[index]] = source
-                chained[tagged_bn[index]] = "/".join(path)
+            stats = _lookup(stats_tree, path)
+            layer = get_path(params, producer)
+            channels = stats["mean"].shape
+            bn_params = _lookup(params, path) or {}
+            if not (
+                layer["kernel"].shape[-1:] == channels
+                and ("bias" not in layer or layer["bias"].shape == channels)
+                and all(
+                    getattr(p, "shape", None) == channels
+                    for k, p in bn_params.items()
+                    if k in ("scale", "bias")
+                )
+            ):
+                why = (
+                    f"the weights of {name} do not have one output channel per batch norm "
+                    "channel on their last axis"
+                )
+        if why is not None:
+            plan.left[path] = why
             continue
-        found[path] = (None, why)
-    return found
+        counter = stats.get("num_batches_tracked")
+        if norm.kind != FROZEN and counter is not None and np.any(np.asarray(counter) == 0):
+            raise ValueError(
+                f"cannot fold the batch norm at {'/'.join(path)}: its statistics were never "
+                "tracked (num_batches_tracked == 0); train it or run jaxbn.update_bn first"
+            )
+        plan.folded[path] = (producer, norm.eps)
+        if "bias" not in layer and producer not in plan.biased:
+            plan.biased.append(producer)
+        if index in tagged.outputs:  # conv → bn → bn: the second folds into the same layer
+            tagged.out[tagged.outputs[index]] = source
+            chained[tagged.outputs[index]] = "/".join(path)
+
+    # Every batch norm with running statistics ends in .folded or .left.
+    for path in stored_layers(variables):
+        if path not in plan.folded and path not in plan.left and path not in by_path:
+            plan.left[path] = (
+                "the sample call did not run it (another method, or a branch not taken); "
+                "kept as it is"
+            )
+    return plan
 
 
-def _sub_jaxprs(jaxpr: Any) -> Iterator[Any]:
-    """The jaxprs nested in ``jaxpr``'s equations (one level)."""
-    for eqn in jaxpr.eqns:
-        stack = list(eqn.params.values())
-        while stack:
-            value = stack.pop()
-            if isinstance(value, jax_core.ClosedJaxpr):
-                yield value.jaxpr
-            elif isinstance(value, jax_core.Jaxpr):
-                yield value
-            elif isinstance(value, tuple | list):
-                stack.extend(value)
+def _use_name(trace: _Trace, use: str) -> str:
+    """An operation that reads a value, in words (a tagged batch norm input by its path)."""
+    if use.startswith(f"{_MARK}in"):
+        return (
+            f"the batch norm at {'/'.join(trace.norms[int(use.removeprefix(f'{_MARK}in'))].path)}"
+        )
+    return use
+
+
+def _lookup(tree: Mapping[str, Any], path: Path) -> Any:
+    try:
+        found = get_path(tree, path)
+    except (KeyError, TypeError):
+        return None
+    return found if isinstance(found, Mapping) else None
+
+
+_MARK = "jaxbn.fold_batch_norm:"  # prefix of the checkpoint names that tag values in the trace
+
+
+@dataclasses.dataclass
+class _Traced:
+    """What :func:`_trace` finds in the jaxpr."""
+
+    calls: _Trace
+    uses: dict[Any, list[str]]  # value → what uses it (the model's outputs count as a use)
+    out: dict[Any, int]  # value → the Conv/Dense call that produced it
+    inputs: dict[int, Any]  # batch norm call → its input value
+    outputs: dict[int, Any]  # batch norm call → its output value
+    nested: set[str]  # tags found inside loops and branches (not looked into)
+    weight_uses: dict[Path, int]  # ("params", *path, leaf) → how many operations read it
+
+    def ran(self, norm: _NormCall) -> bool:
+        """Whether this traced call is in the jaxpr (a lifted transform may trace its body
+        once more to find shapes; that trace is not the model's computation)."""
+        index = int(norm.tag.removeprefix(f"{_MARK}in"))
+        return index in self.inputs or norm.tag in self.nested
+
+
+#: Primitives that call a sub-jaxpr once with their own inputs and outputs (jax.jit, nn.jit,
+#: nn.remat / jax.checkpoint): folding looks into them as if they were inlined.
+_INLINED = {"jit", "pjit", "remat", "remat2", "checkpoint", "closed_call", "core_call"}
+
+
+def _trace(call: _Call, variables: Mapping[str, Any]) -> _Traced:
+    """One eval-mode call of the model traced to a jaxpr, with every Conv/Dense output and every
+    batch norm input and output tagged by a named identity (``checkpoint_name``); calls of
+    ``jax.jit``/``nn.jit``/``nn.remat`` are looked into as if inlined."""
+    trace = _Trace()
+    plain = flax.core.unfreeze(variables)
+    array_args = all(
+        isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(call.args)
+    )
+
+    def apply(v, *args):
+        rewriter = _Rewriter((), call.folded, call.biased, call.frozen, trace)
+        with nn.intercept_methods(rewriter):
+            return call.model.apply(v, *args, method=call.method, **call.kwargs)
+
+    if array_args:
+        closed = jax.make_jaxpr(apply)(plain, *call.args)
+    else:  # Python values among the inputs stay Python values
+        closed = jax.make_jaxpr(lambda v: apply(v, *call.args))(plain)
+    jaxpr = closed.jaxpr
+
+    uses: dict[Any, list[str]] = defaultdict(list)
+    traced = _Traced(trace, uses, {}, {}, {}, set(), {})
+    nested = traced.nested
+    alias: dict[Any, Any] = {}
+    resolve = lambda var: var if isinstance(var, jax_core.Literal) else alias.get(var, var)
+
+    def walk(eqns) -> None:
+        for eqn in eqns:
+            sub = _single_sub_jaxpr(eqn) if eqn.primitive.name in _INLINED else None
+            if sub is not None:
+                for inner, outer in zip(sub.invars, eqn.invars, strict=True):
+                    alias[inner] = resolve(outer)
+                walk(sub.eqns)
+                for outer, inner in zip(eqn.outvars, sub.outvars, strict=True):
+                    alias[outer] = resolve(inner)
+                continue
+            name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
+            for var in eqn.invars:
+                if not isinstance(var, jax_core.Literal):
+                    uses[resolve(var)].append(name or eqn.primitive.name)
+            if name.startswith(f"{_MARK}out"):
+                traced.out[eqn.outvars[0]] = int(name.removeprefix(f"{_MARK}out"))
+            elif name.startswith(f"{_MARK}in"):
+                traced.inputs[int(name.removeprefix(f"{_MARK}in"))] = resolve(eqn.invars[0])
+            elif name.startswith(f"{_MARK}bn"):
+                traced.outputs[int(name.removeprefix(f"{_MARK}bn"))] = eqn.outvars[0]
+            for inner in _sub_jaxprs(eqn):
+                nested.update(
+                    str(e.params.get("name", ""))
+                    for e in _all_eqns(inner)
+                    if e.primitive.name == "name"
+                )
+
+    walk(jaxpr.eqns)
+    for var in jaxpr.outvars:
+        if not isinstance(var, jax_core.Literal):
+            uses[resolve(var)].append("the model's output")
+    leaves, _ = jax.tree_util.tree_flatten_with_path((plain, call.args if array_args else ()))
+    traced.weight_uses = {
+        tuple(getattr(key, "key", None) for key in keys[1:]): len(uses[var])
+        for (keys, _), var in zip(leaves, jaxpr.invars, strict=True)
+        if keys[0] == jax.tree_util.SequenceKey(0)  # a variable, not a leaf of the inputs
+    }
+    return traced
+
+
+def _single_sub_jaxpr(eqn: Any) -> Any:
+    """The one jaxpr an inlinable call runs, when it maps inputs and outputs one to one."""
+    subs = [
+        value.jaxpr if isinstance(value, jax_core.ClosedJaxpr) else value
+        for value in eqn.params.values()
+        if isinstance(value, jax_core.ClosedJaxpr | jax_core.Jaxpr)
+    ]
+    if len(subs) != 1:
+        return None
+    sub = subs[0]
+    if len(sub.invars) != len(eqn.invars) or len(sub.outvars) != len(eqn.outvars):
+        return None
+    return sub
+
+
+def _sub_jaxprs(eqn: Any) -> Iterator[Any]:
+    """The jaxprs nested in one equation's parameters."""
+    stack = list(eqn.params.values())
+    while stack:
+        value = stack.pop()
+        if isinstance(value, jax_core.ClosedJaxpr):
+            yield value.jaxpr
+        elif isinstance(value, jax_core.Jaxpr):
+            yield value
+        elif isinstance(value, tuple | list):
+            stack.extend(value)
 
 
 def _all_eqns(jaxpr: Any) -> Iterator[Any]:
-    yield from jaxpr.eqns
-    for sub in _sub_jaxprs(jaxpr):
-        yield from _all_eqns(sub)
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in _sub_jaxprs(eqn):
+            yield from _all_eqns(sub)
 
 
 def _folded_variables(

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -43,9 +44,15 @@ from jaxbn.linen.batch_norm import BatchNorm
 from jaxbn.linen.batch_renorm import BatchRenorm
 from jaxbn.linen.frozen_batch_norm import frozen_batch_norm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
-from jaxbn.tools._tree import batch_norm_layers
+from jaxbn.tools._tree import Path, batch_norm_layers
 
-__all__ = ["FreezeResult", "FrozenModel", "freeze_batch_norm", "unfreeze_batch_norm"]
+__all__ = [
+    "FreezeResult",
+    "FrozenModel",
+    "WrappedModel",
+    "freeze_batch_norm",
+    "unfreeze_batch_norm",
+]
 
 #: the module classes whose calls a :class:`FrozenModel` replaces.
 FREEZABLE = (BatchNorm, BatchRenorm, GhostBatchNorm)
@@ -88,7 +95,85 @@ class FreezeResult(_ModelAndVariables):
         return f"FreezeResult(model={type(self.model).__name__}(...), frozen={self.frozen!r})"
 
 
-class FrozenModel(nn.Module):
+class WrappedModel(nn.Module):
+    """A model run with some of its batch norms changed, under the model's own variable names.
+
+    The base of :class:`FrozenModel` and :class:`jaxbn.tools.fold.FoldedModel`. Both have a
+    ``frozen`` selection, so freezing or folding a wrapped model changes its fields instead of
+    wrapping it twice (two wrappers would both claim the scope name ``model``). Any method of
+    the wrapped model runs with the changes: ``wrapped.apply(v, x, method="encode")``, or a
+    function ``method=lambda model, x: ...`` that receives the wrapped model.
+
+    Attributes:
+      model: the original model (never itself a ``WrappedModel``).
+    """
+
+    model: nn.Module
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, WrappedModel):
+            raise TypeError(
+                f"{type(self).__name__} of a {type(self.model).__name__}: two wrappers would "
+                "both claim the scope name 'model'; use jaxbn.freeze_batch_norm / "
+                "jaxbn.fold_batch_norm on it, which return one wrapper"
+            )
+        super().__post_init__()
+
+    def setup(self) -> None:
+        nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
+
+    def interceptor(self, base: Path) -> Callable:
+        """The ``nn.intercept_methods`` function that makes the changes; ``base`` is the
+        wrapper's scope path (paths in the fields are relative to it)."""
+        raise NotImplementedError
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.run_method("__call__", *args, **kwargs)
+
+    def run_method(self, method: str | Callable, *args: Any, **kwargs: Any) -> Any:
+        """``model.<method>(*args, **kwargs)`` (a name) or ``method(model, *args, **kwargs)``
+        (a function) with the wrapper's changes in effect."""
+        if isinstance(method, str):
+            function = getattr(self.model, method)
+        else:
+            function = functools.partial(method, self.model)
+        with nn.intercept_methods(self.interceptor(tuple(self.scope.path))):
+            return function(*args, **kwargs)
+
+    @nn.nowrap
+    def apply(self, variables: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        return super().apply(variables, *args, method=self._forwarded(method), **kwargs)
+
+    @nn.nowrap
+    def init_with_output(self, rngs: Any, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        return super().init_with_output(rngs, *args, method=self._forwarded(method), **kwargs)
+
+    @nn.nowrap
+    def _forwarded(self, method: Any) -> Any:
+        """``apply``'s ``method`` for a method of the wrapped model (the wrapper has only
+        ``__call__`` of its own)."""
+        own = type(self).__call__
+        if method is None or method == "__call__" or getattr(method, "__func__", method) is own:
+            return method
+        if not isinstance(method, str) and not callable(method):
+            return method  # Flax says what is wrong with it
+        return lambda wrapper, *args, **kwargs: wrapper.run_method(method, *args, **kwargs)
+
+
+def relative_path(path: Path, base: Path) -> Path:
+    """``path`` relative to a wrapper's scope path ``base`` (as the wrapper's fields name it)."""
+    return path[len(base) :] if path[: len(base)] == base else path
+
+
+def freezes(module: nn.Module, relative: Path, frozen: tuple[str, ...] | None) -> bool:
+    """Whether a wrapper with the selection ``frozen`` (None: every one) computes frozen batch
+    norm for this ``__call__`` of ``module``."""
+    if not isinstance(module, FREEZABLE) or module.is_initializing():
+        return False
+    return frozen is None or "/".join(relative) in frozen
+
+
+class FrozenModel(WrappedModel):
     """``model`` with its jaxbn batch norms computing frozen batch norm (see module docstring).
 
     Attributes:
@@ -97,31 +182,24 @@ class FrozenModel(nn.Module):
         for every one.
     """
 
-    model: nn.Module
     frozen: tuple[str, ...] | None = None
 
-    def setup(self) -> None:
-        nn.share_scope(self, self.model)  # the model's variable names, not nested under "model"
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        base = tuple(self.scope.path)
-        chosen = None if self.frozen is None else {tuple(p.split("/")) for p in self.frozen}
-
+    def interceptor(self, base: Path) -> Callable:
         def freeze(next_fun, args, kwargs, context):
             module = context.module
-            if context.method_name != "__call__" or not isinstance(module, FREEZABLE):
+            if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
-            path = tuple(module.scope.path)
-            relative = path[len(base) :] if path[: len(base)] == base else path
-            if (chosen is not None and relative not in chosen) or module.is_initializing():
+            relative = relative_path(tuple(module.scope.path), base)
+            if not freezes(module, relative, self.frozen):
                 return next_fun(*args, **kwargs)
-            return _frozen_call(module, "/".join(relative), args, kwargs)
+            return frozen_call(module, "/".join(relative), args, kwargs)
 
-        with nn.intercept_methods(freeze):
-            return self.model(*args, **kwargs)
+        return freeze
 
 
-def _frozen_call(module: nn.Module, where: str, args: tuple, kwargs: dict) -> jax.Array:
+def frozen_call(module: nn.Module, where: str, args: tuple, kwargs: dict) -> jax.Array:
+    """What a batch norm's ``__call__(*args, **kwargs)`` computes when frozen; ``where`` is its
+    path for the error messages."""
     x = jnp.asarray(args[0] if args else kwargs["x"])
     if not getattr(module, "track_running_stats", True) or not module.has_variable(
         "batch_stats", "mean"
@@ -158,8 +236,8 @@ def freeze_batch_norm(
     """The model with its batch norms frozen, the same variables, and optimizer labels.
 
     Args:
-      model: a Flax linen model using jaxbn batch norms (or a :class:`FrozenModel`: its
-        selection grows).
+      model: a Flax linen model using jaxbn batch norms, or a :class:`FrozenModel` (its
+        selection grows) or a ``FoldedModel`` (its remaining batch norms are frozen too).
       variables: its variables (unchanged; read for the labels and the paths).
       where: optional filter on the ``/``-joined batch norm path (``lambda p:
         p.startswith("backbone")``); default every batch norm, and one without running
@@ -174,8 +252,8 @@ def freeze_batch_norm(
     """
     layers = ["/".join(path) for path, _, _ in batch_norm_layers(variables)]
     previous: tuple[str, ...] | None = ()
-    if isinstance(model, FrozenModel):
-        model, previous = model.model, model.frozen
+    if isinstance(model, WrappedModel):
+        previous = model.frozen
     if where is None or previous is None:
         selection = None
         frozen = tuple(layers)
@@ -189,14 +267,21 @@ def freeze_batch_norm(
         selection = tuple(dict.fromkeys((*previous, *chosen)))
         frozen = selection
     labels = _labels(variables, frozen)
-    return FreezeResult(FrozenModel(model, selection), dict(variables), frozen, labels)
+    if isinstance(model, WrappedModel):  # one wrapper, with a larger selection
+        frozen_model = model.clone(frozen=selection)
+    else:
+        frozen_model = FrozenModel(model, selection)
+    return FreezeResult(frozen_model, dict(variables), frozen, labels)
 
 
 def unfreeze_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> FreezeResult:
     """The original model of a :func:`freeze_batch_norm` result (a model that is not frozen
-    comes back as it is), the same variables, and every parameter labelled ``"trainable"``."""
+    comes back as it is; a folded one keeps its folds), the same variables, and every parameter
+    labelled ``"trainable"``."""
     if isinstance(model, FrozenModel):
         model = model.model
+    elif isinstance(model, WrappedModel):
+        model = model.clone(frozen=())
     return FreezeResult(model, dict(variables), (), _labels(variables, ()))
 
 
