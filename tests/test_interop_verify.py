@@ -471,7 +471,7 @@ def test_torch_names_that_end_in_digits_are_reached_with_rename_both_ways():
     x = torch.randn(2, 3, 7, 7)
     model = InceptionStem()
     template = jax.eval_shape(lambda: model.init(jax.random.key(0), nhwc(x), train=False))
-    with pytest.raises(KeyError, match=re.escape("'Mixed_5b.branch5x5.1.bn.num_batches_tracked'")):
+    with pytest.raises(KeyError, match=re.escape("4 of the model's 8 layers found no torch key")):
         interop.torch_to_flax(net.state_dict(), template)  # the default rule reads `_1` as an index
     by_table = {
         "Conv2d_1a_3x3": "Conv2d_1a_3x3",
@@ -582,29 +582,36 @@ def batch_norm_template(dtype=jnp.float32):
     return module.init(jax.random.key(0), jnp.zeros((2, 3), dtype), train=False)
 
 
-def test_a_counter_that_does_not_fit_int32_is_refused_naming_the_key():
+def test_a_counter_that_does_not_fit_int32_is_refused_naming_the_key_also_under_x64():
     bn = torch.nn.BatchNorm1d(3)
     bn.num_batches_tracked.fill_(2**40)
-    with pytest.raises(
-        ValueError,
-        match=re.escape(
-            "num_batches_tracked: num_batches_tracked = 1099511627776 does not fit int32 "
-            "(at most 2147483647); enable jax_enable_x64 to keep it as int64"
-        ),
-    ):
+    message = (
+        "num_batches_tracked: num_batches_tracked = 1099511627776 does not fit jaxbn's int32 "
+        "counter (0 to 2147483647, where jaxbn's counter stops); it is read only by "
+        "momentum=None (the cumulative average, factor 1/(count+1)): to load it, set it to "
+        "2147483647 in the state_dict, which changes that factor from 1/1099511627777 to "
+        "1/2147483648"
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        interop.torch_to_flax(bn.state_dict(), batch_norm_template())
+    with jax.enable_x64(True), pytest.raises(ValueError, match=re.escape(message)):
         interop.torch_to_flax(bn.state_dict(), batch_norm_template())
 
 
-def test_a_large_counter_keeps_its_value_with_x64_both_ways():
+@pytest.mark.parametrize("x64", [False, True], ids=["x32", "x64"])
+def test_torchs_int64_counter_loads_as_int32_and_saves_as_int64(x64):
     bn = torch.nn.BatchNorm1d(3)
-    bn.num_batches_tracked.fill_(2**40)
-    with jax.enable_x64(True):
+    bn.num_batches_tracked.fill_(2**31 - 1)  # the largest that fits
+    with jax.enable_x64(x64):
         variables = interop.torch_to_flax(bn.state_dict(), batch_norm_template())
         count = variables["batch_stats"]["num_batches_tracked"]
-        assert count.dtype == jnp.int64 and int(count) == 2**40
+        assert count.dtype == jnp.int32 and int(count) == 2**31 - 1
         back = interop.flax_to_torch(variables)
     assert back["num_batches_tracked"].dtype == np.int64
-    assert int(back["num_batches_tracked"]) == 2**40
+    assert int(back["num_batches_tracked"]) == 2**31 - 1
+    fresh = torch.nn.BatchNorm1d(3)
+    fresh.load_state_dict({k: torch.from_numpy(v) for k, v in back.items()})  # strict
+    assert fresh.num_batches_tracked.dtype == torch.int64
 
 
 def test_a_bfloat16_state_dict_converts_exactly_to_bfloat16_and_float32_and_back():
