@@ -64,8 +64,12 @@ __all__ = [
     "check_initializers",
     "check_layer_norm_fields",
     "check_momentum",
+    "check_renorm_fields",
     "check_running_stats",
+    "check_variant_fields",
+    "check_virtual_batch_size",
     "check_vmapped_update",
+    "cumulative_momentum",
     "group_norm_channels",
     "input_features",
     "is_real",
@@ -73,6 +77,7 @@ __all__ = [
     "momentum_convention_message",
     "next_count",
     "rank_variants",
+    "renorm_clipping",
     "sync_axis",
     "train_flag",
     "warn_momentum_convention",
@@ -240,6 +245,65 @@ def momentum_convention_message(
 def check_initializers(scale_init: Any, bias_init: Any) -> None:
     check_initializer(scale_init, "scale_init")
     check_initializer(bias_init, "bias_init")
+
+
+def check_variant_fields(
+    num_features: Any, eps: Any, axis: Any, scale_init: Any, bias_init: Any
+) -> None:
+    """The fields every batch norm variant (frozen, ghost, renorm) shares, checked as
+    :class:`jaxbn.linen.variant_fields.VariantFields` checks them."""
+    check_feature_count(num_features, "num_features")
+    check_eps(eps)
+    check_axis(axis)
+    check_initializers(scale_init, bias_init)
+
+
+def check_renorm_fields(r_max: Any, d_max: Any, warmup_steps: Any, update_rule: Any) -> None:
+    """:class:`jaxbn.BatchRenorm`'s own fields."""
+    check_clipping(r_max, d_max)
+    check_feature_count(warmup_steps, "warmup_steps", allow_none=False)
+    if update_rule not in ("torch", "keras"):
+        raise ValueError(f"update_rule must be 'torch' or 'keras', got {update_rule!r}")
+
+
+def check_virtual_batch_size(virtual_batch_size: Any) -> None:
+    """:class:`jaxbn.GhostBatchNorm`'s examples per virtual batch."""
+    if virtual_batch_size is None:
+        raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
+    check_feature_count(virtual_batch_size, "virtual_batch_size", allow_none=False)
+    if virtual_batch_size < 1:
+        raise ValueError(f"virtual_batch_size must be positive, got {virtual_batch_size}")
+
+
+def renorm_clipping(module: Any, r_max: Any, d_max: Any, count: jax.Array) -> tuple[Any, Any]:
+    """A :class:`BatchRenorm` call's ``(r_max, d_max)``: the call's values, else the module's
+    fields after its ``warmup_steps`` (counted by ``count``, ``r_max=1, d_max=0`` before)."""
+    for name, value in (("r_max", r_max), ("d_max", d_max)):
+        if value is not None and not isinstance(value, jax.core.Tracer) and not is_real(value):
+            raise TypeError(f"{name} must be a float, not {type(value).__name__}")
+    if r_max is not None or d_max is not None:
+        return (
+            module.r_max if r_max is None else r_max,
+            module.d_max if d_max is None else d_max,
+        )
+    if not module.warmup_steps:
+        return module.r_max, module.d_max
+    warm = count >= module.warmup_steps
+    return jnp.where(warm, module.r_max, 1.0), jnp.where(warm, module.d_max, 0.0)
+
+
+def cumulative_momentum(
+    momentum: Any, count: jax.Array, dtype: Any, steps: int | None = None
+) -> Any:
+    """``momentum``, or for ``None`` (the cumulative average) the factor ``1/(count + 1)`` of
+    one update, or with ``steps`` the [steps] factors ``1/(count + k)``, k = 1..steps, of the
+    updates of one call (a ghost batch norm's splits). In float: an int32 count + 1 could wrap
+    at 2**31 - 1."""
+    if momentum is not None:
+        return momentum
+    if steps is None:
+        return 1.0 / (count.astype(dtype) + 1)
+    return 1.0 / (count.astype(dtype) + jnp.arange(1, steps + 1, dtype=dtype))
 
 
 def check_group_norm_fields(num_groups: Any, num_channels: Any, eps: Any, axis: Any) -> None:

@@ -23,7 +23,7 @@ from jaxbn._module_logic import MomentumConventionWarning
 from jaxbn.nnx import flax_compat
 
 
-def tutorial_cnn(BatchNorm):  # noqa: N803 (the swapped name, as the tutorial spells it)
+def tutorial_cnn(BatchNorm):
     """The Flax NNX MNIST tutorial's CNN (the same layers and calls, smaller sizes), with
     ``BatchNorm`` the one name that changes."""
 

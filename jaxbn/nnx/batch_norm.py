@@ -64,7 +64,9 @@ __all__ = [
     "BatchNorm3d",
     "affine_params",
     "resolve_mode",
+    "running_stats",
     "set_mode_view",
+    "stats_of",
 ]
 
 Initializer = Callable[..., jax.Array]
@@ -130,6 +132,25 @@ def affine_params(
 
     scale = param(use_scale, scale_init, scale_metadata)
     return scale, param(use_bias, bias_init, bias_metadata)
+
+
+def running_stats(features: int, param_dtype: Any) -> tuple[Any, Any, Any]:
+    """``(mean, var, num_batches_tracked)`` as ``nnx.BatchStat``: zeros, ones (``param_dtype``)
+    and an int32 0, PyTorch's initial statistics."""
+    return (
+        nnx.BatchStat(jnp.zeros((features,), param_dtype)),
+        nnx.BatchStat(jnp.ones((features,), param_dtype)),
+        nnx.BatchStat(jnp.zeros((), jnp.int32)),
+    )
+
+
+def stats_of(module: nnx.Module, features: int) -> logic.RunningStats | None:
+    """The module's running statistics (checked against C), or None without them."""
+    if module.mean is None:
+        return None
+    stats = logic.RunningStats(module.mean[...], module.var[...], module.num_batches_tracked[...])
+    logic.check_running_stats(type(module).__name__, stats, features)
+    return stats
 
 
 def set_mode_view(module: nnx.Module, use_running_average: bool | None) -> None:
@@ -252,9 +273,9 @@ class BatchNorm(nnx.Module):
         # what exists: tells the input checks whether parameters will check the size of C
         self.affine = self.scale is not None or self.bias is not None
         if self.track_running_stats:
-            self.mean = nnx.BatchStat(jnp.zeros(shape, param_dtype))
-            self.var = nnx.BatchStat(jnp.ones(shape, param_dtype))
-            self.num_batches_tracked = nnx.BatchStat(jnp.zeros((), jnp.int32))
+            self.mean, self.var, self.num_batches_tracked = running_stats(
+                self.num_features, param_dtype
+            )
         else:
             self.mean = self.var = self.num_batches_tracked = nnx.data(None)
 
@@ -270,12 +291,9 @@ class BatchNorm(nnx.Module):
         x, features = logic.input_features(self, x)
         weight = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
-        stats = None
-        if self.mean is not None:
-            stats = logic.RunningStats(self.mean[...], self.var[...], self.num_batches_tracked[...])
-            logic.check_running_stats(type(self).__name__, stats, features)
-            if training and logic.sync_axis(self)[0] is None:
-                logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
+        stats = stats_of(self, features)
+        if stats is not None and training and logic.sync_axis(self)[0] is None:
+            logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
         y, new, moments = logic.batch_norm_call(
             self, x, weight, bias, stats, train=training, mask=mask
         )

@@ -60,6 +60,9 @@ __all__ = ["BatchNorm"]
 
 Initializer = Callable[..., jax.Array]
 
+#: flax.nnx.BatchNorm's default initializers (the same objects' values: zeros, ones).
+ZEROS, ONES = initializers.zeros_init(), initializers.ones_init()
+
 
 class _Fields(NamedTuple):
     """The fields :mod:`jaxbn._module_logic` reads, in jaxbn's meanings."""
@@ -120,8 +123,8 @@ class BatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         use_bias: bool = True,
         use_scale: bool = True,
-        bias_init: Initializer = initializers.zeros_init(),
-        scale_init: Initializer = initializers.ones_init(),
+        bias_init: Initializer = ZEROS,
+        scale_init: Initializer = ONES,
         axis_name: str | None = None,
         axis_index_groups: Any = None,
         use_fast_variance: bool = True,
@@ -222,9 +225,7 @@ class BatchNorm(nnx.Module):
     ) -> jax.Array:
         """``x`` [N, ..., C] → ``y`` like ``x``; ``use_running_average`` overrides the
         attribute for this call."""
-        mode = use_running_average if use_running_average is not None else (
-            self.use_running_average
-        )
+        mode = self.use_running_average if use_running_average is None else use_running_average
         if mode is None:
             raise ValueError(
                 "No `use_running_average` argument was provided to BatchNorm: pass it to the "

@@ -1,0 +1,193 @@
+"""Flax NNX module ``BatchRenorm``: Batch Renormalization (Ioffe 2017), the twin of
+:class:`jaxbn.BatchRenorm` (same fields, same numbers bit for bit; see that module for the
+formulas, the warm-up and the Keras table).
+
+Per feature c, with the running ``μ_c`` and ``σ_c = sqrt(var_c + eps)``::
+
+    train:  r = stop_gradient(clip(σ_B / σ, 1/r_max, r_max))
+            d = stop_gradient(clip((μ_B − μ) / σ, −d_max, d_max))
+            y = (x − μ_B) / σ_B · (scale · r) + (scale · d + bias)
+    eval:   y = (x − μ) / σ · scale + bias                      (BatchNorm's eval)
+
+Variables: a :class:`jaxbn.nnx.BatchNorm`'s (``scale``, ``bias``: ``nnx.Param``; ``mean``,
+``var``, ``num_batches_tracked``: ``nnx.BatchStat``). The mode is NNX's: ``model.train()`` /
+``model.eval()`` / ``nnx.view``, or ``train=`` per call; none by default (the first call then
+raises, as :class:`jaxbn.nnx.BatchNorm`).
+
+Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> bn = jaxbn.nnx.BatchRenorm(8, r_max=3.0, d_max=5.0, warmup_steps=5000)
+    >>> bn.train(); y = bn(jnp.ones((4, 8)) * jnp.arange(4.0)[:, None])          # [N, C]
+    >>> r_max, d_max = jaxbn.renorm_schedule(step)                 # the paper's relaxation
+    >>> y = bn(x, r_max=r_max, d_max=d_max)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn import _module_logic as logic
+from jaxbn import functional
+from jaxbn.nnx.batch_norm import (
+    Initializer,
+    affine_params,
+    resolve_mode,
+    running_stats,
+    set_mode_view,
+    stats_of,
+)
+
+__all__ = ["BatchRenorm"]
+
+
+class BatchRenorm(nnx.Module):
+    """Batch Renormalization with PyTorch-style fields (see the module docstring).
+
+    Args:
+      num_features: C (by position); every other argument by keyword.
+      eps: added to the variances (PyTorch's 1e-5; Keras's is 1e-3).
+      momentum: weight of the new batch in the running averages; None = cumulative average.
+      affine: learn ``scale`` (init 1) and ``bias`` (init 0).
+      axis: the feature axis (-1 channels-last; 1 for NC...).
+      axis_name: mapped axis to merge the batch statistics over (training only).
+      axis_index_groups: device groups within ``axis_name`` (pmap only).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of ``scale``, ``bias`` and the running statistics.
+      r_max, d_max: the clipping of ``r`` (``[1/r_max, r_max]``) and ``d`` (``[−d_max, d_max]``).
+      warmup_steps: training calls (by ``num_batches_tracked``) with ``r_max=1, d_max=0``.
+      update_rule: ``"torch"`` (PyTorch's running update) or ``"keras"`` (Keras 3's).
+      scale_init, bias_init: initializers ``(key, shape, dtype)``.
+      use_running_average: the mode (None: none yet; ``.train()`` / ``.eval()`` set it).
+      momentum_convention_checked: silences the warning a momentum above 0.5 gets.
+      rngs: ``nnx.Rngs``, needed only by a random initializer.
+
+    Call:
+      ``bn(x, use_running_average=None, *, train=None, mask=None, r_max=None, d_max=None)``:
+      ``x`` [N, ..., C]; ``r_max``/``d_max`` this call's clipping (floats or traced scalars),
+      replacing the fields and the warm-up. Returns ``y`` like ``x``.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        axis: int = -1,
+        axis_name: str | Sequence[str] | None = None,
+        axis_index_groups: Any = None,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        warmup_steps: int = 0,
+        update_rule: str = "torch",
+        scale_init: Initializer = nn.initializers.ones,
+        bias_init: Initializer = nn.initializers.zeros,
+        use_running_average: bool | None = None,
+        momentum_convention_checked: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        logic.check_feature_count(num_features, "num_features", allow_none=False)
+        logic.check_renorm_fields(r_max, d_max, warmup_steps, update_rule)
+        logic.check_momentum(momentum)
+        logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        if use_running_average is not None:
+            logic.train_flag(use_running_average, "use_running_average")
+        message = logic.momentum_convention_message(
+            f"nnx.{type(self).__name__}",
+            momentum,
+            momentum_convention_checked,
+            example="Keras's momentum=0.99 is jaxbn's 0.01",
+            alternative="",
+        )
+        if message:
+            logic.warn_momentum_convention(message)
+        self.num_features = int(num_features)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.axis = axis
+        self.axis_name = (
+            axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
+        )
+        self.axis_index_groups = (
+            None
+            if axis_index_groups is None
+            else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+        )
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.r_max = r_max
+        self.d_max = d_max
+        self.warmup_steps = int(warmup_steps)
+        self.update_rule = update_rule
+        self.use_running_average = use_running_average
+        self.scale, self.bias = affine_params(
+            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+        )
+        self.mean, self.var, self.num_batches_tracked = running_stats(
+            self.num_features, param_dtype
+        )
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: jax.Array | None = None,
+        r_max: float | jax.Array | None = None,
+        d_max: float | jax.Array | None = None,
+    ) -> jax.Array:
+        training = resolve_mode(self, train, use_running_average, self.use_running_average)
+        x, features = logic.input_features(self, x)
+        weight = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        stats = stats_of(self, features)
+        if not training:
+            y = functional.batch_renorm(
+                x, stats.mean, stats.var, weight, bias, False, 0.0, self.eps, axis=self.axis
+            )[0]
+            return y.astype(self.dtype) if self.dtype is not None else y
+        axis_name, axis_index_groups = logic.sync_axis(self)
+        if axis_name is None:
+            logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
+        count = stats.num_batches_tracked
+        momentum = logic.cumulative_momentum(self.momentum, count, stats.mean.dtype)
+        r_max, d_max = logic.renorm_clipping(self, r_max, d_max, count)
+        y, self.mean[...], self.var[...] = functional.batch_renorm(
+            x,
+            stats.mean,
+            stats.var,
+            weight,
+            bias,
+            True,
+            momentum,
+            self.eps,
+            r_max=r_max,
+            d_max=d_max,
+            axis=self.axis,
+            axis_name=axis_name,
+            axis_index_groups=axis_index_groups,
+            mask=mask,
+            update_rule=self.update_rule,
+        )
+        self.num_batches_tracked[...] = logic.next_count(count)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view(model, use_running_average=...)`` (and ``nnx.view_info``).
+
+        Args:
+          use_running_average: True: eval (running statistics); False: training (batch
+            statistics, running statistics updated); None: unchanged.
+        """
+        set_mode_view(self, use_running_average)

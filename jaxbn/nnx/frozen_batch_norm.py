@@ -1,0 +1,118 @@
+"""Flax NNX module ``FrozenBatchNorm`` (torchvision's ``FrozenBatchNorm2d``), the twin of
+:class:`jaxbn.FrozenBatchNorm`: a batch norm whose variables are all constants::
+
+    y = (x − mean) · rsqrt(var + eps) · scale + bias        in train and eval alike
+
+Nothing is updated and no gradient reaches ``scale``/``bias``/``mean``/``var``. The
+variables keep a :class:`jaxbn.nnx.BatchNorm`'s names; ``scale`` and ``bias`` are
+:class:`FrozenParam` — an ``nnx.Param`` (so checkpoints and the tools that read parameters see
+them where a BatchNorm's are) that an optimizer leaves alone when built with
+``wrt=jaxbn.nnx.trainable`` (``nnx.Param`` but not ``FrozenParam``): a zero gradient alone does
+not stop weight decay.
+
+Example:
+    >>> import jax.numpy as jnp, optax, jaxbn.nnx
+    >>> from flax import nnx
+    >>> bn = jaxbn.nnx.FrozenBatchNorm(8)          # usually loaded (torch_to_nnx) or frozen
+    >>> y = bn(jnp.ones((4, 8)))                                            # [N, C]
+    >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=jaxbn.nnx.trainable)
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn import _module_logic as logic
+from jaxbn.linen.frozen_batch_norm import frozen_batch_norm
+from jaxbn.nnx.batch_norm import Initializer, affine_params, running_stats
+
+__all__ = ["FrozenBatchNorm", "FrozenParam", "trainable"]
+
+
+class FrozenParam(nnx.Param):
+    """A frozen batch norm's ``scale`` / ``bias``: an ``nnx.Param`` that is not trained."""
+
+
+#: ``nnx.Param`` but not :class:`FrozenParam`: the ``wrt`` of an optimizer (and the
+#: ``nnx.DiffState`` of a gradient) that trains a model with frozen batch norms.
+trainable = nnx.All(nnx.Param, nnx.Not(FrozenParam))
+
+
+class FrozenBatchNorm(nnx.Module):
+    """Frozen batch norm (see module docstring): a BatchNorm's variables, all constant.
+
+    Args:
+      num_features: C (by position).
+      eps: added to the variance (torchvision's 1e-5); by position or keyword.
+      affine: whether ``scale`` and ``bias`` exist (as in the BatchNorm it replaces).
+      axis: the feature axis (-1 channels-last; 1 for NC...).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of the variables created here.
+      scale_init, bias_init: initializers (a frozen module is usually loaded instead).
+      rngs: ``nnx.Rngs``, needed only by a random initializer.
+
+    Call:
+      ``bn(x, use_running_average=None, *, train=None, mask=None)``: the mode is accepted and
+      ignored (the same in train and eval); ``x`` [N, ..., C] → ``y`` like ``x``.
+    """
+
+    #: input ranks accepted (None: any): a frozen BatchNorm2d keeps its rank check.
+    expected_ranks: ClassVar[tuple[int, ...] | None] = None
+    rank_message: ClassVar[str] = ""
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        *,
+        affine: bool = True,
+        axis: int = -1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Initializer = nn.initializers.ones,
+        bias_init: Initializer = nn.initializers.zeros,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        logic.check_feature_count(num_features, "num_features", allow_none=False)
+        logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        self.num_features = int(num_features)
+        self.eps = eps
+        self.affine = bool(affine)
+        self.axis = axis
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        scale, bias = affine_params(
+            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+        )
+        frozen = lambda param: FrozenParam(param[...]) if self.affine else param
+        self.scale, self.bias = frozen(scale), frozen(bias)
+        self.mean, self.var, self.num_batches_tracked = running_stats(
+            self.num_features, param_dtype
+        )
+        #: what :func:`jaxbn.nnx.unfreeze_batch_norm` turns this module back into (the graph
+        #: definition of the module it froze), or None: a FrozenBatchNorm built as one.
+        self.unfrozen = None
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: Any = None,
+        *,
+        train: Any = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        del use_running_average, train  # the same in train and eval
+        x, features = logic.input_features(self, x)
+        scale = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        mean, var = self.mean[...], self.var[...]
+        if self.num_batches_tracked is not None:
+            stats = logic.RunningStats(mean, var, self.num_batches_tracked[...])
+            logic.check_running_stats(type(self).__name__, stats, features)
+        y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
+        return y.astype(self.dtype) if self.dtype is not None else y

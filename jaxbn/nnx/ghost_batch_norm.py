@@ -1,0 +1,157 @@
+"""Flax NNX module ``GhostBatchNorm``: batch norm over virtual batches (Hoffer et al. 2017), the
+twin of :class:`jaxbn.GhostBatchNorm` (same fields, same numbers bit for bit).
+
+In training the batch is split into ``N / virtual_batch_size`` virtual batches along axis 0;
+each is normalized with its own statistics and updates the running statistics in turn, as
+PyTorch would after ``x.split(virtual_batch_size)`` through one ``BatchNorm`` (the counter grows
+by the number of splits). Eval is :class:`jaxbn.nnx.BatchNorm`'s eval.
+
+Example:
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> bn = jaxbn.nnx.GhostBatchNorm(8, 4)                        # C=8, 4 examples a split
+    >>> bn.train(); y = bn(jnp.arange(128.0).reshape(16, 8))       # 4 virtual batches
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxbn import _module_logic as logic
+from jaxbn import functional
+from jaxbn.nnx.batch_norm import (
+    Initializer,
+    affine_params,
+    resolve_mode,
+    running_stats,
+    set_mode_view,
+    stats_of,
+)
+
+__all__ = ["GhostBatchNorm"]
+
+
+class GhostBatchNorm(nnx.Module):
+    """Batch norm with statistics over virtual batches in training (see module docstring).
+
+    Args:
+      num_features: C; virtual_batch_size: examples per virtual batch (must divide the batch
+        size in training); both by position, every other argument by keyword.
+      eps: added to the variance.
+      momentum: weight of each virtual batch in the running average; None = cumulative.
+      affine: learn ``scale`` and ``bias``.
+      track_running_stats: keep the running statistics; if False, eval splits and uses batch
+        statistics too.
+      axis: the feature axis (not 0, the batch axis).
+      dtype: output dtype (default: the input's).
+      param_dtype: dtype of the parameters and running statistics.
+      scale_init, bias_init: initializers ``(key, shape, dtype)``.
+      use_running_average: the mode (None: none yet; ``.train()`` / ``.eval()`` set it).
+      momentum_convention_checked: silences the warning a momentum above 0.5 gets.
+      rngs: ``nnx.Rngs``, needed only by a random initializer.
+
+    Call:
+      ``bn(x, use_running_average=None, *, train=None, mask=None)``: ``x`` [N, ..., C].
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        virtual_batch_size: int,
+        *,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = -1,
+        dtype: Any = None,
+        param_dtype: Any = jnp.float32,
+        scale_init: Initializer = nn.initializers.ones,
+        bias_init: Initializer = nn.initializers.zeros,
+        use_running_average: bool | None = None,
+        momentum_convention_checked: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> None:
+        logic.check_feature_count(num_features, "num_features", allow_none=False)
+        logic.check_virtual_batch_size(virtual_batch_size)
+        logic.check_momentum(momentum)
+        logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        if use_running_average is not None:
+            logic.train_flag(use_running_average, "use_running_average")
+        message = logic.momentum_convention_message(
+            f"nnx.{type(self).__name__}", momentum, momentum_convention_checked, alternative=""
+        )
+        if message:
+            logic.warn_momentum_convention(message)
+        self.num_features = int(num_features)
+        self.virtual_batch_size = int(virtual_batch_size)
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.axis = axis
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.use_running_average = use_running_average
+        self.scale, self.bias = affine_params(
+            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+        )
+        if self.track_running_stats:
+            self.mean, self.var, self.num_batches_tracked = running_stats(
+                self.num_features, param_dtype
+            )
+        else:
+            self.mean = self.var = self.num_batches_tracked = nnx.data(None)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        use_running_average: bool | None = None,
+        *,
+        train: bool | None = None,
+        mask: jax.Array | None = None,
+    ) -> jax.Array:
+        training = resolve_mode(self, train, use_running_average, self.use_running_average)
+        x, features = logic.input_features(self, x)
+        weight = None if self.scale is None else self.scale[...]
+        bias = None if self.bias is None else self.bias[...]
+        stats = stats_of(self, features)
+        updating = training and stats is not None
+        splits = x.shape[0] // self.virtual_batch_size
+        momentum = 0.0 if self.momentum is None else self.momentum  # 0.0: unused
+        if updating:
+            logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
+            # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
+            momentum = logic.cumulative_momentum(
+                self.momentum, stats.num_batches_tracked, stats.mean.dtype, steps=splits
+            )
+        y, new_mean, new_var = functional.ghost_batch_norm(
+            x,
+            None if stats is None else stats.mean,
+            None if stats is None else stats.var,
+            virtual_batch_size=self.virtual_batch_size,
+            weight=weight,
+            bias=bias,
+            training=training,
+            momentum=momentum,
+            eps=self.eps,
+            axis=self.axis,
+            mask=mask,
+        )
+        if updating:
+            self.mean[...], self.var[...] = new_mean, new_var
+            self.num_batches_tracked[...] = logic.next_count(stats.num_batches_tracked, splits)
+        return y.astype(self.dtype) if self.dtype is not None else y
+
+    def set_view(self, use_running_average: bool | None = None) -> None:
+        """Used by ``nnx.view(model, use_running_average=...)`` (and ``nnx.view_info``).
+
+        Args:
+          use_running_average: True: eval (running statistics); False: training (virtual
+            batch statistics, running statistics updated); None: unchanged.
+        """
+        set_mode_view(self, use_running_average)
