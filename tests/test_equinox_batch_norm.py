@@ -270,3 +270,9 @@ def test_jaxbn_imports_without_equinox_and_jaxbn_equinox_names_the_extra():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=1200
     )
     assert "pip install 'jaxbn[equinox]'" in out.stdout
+
+
+def test_inference_mode_chooses_the_mode_of_several_unset_layers_at_once():
+    # eqx.tree_at cannot replace a None found in several places: the unset mode is a leaf
+    model = (jbn.BatchNorm(C, axis=1), jbn.BatchNorm1d(C, axis=1))
+    assert [layer.inference for layer in eqx.nn.inference_mode(model)] == [True, True]

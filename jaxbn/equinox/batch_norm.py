@@ -96,10 +96,22 @@ def warn_from_user_code(message: str) -> None:
     warnings.warn(message, logic.MomentumConventionWarning, stacklevel=level)
 
 
+class _Unset:
+    """The mode of a layer built without one: a pytree leaf (``eqx.nn.inference_mode`` replaces
+    leaves; it cannot replace a None in several layers at once), refused when called."""
+
+    def __repr__(self) -> str:
+        return "unset"
+
+
+#: ``inference`` of a layer whose mode was never chosen.
+UNSET = _Unset()
+
+
 def resolve_mode(layer: Any, inference: Any) -> bool:
     """The call's ``inference=`` or else the layer's field, as a Python bool (None: error)."""
     mode = layer.inference if inference is None else inference
-    if mode is None:
+    if mode is UNSET or mode is None:
         raise ValueError(NO_MODE.format(cls=type(layer).__name__))
     return logic.train_flag(mode, "inference")
 
@@ -112,7 +124,8 @@ class BatchNorm(eqx.nn.StatefulLayer):
       weight, bias: [C] parameters (γ ones, β zeros), None without ``affine``.
       state_index: where the running statistics ``RunningStats(mean, var,
         num_batches_tracked)`` live in the ``eqx.nn.State``; None without tracking.
-      inference: the mode (True: running statistics; False: train); None until chosen.
+      inference: the mode (True: running statistics; False: train); ``UNSET`` until chosen
+        (the constructor's ``inference=None``).
       num_features: C.
       eps: added to the variance.
       momentum: weight of the new batch in the running average; None = cumulative average.
@@ -133,7 +146,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
     weight: jax.Array | None
     bias: jax.Array | None
     state_index: eqx.nn.StateIndex | None
-    inference: bool | None
+    inference: bool | _Unset
     num_features: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
     momentum: float | None = eqx.field(static=True)
@@ -196,7 +209,7 @@ class BatchNorm(eqx.nn.StatefulLayer):
                     jnp.zeros((), jnp.int32),
                 )
             )
-        self.inference = inference
+        self.inference = UNSET if inference is None else inference
         self.num_features = num_features
         self.eps = eps
         self.momentum = momentum

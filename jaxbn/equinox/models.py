@@ -1,0 +1,110 @@
+"""The tutorial's ``ConvNetWithBN`` as an Equinox model (channels first, one example per call).
+
+Three conv blocks (conv3x3 → norm → ReLU, max-pool after the first two) and a classifier
+(Linear → BatchNorm1d → ReLU → Linear), as :class:`jaxbn.models.ConvNet` (Flax) and the
+PyTorch twin. Called per example inside ``jax.vmap(..., axis_name="batch")`` — the Equinox way
+— with the norms' statistics over the vmap's members. The flatten before the classifier is
+PyTorch's (C, H, W) order.
+
+Example:
+    >>> import equinox as eqx, jax, jax.numpy as jnp
+    >>> from jaxbn.equinox.models import ConvNet
+    >>> model, state = eqx.nn.make_with_state(ConvNet)(1, key=jax.random.key(0))
+    >>> model = eqx.nn.inference_mode(model, False)                   # training
+    >>> forward = jax.vmap(model, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
+    >>> logits, state = forward(jnp.ones((8, 1, 16, 16)), state)      # [N, C, H, W]
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from jaxbn.equinox.batch_norm import BatchNorm1d, BatchNorm2d
+
+__all__ = ["ConvNet"]
+
+#: ``factory(num_features) -> layer`` called as ``layer(x, state) -> (y, state)``.
+NormFactory = Callable[[int], Any]
+
+
+class ConvNet(eqx.Module):
+    """Conv blocks with a norm before each ReLU, then a normalized MLP classifier.
+
+    Attributes:
+      convs, norms: the three conv blocks' ``eqx.nn.Conv2d`` and norm layers.
+      hidden_linear, hidden_norm, output_linear: the classifier.
+    """
+
+    convs: tuple[eqx.nn.Conv2d, ...]
+    norms: tuple[Any, ...]
+    hidden_linear: eqx.nn.Linear
+    hidden_norm: Any
+    output_linear: eqx.nn.Linear
+    pool: eqx.nn.MaxPool2d
+
+    def __init__(
+        self,
+        in_channels: int,
+        widths: Sequence[int] = (64, 128, 256),
+        hidden: int = 512,
+        num_classes: int = 10,
+        image_size: int = 16,
+        *,
+        key: jax.Array,
+        norm2d: NormFactory | None = None,
+        norm1d: NormFactory | None = None,
+        bn_momentum: float | None = 0.1,
+        dtype: Any = None,
+    ) -> None:
+        """Args:
+        in_channels: C of the input images [C, H, W].
+        widths: the conv blocks' channels (tutorial: 64, 128, 256).
+        hidden: width of the classifier's hidden layer (tutorial: 512).
+        num_classes: outputs.
+        image_size: H = W of the input (divisible by 4): sizes the classifier.
+        key: initialization key.
+        norm2d, norm1d: norm factories ``factory(C)`` for the conv blocks and the classifier;
+          default ``BatchNorm2d``/``BatchNorm1d(C, momentum=bn_momentum,
+          axis_name="batch")``. ``eqx.nn.BatchNorm`` fits too, e.g.
+          ``functools.partial(eqx.nn.BatchNorm, axis_name="batch", mode="batch")``.
+        bn_momentum: the default norms' momentum (PyTorch's meaning).
+        dtype: parameter dtype (default float32, float64 under ``jax_enable_x64``).
+        """
+        norm2d = norm2d or functools.partial(
+            BatchNorm2d, momentum=bn_momentum, axis_name="batch", param_dtype=dtype
+        )
+        norm1d = norm1d or functools.partial(
+            BatchNorm1d, momentum=bn_momentum, axis_name="batch", param_dtype=dtype
+        )
+        keys = jax.random.split(key, len(widths) + 2)
+        chans = (in_channels, *widths)
+        self.convs = tuple(
+            eqx.nn.Conv2d(chans[i], chans[i + 1], 3, padding=1, key=keys[i], dtype=dtype)
+            for i in range(len(widths))
+        )
+        self.norms = tuple(norm2d(w) for w in widths)
+        self.pool = eqx.nn.MaxPool2d(2, 2)
+        side = image_size // 2 ** (len(widths) - 1)
+        flat = widths[-1] * side * side
+        self.hidden_linear = eqx.nn.Linear(flat, hidden, key=keys[-2], dtype=dtype)
+        self.hidden_norm = norm1d(hidden)
+        self.output_linear = eqx.nn.Linear(hidden, num_classes, key=keys[-1], dtype=dtype)
+
+    def __call__(
+        self, x: jax.Array, state: eqx.nn.State, *, key: jax.Array | None = None
+    ) -> tuple[jax.Array, eqx.nn.State]:
+        """``x``: one image [C, H, W] → ``(logits [K], state)``."""
+        del key
+        for block, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            x, state = norm(conv(x), state)
+            x = jax.nn.relu(x)
+            if block < len(self.convs) - 1:
+                x = self.pool(x)
+        x, state = self.hidden_norm(self.hidden_linear(jnp.ravel(x)), state)
+        return self.output_linear(jax.nn.relu(x)), state
