@@ -4,25 +4,38 @@ The tutorial's "Problem 3" (print running mean/var, num_batches_tracked, γ, β 
 Flax variables tree, plus the checks one does by eye:
 
 * statistics never updated — ``num_batches_tracked == 0``: trained with ``train=False``, or
-  loaded without ``batch_stats``;
+  loaded without ``batch_stats`` (not flagged for a frozen layer: its statistics are constants);
 * NaN/Inf in any statistic or parameter;
 * collapsed variance — running variance below ``1e-6`` (a dead input channel);
-* dead channels — ``|scale|`` below ``1e-3`` (the layer outputs only its bias there).
+* dead channels — ``|scale|`` below ``1e-3`` (the layer outputs only its bias there);
+* a counter that is not an integer (the ``batch_stats`` were averaged with ``pmean``; average
+  them with :func:`jaxbn.sync_batch_stats`, which keeps counters integers).
+
+Stacked layers — statistics with leading axes before the channel axis, ``[T, C]`` under
+``nn.scan``/``nn.vmap`` or NNX's ``nnx.vmap``, ``[D, C]`` replicated for ``pmap`` — get a row per
+member, named by its index: ``cell/bn[3]`` (``bn[0, 3]`` with two leading axes).
+
+Given the model and an example input, ``inspect_batchnorm(variables, model, x)`` also shows
+each layer's kind (:mod:`jaxbn.tools.layers`: trained, untracked, frozen, ghost, renorm), found
+by tracing one eval call (nothing is computed), and lists the ``track_running_stats=False``
+layers, which hold no statistics.
 
 Rows come in the order the model created its layers when the tree still has it (as
 ``model.init`` returns it); a tree whose keys JAX has sorted as strings (after ``jax.jit`` or
 ``jax.tree`` operations) is listed in numeric order instead: ``features_2`` before
-``features_10``.
+``features_10``. With the model, rows come in the order of the traced call.
 
 Example:
     >>> report = jaxbn.inspect_batchnorm(variables)
     >>> print(report)                 # the table; report.layers / report.problems for code
+    >>> print(jaxbn.inspect_batchnorm(variables, model, x[:2]))     # with a "kind" column
 """
 
 from __future__ import annotations
 
+import itertools
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,21 +46,41 @@ from jaxbn.tools._tree import Path, batch_norm_layers
 __all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
 
 COLLAPSED_VAR = 1e-6
+FROZEN_KIND = "frozen"  # jaxbn.tools.layers.FROZEN (that module imports the modules: not here)
 DEAD_SCALE = 1e-3
+NEVER_UPDATED = (
+    "statistics never updated (trained with train=False, or loaded without batch_stats?)"
+)
+FLOAT_COUNTER = (
+    "num_batches_tracked is a float, not a count (batch_stats averaged with pmean? average "
+    "them with jaxbn.sync_batch_stats, which keeps counters integers)"
+)
 
 
 @dataclass
 class LayerSummary:
-    """One batch norm layer: statistics summaries and the problems found."""
+    """One batch norm layer (or one member of a stacked layer): statistics and problems.
+
+    Attributes:
+      path: its module path, ``"/"``-joined; a stacked layer's member adds its index
+        (``"cell/bn[3]"``).
+      channels: C (None when nothing stored or traced tells it).
+      num_batches_tracked: the counter (None without running statistics).
+      mean, var: [C] running statistics (None without them: ``track_running_stats=False``).
+      scale, bias: [C] parameters (None when absent).
+      problems: what looks wrong, one phrase each.
+      kind: one of :data:`jaxbn.tools.layers.KINDS` when the model was given, else None.
+    """
 
     path: str
-    channels: int
-    num_batches_tracked: int
-    mean: np.ndarray
-    var: np.ndarray
+    channels: int | None
+    num_batches_tracked: int | float | None
+    mean: np.ndarray | None
+    var: np.ndarray | None
     scale: np.ndarray | None
     bias: np.ndarray | None
     problems: list[str] = field(default_factory=list)
+    kind: str | None = None
 
 
 @dataclass
@@ -63,16 +96,19 @@ class BatchNormReport:
     def __str__(self) -> str:
         if not self.layers:
             return "no batch norm layers with running statistics"
+        layers = self.layers
         # (title, alignment, usual width, cells): a column grows to its widest cell, since
         # summaries vary in length ("+1" or "-0.000123 [-1.2e-05, +0.0031]")
-        columns = [
-            ("layer", "<", 5, [layer.path for layer in self.layers]),
-            ("C", ">", 5, [str(layer.channels) for layer in self.layers]),
-            ("steps", ">", 6, [str(layer.num_batches_tracked) for layer in self.layers]),
-            ("mean (avg, range)", ">", 22, [_summary(layer.mean) for layer in self.layers]),
-            ("var (avg, range)", ">", 24, [_summary(layer.var) for layer in self.layers]),
-            ("scale avg", ">", 9, [_avg(layer.scale) for layer in self.layers]),
-            ("bias avg", ">", 9, [_avg(layer.bias) for layer in self.layers]),
+        columns = [("layer", "<", 5, [layer.path for layer in layers])]
+        if any(layer.kind is not None for layer in layers):
+            columns.append(("kind", "<", 9, [layer.kind or "?" for layer in layers]))
+        columns += [
+            ("C", ">", 5, [_text(layer.channels) for layer in layers]),
+            ("steps", ">", 6, [_text(layer.num_batches_tracked) for layer in layers]),
+            ("mean (avg, range)", ">", 22, [_summary(layer.mean) for layer in layers]),
+            ("var (avg, range)", ">", 24, [_summary(layer.var) for layer in layers]),
+            ("scale avg", ">", 9, [_avg(layer.scale) for layer in layers]),
+            ("bias avg", ">", 9, [_avg(layer.bias) for layer in layers]),
         ]
         widths = [max(usual, len(title), *map(len, cells)) for title, _, usual, cells in columns]
 
@@ -85,45 +121,197 @@ class BatchNormReport:
 
         header = line([title for title, _, _, _ in columns], "flags")
         rows = [header, "-" * len(header)]
-        for i, layer in enumerate(self.layers):
+        for i, layer in enumerate(layers):
             cells = [column[i] for _, _, _, column in columns]
             rows.append(line(cells, "; ".join(layer.problems) or "ok"))
         return "\n".join(rows)
 
 
-def inspect_batchnorm(variables: Mapping[str, Any]) -> BatchNormReport:
+def inspect_batchnorm(
+    variables: Mapping[str, Any],
+    model: Any = None,
+    *args: Any,
+    method: str | Callable | None = None,
+    kinds: Mapping[str, str] | None = None,
+    **kwargs: Any,
+) -> BatchNormReport:
     """Summarises every jaxbn batch norm in ``variables`` (``params`` + ``batch_stats``).
 
-    Layers are listed in the model's order where the tree keeps it, else numerically (see the
-    module docstring).
+    Args:
+      variables: a model's variables (``{"params": …, "batch_stats": …}``); stacked
+        statistics (``[T, C]``, ``[D, C]``) give a row per member.
+      model: optional, the Flax linen model the variables belong to; with an example input
+        in ``args`` the table shows each layer's kind and also lists the layers without
+        running statistics. The call is traced in eval mode (the model's ``train=False`` or
+        ``use_running_average=True``… flag, read from its signature, unless ``kwargs`` sets
+        it); nothing is computed.
+      *args: the example input(s) of ``model.apply(variables, *args, method=method,
+        **kwargs)`` (a batch of 2 or more rows where a layer has ``track_running_stats=False``:
+        its eval uses the batch's statistics).
+      method: the model's method to trace (default ``__call__``).
+      kinds: ``{"/"-joined path: kind}`` from a caller that knows the layers already (the NNX
+        tools); used where no model is given.
+      **kwargs: keyword arguments of the traced call.
+
+    Returns:
+      A :class:`BatchNormReport`; ``print`` it for the table. Layers are listed in the
+      model's order where the tree keeps it, else numerically (see the module docstring).
+
+    Raises:
+      TypeError: a model without an example input.
+      ValueError: the model's eval call could not be traced with these variables.
     """
+    traced = {} if model is None else _traced(model, variables, args, method, kwargs)
+    named_kinds = {tuple(path.split("/")): kind for path, kind in (kinds or {}).items()}
+    named_kinds.update({path: layer.kind for path, layer in traced.items()})
+    rank = _layer_order(variables.get("batch_stats", {}))
+    stored = sorted(batch_norm_layers(variables), key=lambda layer: rank[layer[0]])
+    paths = [path for path, _, _ in stored]
+    known = list(traced) if model is not None else list(named_kinds)
+    if known:  # the call's (or the caller's) order; stored layers it does not name come last
+        paths = [*known, *(path for path in paths if path not in known)]
+    by_path = {path: (stats, params) for path, stats, params in stored}
     layers = []
-    order = _layer_order(variables.get("batch_stats", {}))
-    found = sorted(batch_norm_layers(variables), key=lambda layer: order[layer[0]])
-    for path, stats, params in found:
-        mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
-        scale = np.asarray(params["scale"], np.float64) if "scale" in params else None
-        bias = np.asarray(params["bias"], np.float64) if "bias" in params else None
-        summary = LayerSummary(
-            "/".join(path), mean.size, int(stats["num_batches_tracked"]), mean, var, scale, bias
+    for path in paths:
+        kind = named_kinds.get(path)
+        if path in by_path:
+            layers += _stored_rows(path, *by_path[path], kind)
+        elif kind is not None and kind != FROZEN_KIND:  # no running statistics: untracked
+            layers.append(_untracked_row(path, _params_at(variables, path), kind))
+    return BatchNormReport(layers)
+
+
+def _traced(model, variables, args, method, kwargs):
+    """``{path: LayerCalls}`` of the model's eval call, or a one-line error."""
+    # here: layers imports jaxbn.nnx, whose tools import this module
+    from jaxbn.tools.layers import FROZEN, GHOST, RENORM, TRAINED, eval_kwargs, traced_layers
+
+    name = type(model).__name__
+    if not args and not kwargs:
+        raise TypeError(
+            f"inspect_batchnorm(variables, model, x): give {name}'s example input after the "
+            "model (the layers' kinds come from tracing one eval call), or leave the model out"
         )
-        if summary.num_batches_tracked == 0:
-            summary.problems.append(
-                "statistics never updated (trained with train=False, or loaded without "
-                "batch_stats?)"
+    from jaxbn.tools.freeze import WrappedModel
+
+    # a freeze_batch_norm / fold_batch_norm result forwards the call: its model has the flag
+    flagged = model.model if isinstance(model, WrappedModel) else model
+    call_kwargs = {**eval_kwargs(flagged, method), **kwargs}
+    try:
+        traced = traced_layers(model, variables, *args, method=method, **call_kwargs)
+    except Exception as err:  # the model's own error, whatever its type: one line and a way out
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        hint = ""
+        if "Expected more than 1 value per channel" in reason:
+            hint = (
+                " (a track_running_stats=False layer normalizes with the batch's statistics in "
+                "eval too: give an example batch of 2 or more rows)"
             )
-        arrays = [a for a in (mean, var, scale, bias) if a is not None]
-        if not all(np.all(np.isfinite(a)) for a in arrays):
-            summary.problems.append("NaN/Inf in statistics or parameters")
-        collapsed = int(np.sum(var < COLLAPSED_VAR))
+        raise ValueError(
+            f"inspect_batchnorm could not trace {name}.apply(variables, ...) in eval mode to "
+            f"find the layers' kinds: {reason}{hint}; inspect_batchnorm(variables) alone lists "
+            "the stored statistics without kinds"
+        ) from err
+    if isinstance(model, WrappedModel):  # what the wrapper does to the layers it traced
+        selected = getattr(model, "frozen", ())
+        folded = set(getattr(model, "folded", ()))
+        for path in list(traced):
+            name = "/".join(path)
+            if name in folded:  # gone: its scale and shift live in the Conv/Dense weights
+                del traced[path]
+            elif traced[path].kind in (TRAINED, GHOST, RENORM) and (
+                selected is None or name in selected
+            ):
+                traced[path].kind = FROZEN  # computes frozen batch norm from its statistics
+    return traced
+
+
+def _stored_rows(path: Path, stats: Mapping, params: Mapping, kind: str | None) -> list:
+    """One row per member of the layer at ``path`` (one row when it is not stacked)."""
+    name = "/".join(path)
+    mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
+    count = np.asarray(stats["num_batches_tracked"])
+    leading = np.broadcast_shapes(mean.shape[:-1], var.shape[:-1]) if mean.ndim else ()
+    channels = mean.shape[-1] if mean.ndim else 1
+    arrays = {"mean": mean, "var": var, "num_batches_tracked": count}
+    arrays.update({k: np.asarray(params[k], np.float64) for k in ("scale", "bias") if k in params})
+    shapes = {"num_batches_tracked": leading}
+    try:
+        full = {
+            k: np.broadcast_to(a, shapes.get(k, (*leading, channels))) for k, a in arrays.items()
+        }
+    except ValueError:  # shapes that do not belong together: say so, on one row
+        described = ", ".join(f"{k} {a.shape}" for k, a in arrays.items())
+        return [
+            LayerSummary(
+                name,
+                channels,
+                None,
+                None,
+                None,
+                None,
+                None,
+                [f"shapes do not fit one layer: {described}"],
+                kind,
+            )
+        ]
+    rows = []
+    for index in itertools.product(*map(range, leading)):
+        member = f"{name}[{', '.join(map(str, index))}]" if leading else name
+        rows.append(_summary_row(member, {k: a[index] for k, a in full.items()}, kind))
+    return rows
+
+
+def _summary_row(path: str, arrays: Mapping[str, np.ndarray], kind: str | None) -> LayerSummary:
+    count = arrays["num_batches_tracked"]
+    integral = np.issubdtype(count.dtype, np.integer) or np.issubdtype(count.dtype, np.bool_)
+    steps = int(count) if integral else float(count)
+    summary = LayerSummary(
+        path,
+        int(arrays["mean"].shape[-1]),
+        steps,
+        arrays["mean"],
+        arrays["var"],
+        arrays.get("scale"),
+        arrays.get("bias"),
+        kind=kind,
+    )
+    if not integral:
+        summary.problems.append(FLOAT_COUNTER)
+    elif steps == 0 and kind != FROZEN_KIND:  # a frozen layer's statistics are constants
+        summary.problems.append(NEVER_UPDATED)
+    _check_values(summary)
+    return summary
+
+
+def _untracked_row(path: Path, params: Mapping, kind: str | None) -> LayerSummary:
+    scale = np.asarray(params["scale"], np.float64) if "scale" in params else None
+    bias = np.asarray(params["bias"], np.float64) if "bias" in params else None
+    channels = next((a.shape[-1] for a in (scale, bias) if a is not None and a.ndim), None)
+    summary = LayerSummary("/".join(path), channels, None, None, None, scale, bias, kind=kind)
+    _check_values(summary)
+    return summary
+
+
+def _check_values(summary: LayerSummary) -> None:
+    arrays = [a for a in (summary.mean, summary.var, summary.scale, summary.bias) if a is not None]
+    if not all(np.all(np.isfinite(a)) for a in arrays):
+        summary.problems.append("NaN/Inf in statistics or parameters")
+    if summary.var is not None:
+        collapsed = int(np.sum(summary.var < COLLAPSED_VAR))
         if collapsed:
             summary.problems.append(f"{collapsed} channel(s) with collapsed variance (< 1e-6)")
-        if scale is not None:
-            dead = int(np.sum(np.abs(scale) < DEAD_SCALE))
-            if dead:
-                summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
-        layers.append(summary)
-    return BatchNormReport(layers)
+    if summary.scale is not None:
+        dead = int(np.sum(np.abs(summary.scale) < DEAD_SCALE))
+        if dead:
+            summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
+
+
+def _params_at(variables: Mapping[str, Any], path: Path) -> Mapping:
+    tree = variables.get("params", {})
+    for key in path:
+        tree = tree.get(key, {}) if isinstance(tree, Mapping) else {}
+    return {k: v for k, v in tree.items() if not isinstance(v, Mapping)}
 
 
 def _layer_order(tree: Mapping[str, Any], prefix: Path = ()) -> dict[Path, int]:
@@ -145,9 +333,15 @@ def _natural(name: str) -> tuple:
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
 
 
-def _summary(a: np.ndarray) -> str:
+def _summary(a: np.ndarray | None) -> str:
+    if a is None:
+        return "-"
     return f"{np.mean(a):+.3g} [{np.min(a):+.2g}, {np.max(a):+.2g}]"
 
 
 def _avg(a: np.ndarray | None) -> str:
     return "-" if a is None else f"{np.mean(a):+.3g}"
+
+
+def _text(value: Any) -> str:
+    return "-" if value is None else str(value)
