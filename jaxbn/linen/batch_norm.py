@@ -61,9 +61,54 @@ from jaxbn._module_logic import (  # noqa: F401  (check_initializer: re-exported
 Initializer = Callable[..., jax.Array]
 
 #: The collection a training batch norm reports its batch statistics to (count, mean, biased
-#: var per channel, one entry per call) when the caller names it in ``mutable`` — how
-#: ``jaxbn.update_bn`` learns them as data instead of switching the modules' behaviour.
+#: var per channel, one entry per batch it updates its statistics from) when the caller names
+#: it in ``mutable`` — how ``jaxbn.update_bn`` learns them as data instead of switching the
+#: modules' behaviour. The entries sit under the layer's kind (``batch_norm_kind``:
+#: ``"trained"``, ``"ghost"``, ``"renorm"``); a frozen layer has no batch statistics and
+#: reports nothing, so nothing can ever be re-estimated into it.
 MOMENTS_COLLECTION = "batch_moments"
+
+
+def _names_moments(mutable: Any) -> bool:
+    # A Flax filter names a collection as a string or in a list/tuple/set of strings; True,
+    # a DenyList (or a callable, which Flax refuses anyway) only *include* it.
+    if isinstance(mutable, str):
+        return mutable == MOMENTS_COLLECTION
+    if isinstance(mutable, list | tuple | set | frozenset):
+        return MOMENTS_COLLECTION in mutable
+    return False
+
+
+def reports_moments(module: nn.Module) -> bool:
+    """Whether ``module`` (a training batch norm) reports its batch moments: only when the
+    caller of ``apply`` names :data:`MOMENTS_COLLECTION` explicitly in ``mutable`` (a string, or
+    in a list/tuple of them — ``jaxbn.update_bn`` does) and the collection reaches the module
+    (inside ``nn.scan``/``nn.vmap`` it must be in ``variable_axes``).
+
+    ``mutable=True`` or ``flax.core.DenyList("params")`` (common training loops) include the
+    collection without naming it: a report there would be merged back into the variables,
+    grow at every step and make ``jit`` retrace. Inside a lifted transform Flax rewrites the
+    filter into the set of the collections it lifts, so the apply's own filter is read from its
+    outermost module (Flax's module stack: the filter this very call was given, not a global).
+    """
+    if not module.is_mutable_collection(MOMENTS_COLLECTION):
+        return False
+    try:
+        from flax.linen.module import _context  # the modules running now, outermost first
+
+        outermost = next(m for m in _context.module_stack if m is not None)
+        mutable = outermost.scope.root.mutable
+    except (ImportError, AttributeError, StopIteration):  # another Flax: the module's own
+        mutable = module.scope.mutable
+    return _names_moments(mutable)
+
+
+def report_moments(module: nn.Module, moments: Sequence[Any]) -> None:
+    """Reports ``moments`` (one :class:`BatchMoments` per statistics update, in order) to
+    :data:`MOMENTS_COLLECTION` under the module's kind, if :func:`reports_moments`."""
+    if moments and reports_moments(module):
+        for entry in moments:
+            module.sow(MOMENTS_COLLECTION, type(module).batch_norm_kind, dict(entry._asdict()))
 
 
 def affine_params(module: nn.Module, features: int) -> tuple[jax.Array | None, jax.Array | None]:
@@ -135,6 +180,8 @@ class BatchNorm(nn.Module):
     bias_init: Initializer = nn.initializers.zeros
     momentum_convention_checked: bool = False
 
+    #: what jaxbn's tools read (``jaxbn.tools.layers.kind_of``); also the key of its reports.
+    batch_norm_kind: ClassVar[str] = "trained"
     #: input ranks accepted (None: any) and the message when not; set by the 1d/2d/3d classes.
     expected_ranks: ClassVar[tuple[int, ...] | None] = None
     rank_message: ClassVar[str] = ""
@@ -173,14 +220,17 @@ class BatchNorm(nn.Module):
         )
         if new is not None:
             mean_v.value, var_v.value, count_v.value = new
-            if self._reporting_moments():
-                self.sow(MOMENTS_COLLECTION, "moments", dict(moments._asdict()))
+            report_moments(self, [moments])
         return y
 
+    # Helpers are nn.nowrap: a wrapped method is a call of its own for nn.tabulate, which then
+    # runs it alone (compute_flops) and fails on a parameter created outside @compact.
+    @nn.nowrap
     def _affine_params(self, features: int) -> tuple[jax.Array | None, jax.Array | None]:
         """``(scale, bias)``, each None when absent (``jaxbn.flax_compat`` leaves one out)."""
         return affine_params(self, features)
 
+    @nn.nowrap
     def _refuse_stats_without_counter(self) -> None:
         # Statistics without a counter are flax.linen.BatchNorm's (biased variance, no
         # num_batches_tracked). Flax would create the counter at 0 in training and go on with
@@ -196,12 +246,6 @@ class BatchNorm(nn.Module):
                 "Convert them with jaxbn.from_flax_batch_norm(variables, batch_count=..., "
                 "num_batches_tracked=..., flax_momentum=...), which states what it assumes"
             )
-
-    def _reporting_moments(self) -> bool:
-        # Only when the caller names the collection (jaxbn.update_bn does): with mutable=True
-        # the report would be merged back into the variables and grow at every step.
-        requested = self.scope.mutable
-        return requested is not True and self.is_mutable_collection(MOMENTS_COLLECTION)
 
 
 #: ``BatchNorm`` with ``torch.nn.BatchNorm1d/2d/3d``'s input-rank check.

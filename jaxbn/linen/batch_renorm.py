@@ -73,7 +73,7 @@ from jaxbn._module_logic import (
     is_real,
     train_flag,
 )
-from jaxbn.linen.batch_norm import affine_params, running_stats
+from jaxbn.linen.batch_norm import affine_params, report_moments, reports_moments, running_stats
 from jaxbn.linen.variant_fields import UpdatingVariantFields
 
 __all__ = ["BatchRenorm", "renorm_schedule"]
@@ -144,6 +144,8 @@ class BatchRenorm(UpdatingVariantFields):
     update_rule: str = "torch"
 
     momentum_example: ClassVar[str] = "Keras's momentum=0.99 is jaxbn's 0.01"
+    #: what jaxbn's tools read (``jaxbn.tools.layers.kind_of``); also the key of its reports.
+    batch_norm_kind: ClassVar[str] = "renorm"
 
     def __post_init__(self) -> None:
         check_clipping(self.r_max, self.d_max)
@@ -200,8 +202,27 @@ class BatchRenorm(UpdatingVariantFields):
             update_rule=self.update_rule,
         )
         count_v.value = logic.next_count(count)
+        if reports_moments(self):
+            # the batch's own moments (merged over devices like the correction's): what
+            # jaxbn.update_bn averages, as for a BatchNorm
+            moments = functional.batch_norm_with_moments(
+                x,
+                None,
+                None,
+                None,
+                None,
+                True,
+                0.0,
+                self.eps,
+                axis=self.axis,
+                axis_name=axis_name,
+                axis_index_groups=axis_index_groups,
+                mask=mask,
+            )[3]
+            report_moments(self, [moments])
         return y.astype(self.dtype) if self.dtype is not None else y
 
+    @nn.nowrap  # not a call of its own for nn.tabulate
     def _clipping(self, r_max, d_max, count) -> tuple[Any, Any]:
         """This call's ``(r_max, d_max)``: the call's values, else the fields after warm-up."""
         for name, value in (("r_max", r_max), ("d_max", d_max)):

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -88,6 +89,10 @@ class FrozenBatchNorm(VariantFields):
     # positional like torchvision's FrozenBatchNorm2d(num_features, eps); the rest by keyword
     eps: float = 1e-5
     _: dataclasses.KW_ONLY
+
+    #: what jaxbn's tools read (``jaxbn.tools.layers.kind_of``): constants, which no tool resets,
+    #: re-estimates or updates; it has no batch statistics, so it never reports any.
+    batch_norm_kind: ClassVar[str] = "frozen"
 
     @nn.compact
     def __call__(

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -75,6 +76,9 @@ class GhostBatchNorm(UpdatingVariantFields):
     virtual_batch_size: int | None = None
     _: dataclasses.KW_ONLY
     track_running_stats: bool = True
+
+    #: what jaxbn's tools read (``jaxbn.tools.layers.kind_of``); also the key of its reports.
+    batch_norm_kind: ClassVar[str] = "ghost"
 
     def __post_init__(self) -> None:
         if self.virtual_batch_size is None:
@@ -135,4 +139,31 @@ class GhostBatchNorm(UpdatingVariantFields):
         if updating:
             mean_v.value, var_v.value = new_mean, new_var
             count_v.value = logic.next_count(count, splits)
+            if linen_bn.reports_moments(self):
+                linen_bn.report_moments(self, self._split_moments(x, mask, splits))
         return y.astype(self.dtype) if self.dtype is not None else y
+
+    @nn.nowrap  # not a call of its own for nn.tabulate
+    def _split_moments(self, x: jax.Array, mask: jax.Array | None, splits: int) -> list:
+        """The moments of each virtual batch, in order: what each update of the running
+        statistics averaged in (``jaxbn.update_bn`` re-estimates from them)."""
+        if mask is not None:
+            mask = jnp.broadcast_to(mask, x.shape)
+        moments = []
+        for k in range(splits):
+            part = slice(k * self.virtual_batch_size, (k + 1) * self.virtual_batch_size)
+            moments.append(
+                functional.batch_norm_with_moments(
+                    x[part],
+                    None,
+                    None,
+                    None,
+                    None,
+                    True,
+                    0.0,
+                    self.eps,
+                    axis=self.axis,
+                    mask=None if mask is None else mask[part],
+                )[3]
+            )
+        return moments

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
+from jaxbn.nnx.batch_norm import MOMENTS_NAME
 from jaxbn.tools import fold as _fold
 from jaxbn.tools import inspect_bn as _inspect
 from jaxbn.tools import interop as _interop
@@ -112,8 +113,9 @@ def inspect_batchnorm(model: nnx.Module) -> _inspect.BatchNormReport:
 
 def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> nnx.Module:
     """Re-estimates every jaxbn batch norm's running statistics, in place (see
-    :func:`jaxbn.update_bn`): statistics reset, then the plain cumulative average over
-    ``batches`` (the model's momentum plays no part). The model runs on a copy in training
+    :func:`jaxbn.update_bn`): the plain cumulative average over ``batches`` of the statistics
+    each batch norm reported in training (the model's momentum plays no part); a batch norm
+    that reported none keeps its statistics. The model runs on a copy in training
     mode (``use_running_average=False``; dropout is left as it is) and is called as
     ``model(x, **call_kwargs)``. ``batches``: inputs, or tuples whose first element is the
     input. Returns ``model``, whose mode is left as it was.
@@ -130,12 +132,30 @@ def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> 
             use_running_average=False, _report_moments=True, raise_if_not_found=False
         )
         y, reports = nnx.capture(lambda model, x: model(x, **kwargs), nnx.Intermediate)(copy, x)
-        reports = _string_keys(nnx.to_pure_dict(reports))
+        reports = _as_trained_reports(_string_keys(nnx.to_pure_dict(reports)))
         stats = to_linen_variables(copy).get("batch_stats", {})
         return y, {"batch_stats": stats, MOMENTS_COLLECTION: reports}
 
     variables = _linen_update_bn(apply_fn, to_linen_variables(model), batches, **call_kwargs)
     return from_linen_variables(model, variables)
+
+
+def _as_trained_reports(tree: Any) -> Any:
+    """NNX batch norms sow their moments as ``moments``; the Linen layout files them under the
+    layer's kind (``trained``), where :func:`jaxbn.update_bn` reads them."""
+    if not isinstance(tree, Mapping):
+        return tree
+    out = {}
+    for key, value in tree.items():
+        if key == MOMENTS_NAME and not _is_moments(value):
+            key = "trained"
+        out[key] = value if key == "trained" else _as_trained_reports(value)
+    return out
+
+
+def _is_moments(value: Any) -> bool:
+    # a report itself ({count, mean, var}) vs the sown entries under the name "moments"
+    return isinstance(value, Mapping) and {"count", "mean", "var"} <= set(value)
 
 
 def fold_batch_norm(model: nnx.Module, x: jax.Array) -> _fold.FoldResult:
