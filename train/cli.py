@@ -153,6 +153,12 @@ def build_parser(
         help="seconds to wait for the coordinator and the other processes, and for every "
         "process to see the file process 0 writes into --workdir (it must be shared)",
     )
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="show the collectives' own output in multi-process runs (gloo's '[Gloo] Rank 0 is "
+        "connected to ...' lines, hidden by default)",
+    )
     out = parser.add_argument_group("output")
     if not sweep:
         out.add_argument(

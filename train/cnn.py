@@ -1,7 +1,7 @@
 """Train the tutorial's ConvNet (conv 64/128/256 + BatchNorm2d, classifier 512 + BatchNorm1d).
 
 Usage:
-    python -m train.cnn --use-bn                    # bundled digits, about 25 s on 2 cores
+    python -m train.cnn --use-bn                    # bundled digits (scikit-learn), no download
     python -m train.cnn --use-bn --devices 4        # data-parallel, BN synced across devices
     python -m train.cnn --norm group                # GroupNorm instead (small batches)
 

@@ -6,10 +6,11 @@ plain SGD at a constant learning rate (no momentum, no weight decay) unless flag
 
 Usage:
     python -m train.compare                                   # MLP, lr 0.01 / 0.1 / 1.0, digits
-    python -m train.compare --lrs 0.01,0.1,1,3 --epochs 20 --plot runs/compare.png
+    python -m train.compare --lrs 0.01,0.1,1,3 --epochs 20 --out runs/compare.png
 
-Prints a table of final train loss, test loss and accuracy per run, and writes a PNG (150 dpi)
-of the loss and accuracy curves to exactly --plot (default: compare.png), its folder created.
+Prints a table of final train loss, test loss and accuracy per run; with --out, also writes a PNG
+(150 dpi) of the loss and accuracy curves to exactly that path, its folder created (without it,
+no file is written).
 A run's status is "ok" only if it ended with finite losses above chance: "diverged in epoch N"
 if the loss became NaN/Inf, "failed: ..." if its last test loss is not finite or its test
 accuracy is at most 1.5 × the share of the most frequent test class (what a constant guess
@@ -37,7 +38,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--lrs", default="0.01,0.1,1.0", help="comma-separated learning rates, each > 0"
     )
     parser.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="the network")
-    parser.add_argument("--plot", default="compare.png", help="where to write the figure")
+    parser.add_argument("--out", help="write the figure here (unset: no figure, no file)")
+    # the earlier name of --out; `train.plot` names its picture --out too
+    parser.add_argument("--plot", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.lrs = [float(v) for v in args.lrs.split(",")]
@@ -46,6 +49,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     bad = [v for v in args.lrs if not (math.isfinite(v) and v > 0)]
     if bad:
         parser.error(f"--lrs must all be positive numbers, got {bad[0]:g}")
+    if args.out and args.plot:
+        parser.error("--plot is the earlier name of --out: give one of them")
+    # errors about the figure's path name the flag that was given
+    args.out_flag = "--plot" if args.plot else "--out"
+    args.out = args.out or args.plot
     check_args(parser, args)
     # what the shared loop reads; a sweep keeps no checkpoints
     args.workdir, args.resume, args.use_bn, args.summary = None, False, False, False
@@ -63,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     make_model = {"mlp": mlp.make_model, "cnn": cnn.make_model}[args.model]
     results = []
     try:
-        check_plot_destination(args.plot)  # fail now, not after the whole sweep
+        if args.out:
+            check_plot_destination(args.out, args.out_flag)  # fail now, not after the whole sweep
         data = load_dataset(args.dataset, args.data_dir, download=not args.no_download)
         chance = float(np.bincount(data.y_test).max() / len(data.y_test))
         for lr in args.lrs:
@@ -80,22 +89,23 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_table(results))
         title = comparison_title(model=args.model, dataset=data.name, epochs=args.epochs)
-        print(f"\nplot: {plot_comparison(results, args.plot, title)}")
+        if args.out:
+            print(f"\nplot: {plot_comparison(results, args.out, title)}")
     except (*EXPECTED_ERRORS, PlotError) as err:
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     return 0
 
 
-def check_plot_destination(plot: str) -> None:
+def check_plot_destination(plot: str, flag: str = "--out") -> None:
     """Creates the directory of ``plot`` if needed; raises ``OSError`` if it cannot be written."""
     path = pathlib.Path(plot).absolute()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"cannot create the directory of --plot {plot}: {err.strerror}") from err
+        raise OSError(f"cannot create the directory of {flag} {plot}: {err.strerror}") from err
     if path.is_dir() or not os.access(path.parent, os.W_OK):
-        raise OSError(f"cannot write --plot {plot}: not a writable file path")
+        raise OSError(f"cannot write {flag} {plot}: not a writable file path")
 
 
 def status(result: dict, chance: float) -> str:

@@ -118,6 +118,7 @@ class RunOptions:
     coordinator: str | None = None
     process_id: int = 0
     join_timeout: float = 60.0
+    verbose: bool = False  # gloo's connection lines in multi-process runs (train.native_output)
     command: tuple[str, ...] = ("python", "-m", "train")  # what continues a stopped run
 
 

@@ -4,6 +4,8 @@ Usage:
     python -m train.evaluate --workdir runs/cnn             # the newest checkpoint
     python -m train.evaluate --workdir runs/cnn --epoch 3   # a kept older one
 
+Prints one line, ``epoch 3: test loss 0.0344 acc 0.9861`` (4 decimals; the exact values are in
+``metrics.jsonl``).
 The model, data, batch size, device count and dtype come from the run's ``config.json``; the
 printed figures equal the ``test_loss``/``test_accuracy`` of that epoch in ``metrics.jsonl``
 (same batches, same devices, same sums). Only epoch checkpoints are evaluated: a mid-epoch one
@@ -27,13 +29,30 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--workdir", required=True, help="the run's --workdir")
+    parser.add_argument("--workdir", help="the run's --workdir")
+    # the workdir may also come by position, as `train.plot` takes it; --workdir is documented
+    parser.add_argument("workdir_pos", nargs="?", metavar="WORKDIR", help=argparse.SUPPRESS)
     parser.add_argument("--epoch", type=int, help="a kept checkpoint (default: the newest)")
     parser.add_argument("--data-dir", default="data", help="dataset root (default: data)")
     parser.add_argument(
         "--no-download", action="store_true", help="never download; fail if files are missing"
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.workdir and args.workdir_pos and args.workdir != args.workdir_pos:
+        parser.error(f"two workdirs given: --workdir {args.workdir} and {args.workdir_pos}")
+    args.workdir = args.workdir or args.workdir_pos
+    if not args.workdir:
+        parser.error("the following arguments are required: --workdir")
+    return args
+
+
+def quiet_orbax_logs() -> None:
+    """Orbax logs through absl at WARNING for what a read-only evaluation expects
+    (``read_only=True, setting save_interval_steps=0``, "Given directory is read only"); only
+    its errors are shown."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.ERROR)
 
 
 def evaluate_checkpoint(
@@ -125,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     request_cpu_devices(_saved_devices(pathlib.Path(args.workdir, "config.json")))
     from train.loop import EXPECTED_ERRORS
 
+    quiet_orbax_logs()
     try:
         epoch, loss, accuracy = evaluate_checkpoint(
             args.workdir, args.epoch, data_dir=args.data_dir, download=not args.no_download
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as err:
         print(f"error: {str(err).strip().splitlines()[0]}", file=sys.stderr)
         return 2
-    print(f"epoch {epoch}: test loss {loss!r} acc {accuracy!r}")
+    print(f"epoch {epoch}: test loss {loss:.4f} acc {accuracy:.4f}")
     return 0
 
 

@@ -42,6 +42,7 @@ from train.datasets import Dataset, load_dataset
 from train.download import ChecksumError, DatasetUnavailableError
 from train.feed import make_feed
 from train.files import WorkdirError
+from train.native_output import GlooLinesFilter
 from train.parallel import DataParallel
 from train.stopping import (
     RunStoppedError,
@@ -492,10 +493,7 @@ def _stopped(
     mid-epoch checkpoint (unless no step ran since the newest checkpoint); the error to
     raise."""
     options, signum, state = run.options, stop.signum or signal.SIGTERM, stopped.state
-    where = (
-        f"stopped by {signal.Signals(signum).name} at epoch {epoch}, step "
-        f"{stopped.step}/{s.steps_per_epoch}"
-    )
+    where = f"{stop.describe()} at epoch {epoch}, step {stopped.step}/{s.steps_per_epoch}"
     if workdir is None:
         return RunStoppedError(f"{where}; nothing was saved (no --workdir)", signum)
     if stopped.step > first_step:
@@ -555,6 +553,16 @@ def run_script(run: Run | argparse.Namespace, make_model: ModelFactory) -> int:
     divergence, 2 for bad flags/files, 130/143 for SIGINT/SIGTERM."""
     if not isinstance(run, Run):
         run = Run.from_flags(run)
+    quiet = run.options.coordinator and not run.options.verbose
+    gloo_filter = GlooLinesFilter() if quiet else None
+    try:
+        return _run_script(run, make_model)
+    finally:
+        if gloo_filter is not None:
+            gloo_filter.close()
+
+
+def _run_script(run: Run, make_model: ModelFactory) -> int:
     stop = StopRequest()
     try:
         with stop_on_signals(stop):

@@ -1,7 +1,7 @@
 """Train the tutorial's MLP (Dense 256 → 128 → 10, BatchNorm1d before each ReLU with --use-bn).
 
 Usage:
-    python -m train.mlp --use-bn            # bundled digits, ~10 s on 2 CPU cores
+    python -m train.mlp --use-bn            # bundled digits (scikit-learn), no download
     python -m train.mlp                     # the same network without normalization
 
 Prints one line per epoch (train/test loss and accuracy). On digits with the defaults

@@ -1,7 +1,9 @@
 """The training scripts' figures: a workdir's loss and accuracy curves, and the compare figure.
 
 Usage:
-    python -m train.plot runs/bn runs/no-bn --out runs/curves.png
+    python -m train.plot --workdir runs/bn --workdir runs/no-bn --out runs/curves.png
+
+(Workdirs may also be given by position: ``python -m train.plot runs/bn runs/no-bn --out ...``.)
 
 Reads each workdir's ``metrics.jsonl`` (one row per finished epoch) and ``config.json`` and
 draws train and test loss (left) and train and test accuracy (right) per epoch, one colour per
@@ -161,9 +163,20 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="a run's --workdir")
+    parser.add_argument(
+        "--workdir",
+        action="append",
+        default=[],
+        dest="named",
+        help="a run's --workdir; repeat for several runs",
+    )
+    # as `train.evaluate`, the workdirs may also come by position; --workdir is documented
+    parser.add_argument("workdirs", nargs="*", metavar="WORKDIR", help=argparse.SUPPRESS)
     parser.add_argument("--out", required=True, help="the figure to write (PNG unless .pdf/.svg)")
     args = parser.parse_args(argv)
+    args.workdirs = [*args.named, *args.workdirs]
+    if not args.workdirs:
+        parser.error("the following arguments are required: --workdir")
     try:
         read = [read_run(w) for w in args.workdirs]
         configs = [config for config, _ in read]

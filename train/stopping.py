@@ -14,6 +14,7 @@ continue); :func:`interrupted_message` the line for a Ctrl-C that could not wait
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -48,6 +49,8 @@ class StopRequest:
         self.signum: int | None = None
         self.cluster = False
         self.sigints = 0
+        # set when the stop came from another process's Ctrl-C: that process's index
+        self.passed_on_from: int | None = None
 
     def __call__(self, signum: int, frame: Any = None) -> None:
         if signum == signal.SIGINT:
@@ -57,7 +60,12 @@ class StopRequest:
         if self.signum is None:  # the first names the stop and its exit status (143 or 130)
             self.signum = signum
         if self.cluster and signum == signal.SIGINT:
-            os.kill(os.getpid(), signal.SIGTERM)  # to the notifier: every process stops
+            _publish_sigint()  # so that the other processes can say what stopped them
+            self.notify_cluster()
+
+    def notify_cluster(self) -> None:
+        """Passes a stop on to every process: a SIGTERM to this one reaches JAX's notifier."""
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def reached(self, step: int) -> bool:
         """Whether to stop before global step ``step`` (every process calls it with the same
@@ -71,9 +79,57 @@ class StopRequest:
         except RuntimeError:  # jax_enable_preemption_service off: SIGTERM reaches Python
             self.cluster = False
             return self.signum is not None
-        if reached:
-            self.signum = self.signum or signal.SIGTERM
+        if reached and self.signum is None:
+            self.signum = signal.SIGTERM
+            self.passed_on_from = _sigint_sender()
         return reached
+
+    def describe(self) -> str:
+        """What stopped the run, as this process saw it: ``stopped by SIGINT`` (its own Ctrl-C),
+        ``stopped by SIGTERM``, or ``stopped by SIGINT on process 1 (passed on to every
+        process)`` when another process's Ctrl-C stopped the cluster."""
+        if self.passed_on_from is not None:
+            sender = self.passed_on_from
+            return f"stopped by SIGINT on process {sender} (passed on to every process)"
+        return f"stopped by {signal.Signals(self.signum or signal.SIGTERM).name}"
+
+
+# A Ctrl-C on one process of a cluster reaches the others as JAX's preemption notice, which
+# carries no reason. The process that was interrupted leaves its index in the cluster's
+# key-value store (the one jax.distributed runs), where the others look when the notice stops
+# them. Without a store (no cluster, another JAX) they say SIGTERM, as the notice is.
+SIGINT_KEY = "jaxbn_train/sigint/"
+
+
+def _client():
+    try:
+        from jax._src import distributed
+
+        return distributed.global_state.client
+    except (ImportError, AttributeError):
+        return None
+
+
+def _publish_sigint() -> None:
+    client = _client()
+    if client is not None:
+        import jax
+
+        # the store may be gone (a process died): the stop goes on without the note
+        with contextlib.suppress(Exception):
+            client.key_value_set(f"{SIGINT_KEY}{jax.process_index()}", "SIGINT")
+
+
+def _sigint_sender() -> int | None:
+    client = _client()
+    if client is None:
+        return None
+    try:
+        keys = [key for key, _ in client.key_value_dir_get(SIGINT_KEY)]
+    except Exception:  # no store, or no key yet
+        return None
+    senders = sorted(int(key.rsplit("/", 1)[1]) for key in keys)
+    return senders[0] if senders else None
 
 
 def interrupted_message(options: RunOptions) -> str:

@@ -1,0 +1,127 @@
+"""Sphinx configuration of jaxbn's documentation site.
+
+Build (from the repository root, after `pip install -e ".[docs]"`):
+
+    python -m sphinx -W --keep-going -n -b html docs build/docs
+
+`-W` turns every warning into an error and `-n` (nitpicky) makes a cross-reference to a jaxbn
+name that does not exist one of them. The pages' Python examples are not executed here: they run
+in the test suite (tests/test_docs_examples.py), which needs torch and the training extras.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))  # jaxbn and train/ from this checkout
+
+import jaxbn  # noqa: E402
+
+project = "jaxbn"
+author = "jaxbn contributors"
+copyright = "jaxbn contributors"  # noqa: A001 (Sphinx's name)
+release = jaxbn.__version__
+version = release
+
+extensions = [
+    "myst_parser",  # pages in Markdown, as the README
+    "sphinx.ext.autodoc",  # API pages from the docstrings
+    "sphinx.ext.napoleon",  # Google-style docstrings (Args:, Returns:, Raises:)
+    "sphinx.ext.viewcode",  # a [source] link on every API entry
+]
+
+source_suffix = {".md": "markdown"}
+root_doc = "index"
+exclude_patterns = ["_build"]
+
+myst_enable_extensions = ["colon_fence", "deflist"]
+myst_heading_anchors = 3  # [text](page.md#a-heading) links are checked like any other reference
+
+autodoc_default_options = {"member-order": "bysource"}
+autodoc_typehints = "description"  # signatures stay readable; types go next to each argument
+autodoc_typehints_format = "short"
+autodoc_class_signature = "separated"  # a Flax module's dataclass fields, then __call__
+autodoc_inherit_docstrings = False  # flax.linen.Module's own docstrings are not jaxbn's reference
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+# Nitpicky mode checks every cross-reference. jaxbn's own names must resolve; names of the
+# libraries jaxbn builds on (no intersphinx: the build needs no network) are allowed to stay
+# plain text.
+nitpicky = True
+nitpick_ignore_regex = [
+    (r"py:.*", r"(jax|jaxlib|flax|numpy|np|jnp|torch|optax|typing|collections|types)(\..*)?"),
+    (r"py:.*", r"(Array|ArrayLike|PRNGKey|Shape|Dtype|DTypeLike|PyTree|Any|Callable|Sequence)"),
+    (r"py:.*", r"(Mapping|Iterable|Iterator|Hashable|NamedTuple|Literal|Union|Optional)"),
+    (r"py:.*", r"(int|float|bool|str|tuple|list|dict|None|object|type|bytes|Ellipsis)"),
+    (r"py:.*", r"(Module|Variable|Param|BatchStat|Rngs|Initializer|Precision|PrecisionLike)"),
+    (r"py:.*", r"(ShapeDtypeStruct|Mesh|NamedSharding|dtype|ndarray|Tensor|function)"),
+    (r"py:.*", r"(pathlib|os|enum|dataclasses|functools|abc)(\..*)?"),
+    # napoleon turns a "Raises:" line written as prose into one reference per word group
+    (r"py:exc", r".*\s.*"),
+]
+
+html_theme = "furo"
+html_title = f"jaxbn {release}"
+html_static_path: list[str] = []
+html_theme_options = {
+    "source_repository": "",
+    "navigation_with_keys": True,
+}
+
+
+# The docstrings are the API reference and are being rewritten (issue 27, item 2). Until that
+# lands, markup warnings raised *inside a docstring* are listed at the end of the build instead of
+# failing it; every warning from the pages themselves (a broken link, a reference to a jaxbn name
+# that does not exist, a bad directive) still fails it. JAXBN_DOCS_STRICT=1 makes the docstrings'
+# warnings errors too: the docstrings' owners build with it, and it becomes the default once they
+# are clean (delete this block then).
+DOCSTRING_WARNINGS_ARE_ERRORS = os.environ.get("JAXBN_DOCS_STRICT") == "1"
+
+
+def _docstring_warning_filter(app, collected):
+    import logging
+
+    from sphinx.util.logging import get_node_location
+
+    class Filter(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            location = getattr(record, "location", None)
+            if location is not None and not isinstance(location, (str, tuple)):
+                location = get_node_location(location)
+            if isinstance(location, str) and ".py:docstring of " in location:
+                collected.append(f"{location}: {record.getMessage()}")
+                return False
+            return True
+
+    return Filter()
+
+
+def _report_docstring_warnings(collected):
+    def report(app, exception):
+        if collected and exception is None:
+            from sphinx.util import logging as sphinx_logging
+
+            log = sphinx_logging.getLogger(__name__)
+            log.info(
+                "%d markup warnings inside docstrings (not counted; JAXBN_DOCS_STRICT=1 counts "
+                "them):\n  %s",
+                len(collected),
+                "\n  ".join(collected),
+            )
+
+    return report
+
+
+def setup(app):
+    if DOCSTRING_WARNINGS_ARE_ERRORS:
+        return
+    import logging
+
+    collected: list[str] = []
+    for handler in logging.getLogger("sphinx").handlers:
+        if handler.level == logging.WARNING:  # Sphinx's warning handler: run first, count nothing
+            handler.filters.insert(0, _docstring_warning_filter(app, collected))
+    app.connect("build-finished", _report_docstring_warnings(collected))
