@@ -16,11 +16,11 @@ import sys
 
 sys.path.insert(0, os.path.abspath(".."))  # jaxbn and train/ from this checkout
 
-import jaxbn  # noqa: E402
+import jaxbn
 
 project = "jaxbn"
 author = "jaxbn contributors"
-copyright = "jaxbn contributors"  # noqa: A001 (Sphinx's name)
+copyright = "jaxbn contributors"
 release = jaxbn.__version__
 version = release
 
