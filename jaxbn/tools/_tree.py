@@ -41,3 +41,20 @@ def batch_norm_layers(variables: Mapping[str, Any]) -> Iterator[tuple[Path, dict
             except KeyError:
                 own_params = {}
             yield path, stats, own_params
+
+
+def module_path(module: Any) -> Path:
+    """The path of a bound module's variables (as in the variables tree).
+
+    ``module.scope.path`` is fixed when the scope is made; ``nn.share_scope`` (a wrapper that
+    keeps its model's variable names, e.g. around an ``nn.Sequential``, whose layers are bound
+    before) re-parents scopes without changing it. The parent chain is the truth, up to the
+    root of a lifted transform (``nn.scan``, ``nn.vmap``, ``nn.remat``), whose own ``path``
+    says where it sits.
+    """
+    scope = module.scope
+    names: list[str] = []
+    while scope.parent is not None:
+        names.append(scope.name)
+        scope = scope.parent
+    return (*scope.path, *reversed(names))

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxbn.tools._tree import Path, batch_norm_layers, get_path, set_path
+from jaxbn.tools._tree import Path, batch_norm_layers, get_path, module_path, set_path
 from jaxbn.tools.freeze import (
     FrozenModel,
     WrappedModel,
@@ -256,7 +256,7 @@ class _Rewriter:
         is_norm = kind_of(module) is not None or isinstance(module, nn.BatchNorm)
         if not (is_norm or isinstance(module, nn.Conv | nn.Dense)):
             return next_fun(*args, **kwargs)
-        path = tuple(module.scope.path)
+        path = module_path(module)
         outer = [frame for frame in self.active if frame[0] == path]
         if is_norm and outer:  # a batch norm subclass's super().__call__
             return next_fun(*args, **kwargs)
@@ -696,9 +696,9 @@ def _trace(call: _Call, variables: Mapping[str, Any]) -> _Traced:
                     alias[outer] = resolve(inner)
                 continue
             name = str(eqn.params.get("name", "")) if eqn.primitive.name == "name" else ""
-            for var in eqn.invars:
+            for var in map(resolve, eqn.invars):
                 if not isinstance(var, jax_core.Literal):
-                    uses[resolve(var)].append(name or eqn.primitive.name)
+                    uses[var].append(name or eqn.primitive.name)
             if name.startswith(f"{_MARK}out"):
                 traced.out[eqn.outvars[0]] = int(name.removeprefix(f"{_MARK}out"))
             elif name.startswith(f"{_MARK}in"):
@@ -713,9 +713,9 @@ def _trace(call: _Call, variables: Mapping[str, Any]) -> _Traced:
                 )
 
     walk(jaxpr.eqns)
-    for var in jaxpr.outvars:
+    for var in map(resolve, jaxpr.outvars):
         if not isinstance(var, jax_core.Literal):
-            uses[resolve(var)].append("the model's output")
+            uses[var].append("the model's output")
     leaves, _ = jax.tree_util.tree_flatten_with_path((plain, call.args if array_args else ()))
     traced.weight_uses = {
         tuple(getattr(key, "key", None) for key in keys[1:]): len(uses[var])

@@ -44,7 +44,7 @@ from jaxbn.linen.batch_norm import BatchNorm
 from jaxbn.linen.batch_renorm import BatchRenorm
 from jaxbn.linen.frozen_batch_norm import frozen_batch_norm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
-from jaxbn.tools._tree import Path, batch_norm_layers
+from jaxbn.tools._tree import Path, batch_norm_layers, module_path
 
 __all__ = [
     "FreezeResult",
@@ -137,7 +137,7 @@ class WrappedModel(nn.Module):
             function = getattr(self.model, method)
         else:
             function = functools.partial(method, self.model)
-        with nn.intercept_methods(self.interceptor(tuple(self.scope.path))):
+        with nn.intercept_methods(self.interceptor(module_path(self))):
             return function(*args, **kwargs)
 
     @nn.nowrap
@@ -189,7 +189,7 @@ class FrozenModel(WrappedModel):
             module = context.module
             if context.method_name != "__call__":
                 return next_fun(*args, **kwargs)
-            relative = relative_path(tuple(module.scope.path), base)
+            relative = relative_path(module_path(module), base)
             if not freezes(module, relative, self.frozen):
                 return next_fun(*args, **kwargs)
             return frozen_call(module, "/".join(relative), args, kwargs)

@@ -40,7 +40,7 @@ from jaxbn.linen.batch_renorm import BatchRenorm
 from jaxbn.linen.frozen_batch_norm import FrozenBatchNorm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
 from jaxbn.nnx.batch_norm import BatchNorm as NnxBatchNorm
-from jaxbn.tools._tree import Path, batch_norm_layers
+from jaxbn.tools._tree import Path, batch_norm_layers, module_path
 
 TRAINED, UNTRACKED, FROZEN, GHOST, RENORM = "trained", "untracked", "frozen", "ghost", "renorm"
 KINDS = (TRAINED, UNTRACKED, FROZEN, GHOST, RENORM)
@@ -125,8 +125,9 @@ class LayerCalls:
       path: its scope path (as in the variables tree).
       kind: one of :data:`KINDS`.
       module_type: its class name.
-      calls: how many times its ``__call__`` ran in the traced call (a layer inside ``nn.scan``
-        counts once: its body is traced once).
+      calls: how many times its ``__call__`` ran in the traced call (a subclass's
+        ``super().__call__`` is the same call; a layer inside ``nn.scan`` counts each time
+        Flax traces the body, which may be more than once).
       masked: whether any call passed a ``mask``.
       eps: its ``eps``.
       axis: its feature axis.
@@ -163,12 +164,15 @@ def traced_layers(
       ``{path: LayerCalls}`` in the order of the first calls.
     """
     found: dict[Path, LayerCalls] = {}
+    active: list[Path] = []  # the batch norm calls in progress
 
     def record(next_fun, call_args, call_kwargs, context):
         module = context.module
         kind = kind_of(module)
         if kind is not None and context.method_name == "__call__":
-            path = tuple(module.scope.path)
+            path = module_path(module)
+            if path in active:  # a subclass's super().__call__: the same call
+                return next_fun(*call_args, **call_kwargs)
             layer = found.setdefault(
                 path,
                 LayerCalls(
@@ -181,6 +185,11 @@ def traced_layers(
             )
             layer.calls += 1
             layer.masked |= call_kwargs.get("mask") is not None
+            active.append(path)
+            try:
+                return next_fun(*call_args, **call_kwargs)
+            finally:
+                active.pop()
         return next_fun(*call_args, **call_kwargs)
 
     plain = flax.core.unfreeze(variables)
