@@ -3,6 +3,8 @@
 ``import jaxbn.equinox`` needs Equinox (``pip install "jaxbn[equinox]"``); ``import jaxbn``
 does not. The layers are thin shells over :mod:`jaxbn._module_logic` and
 :mod:`jaxbn.functional`: the statistics are the same code as the Flax modules'.
+:mod:`.models` holds the tutorial's ConvNet, :mod:`.interop` torch state dicts ⇄ Equinox
+models, :mod:`.tools` ``update_bn`` and ``inspect_batch_norm``.
 
 Example (the one-line switch from ``eqx.nn.BatchNorm``):
     >>> import equinox as eqx, jax, jax.numpy as jnp
@@ -24,6 +26,7 @@ except ImportError as err:  # pragma: no cover - exercised in a subprocess witho
         "(or pip install equinox)"
     ) from err
 
+from jaxbn.equinox import interop, models, tools
 from jaxbn.equinox.batch_norm import (
     BatchNorm,
     BatchNorm1d,
@@ -32,7 +35,9 @@ from jaxbn.equinox.batch_norm import (
     FrozenBatchNorm,
 )
 from jaxbn.equinox.group_norm import GroupNorm
+from jaxbn.equinox.interop import equinox_to_torch, torch_to_equinox
 from jaxbn.equinox.layer_norm import LayerNorm
+from jaxbn.equinox.tools import inspect_batch_norm, update_bn
 
 __all__ = [
     "BatchNorm",
@@ -42,4 +47,11 @@ __all__ = [
     "FrozenBatchNorm",
     "GroupNorm",
     "LayerNorm",
+    "equinox_to_torch",
+    "inspect_batch_norm",
+    "interop",
+    "models",
+    "tools",
+    "torch_to_equinox",
+    "update_bn",
 ]
