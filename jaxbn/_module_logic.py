@@ -24,6 +24,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import flax
 import flax.linen
+import flax.nnx
+import flax.nnx.pytreelib
 import jax
 import jax.numpy as jnp
 
@@ -124,6 +126,8 @@ def warn_momentum_convention(message: str) -> None:
 _JAXBN_DIR = os.path.dirname(__file__) + os.sep
 _FLAX_DIR = os.path.dirname(flax.__file__) + os.sep
 _JAX_DIR = os.path.dirname(jax.__file__) + os.sep
+# the file of NNX's metaclass, whose frames sit between a module's __init__ and its builder
+_NNX_CONSTRUCTION = os.path.splitext(flax.nnx.pytreelib.__file__)[0]
 
 
 def _user_frame() -> tuple[int, Any] | None:
@@ -140,6 +144,10 @@ def _user_frame() -> tuple[int, Any] | None:
         name, file = frame.f_code.co_name, frame.f_code.co_filename
         if file == "<string>":
             return name == "__init__" and isinstance(frame.f_locals.get("self"), flax.linen.Module)
+        if file.startswith(_NNX_CONSTRUCTION):  # NNX's metaclass calls __init__
+            return True
+        if name == "__init__" and file.startswith(_JAXBN_DIR):  # an NNX module's own
+            return isinstance(frame.f_locals.get("self"), flax.nnx.Module)
         return name in ("__post_init__", "init_wrapper") and file.startswith(internal)
 
     while frame is not None and constructing(frame):

@@ -306,7 +306,6 @@ def test_input_errors_carry_the_linen_messages(x, kwargs):
     [
         {"num_features": -1},
         {"num_features": 2.0},
-        {"num_features": 3, "eps": -1.0},
         {"num_features": 3, "eps": "small"},
         {"num_features": 3, "momentum": "0.1"},
         {"num_features": 3, "axis": 1.0},
@@ -317,6 +316,18 @@ def test_field_errors_carry_the_linen_messages(kwargs):
     expected = linen_message(lambda: jaxbn.BatchNorm(**kwargs))
     with pytest.raises(Exception, match=re.escape(expected)):
         jaxbn.nnx.BatchNorm(**kwargs)
+
+
+def test_a_negative_eps_is_refused_with_the_linen_message_when_training():
+    x = jnp.ones((5, 3))
+
+    def linen():
+        bn = jaxbn.BatchNorm1d(3, eps=-1.0)
+        bn.apply(bn.init(jax.random.key(0), x, train=True), x, train=True, mutable=True)
+
+    expected = linen_message(linen)
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        jaxbn.nnx.BatchNorm1d(3, eps=-1.0)(x, train=True)
 
 
 def test_num_features_is_required_like_torch():
@@ -357,3 +368,64 @@ def test_group_and_layer_norm_field_errors_carry_the_linen_messages():
     expected = linen_message(lambda: gn.apply(gn.init(jax.random.key(0), x), x))
     with pytest.raises(ValueError, match=re.escape(expected)):
         jaxbn.nnx.GroupNorm(2, 4, affine=False)(x)
+
+
+def test_torch_s_bias_false_learns_scale_only_with_torch_s_numbers():
+    gen = torch.Generator().manual_seed(3)
+    x_t = torch.randn(6, 3, 4, generator=gen) * 2 + 1
+    torch_bn = torch.nn.BatchNorm1d(3, bias=False)
+    with torch.no_grad():
+        torch_bn.weight.copy_(torch.tensor([0.5, 1.0, 2.0]))
+    bn = jaxbn.nnx.BatchNorm1d(3, axis=1, bias=False)
+    bn.scale[...] = jnp.asarray([0.5, 1.0, 2.0])
+    assert bn.bias is None and sorted(nnx.to_pure_dict(nnx.state(bn, nnx.Param))) == ["scale"]
+    y_t = torch_bn(x_t)
+    y_t.backward(torch.ones_like(y_t) * torch.arange(3.0)[:, None])
+    loss = lambda bn, x: jnp.sum(bn(x, train=True) * jnp.arange(3.0)[:, None])
+    grads = nnx.grad(loss)(bn, jnp.asarray(x_t.numpy()))
+    torch_bn.eval()
+    bn.eval()
+    x_t = x_t * 0.5
+    np.testing.assert_allclose(bn(jnp.asarray(x_t.numpy())), torch_bn(x_t).detach(), atol=1e-5)
+    np.testing.assert_allclose(grads["scale"][...], torch_bn.weight.grad.numpy(), atol=1e-5)
+    np.testing.assert_allclose(bn.var[...], torch_bn.running_var.numpy(), atol=1e-6)
+
+
+def test_use_scale_and_use_bias_apart_give_one_parameter_each():
+    x = jnp.arange(12.0).reshape(4, 3) ** 1.5
+    for use_scale, use_bias in ((True, False), (False, True)):
+        bn = jaxbn.nnx.BatchNorm1d(3, use_scale=use_scale, use_bias=use_bias)
+        bn.eval()
+        assert (bn.scale is None, bn.bias is None) == (not use_scale, not use_bias)
+        flax_bn = nnx.BatchNorm(3, use_scale=use_scale, use_bias=use_bias, rngs=nnx.Rngs(0))
+        np.testing.assert_allclose(bn(x), flax_bn(x, use_running_average=True), atol=1e-5)
+    assert jaxbn.nnx.BatchNorm1d(3, affine=False, bias=True).scale is None
+
+
+def test_parameter_metadata_and_random_initializers_follow_flax_nnx_batch_norm():
+    init = nnx.initializers.normal(1.0)
+    kw = dict(scale_init=init, bias_init=init)
+    ours = jaxbn.nnx.BatchNorm(
+        3, scale_metadata={"tag": "s"}, bias_metadata={"tag": "b"}, rngs=nnx.Rngs(4), **kw
+    )
+    theirs = nnx.BatchNorm(3, rngs=nnx.Rngs(4), **kw)
+    np.testing.assert_array_equal(ours.scale[...], theirs.scale[...])  # one key each, scale first
+    np.testing.assert_array_equal(ours.bias[...], theirs.bias[...])
+    assert (ours.scale.get_metadata()["tag"], ours.bias.get_metadata()["tag"]) == ("s", "b")
+
+
+def test_the_momentum_warning_shows_under_python_dash_c():
+    import subprocess
+    import sys
+
+    code = (
+        "import jaxbn, jaxbn.nnx\n"
+        "jaxbn.BatchNorm(momentum=0.9)\n"
+        "jaxbn.nnx.BatchNorm2d(3, momentum=0.99)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=True
+    )
+    lines = [line for line in out.stderr.splitlines() if "MomentumConventionWarning" in line]
+    assert [line.split(": ")[0] for line in lines] == ["<string>:2", "<string>:3"]
+    assert "jaxbn.nnx.flax_compat.BatchNorm" in lines[1]

@@ -4,6 +4,8 @@ layers, nnx.remat, an nnx.Optimizer step, nnx.split/merge and an orbax checkpoin
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -300,3 +302,46 @@ def test_an_orbax_checkpoint_of_nnx_state_restores_statistics_and_the_counter(tm
     assert counter.dtype == jnp.int32 and int(counter) == 2
     np.testing.assert_array_equal(restored.layers_1.var[...], model.layers_1.var[...])
     np.testing.assert_array_equal(run(restored, x, False), run(model, x, False))
+
+
+UNSYNCED_VMAP = re.escape(
+    "jaxbn.nnx.BatchNorm1d is training under vmap (nnx.vmap) with running statistics that are "
+    "not mapped, and no axis_name"
+)
+
+
+def test_a_training_batch_norm_under_nnx_vmap_without_axis_name_says_what_to_do():
+    bn = jaxbn.nnx.BatchNorm1d(C)
+    bn.train()
+    x = jnp.arange(2 * 4 * C, dtype=jnp.float32).reshape(2, 4, C) ** 0.5
+
+    @nnx.vmap(in_axes=(None, 0))
+    def members(bn, x):
+        return bn(x)
+
+    with pytest.raises(ValueError, match=UNSYNCED_VMAP) as error:
+        members(bn, x)
+    assert "axis_name=" in str(error.value) and "in_axes=0, out_axes=0" in str(error.value)
+    # the same inside a jitted gradient (JVP and jit tracers around the vmap's)
+    with pytest.raises(ValueError, match=UNSYNCED_VMAP):
+        nnx.jit(nnx.grad(lambda bn, x: jnp.sum(members(bn, x))))(bn, x)
+    # eval under the same vmap is fine: nothing is written
+    bn.eval()
+    assert members(bn, x).shape == x.shape
+
+
+def test_per_member_statistics_under_nnx_vmap_need_no_axis_name():
+    @nnx.vmap(in_axes=0, out_axes=0)
+    def make(_):
+        return jaxbn.nnx.BatchNorm1d(C, use_running_average=False)
+
+    bns = make(jnp.arange(2))
+
+    @nnx.vmap(in_axes=(0, 0))
+    def members(bn, x):
+        return bn(x)
+
+    x = jnp.stack([jnp.zeros((4, C)), jnp.ones((4, C))]) + jnp.arange(4.0)[None, :, None]
+    members(bns, x)
+    np.testing.assert_allclose(bns.mean[...], [[0.15] * C, [0.25] * C], rtol=1e-6)
+    assert bns.num_batches_tracked[...].tolist() == [1, 1]
