@@ -276,3 +276,26 @@ def test_inference_mode_chooses_the_mode_of_several_unset_layers_at_once():
     # eqx.tree_at cannot replace a None found in several places: the unset mode is a leaf
     model = (jbn.BatchNorm(C, axis=1), jbn.BatchNorm1d(C, axis=1))
     assert [layer.inference for layer in eqx.nn.inference_mode(model)] == [True, True]
+
+
+def test_a_model_jitted_whole_gets_the_equinox_way_out_for_its_traced_mode():
+    bn, state = eqx.nn.make_with_state(jbn.BatchNorm)(C, axis=1, inference=False)
+    with pytest.raises(TypeError, match=r"inference is a traced value.*Use eqx.filter_jit"):
+        jax.jit(lambda bn, state, x: bn(x, state))(bn, state, jnp.ones((4, C)))
+
+
+def test_inference_needs_no_bound_axis_name():
+    bn, state = eqx.nn.make_with_state(jbn.BatchNorm2d)(C, axis_name="batch", inference=True)
+    y, _ = bn(jnp.full((C, 2, 2), 3.0), state)  # one example, no vmap: no collective in eval
+    np.testing.assert_allclose(y, np.full((C, 2, 2), 3 / np.sqrt(1 + 1e-5)), rtol=1e-6)
+
+
+def test_bfloat16_input_keeps_float32_statistics_and_returns_bfloat16():
+    bn, state = eqx.nn.make_with_state(jbn.BatchNorm)(C, axis=1, inference=False)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(8, C)), jnp.bfloat16)
+    y, state = bn(x, state)
+    assert y.dtype == jnp.bfloat16
+    stats = state.get(bn.state_index)
+    assert stats.mean.dtype == stats.var.dtype == jnp.float32
+    expected = 0.1 * np.asarray(x, np.float32).mean(0)
+    np.testing.assert_allclose(stats.mean, expected, rtol=1e-5, atol=1e-6)

@@ -113,6 +113,13 @@ def resolve_mode(layer: Any, inference: Any) -> bool:
     mode = layer.inference if inference is None else inference
     if mode is UNSET or mode is None:
         raise ValueError(NO_MODE.format(cls=type(layer).__name__))
+    if isinstance(mode, jax.core.Tracer):
+        raise TypeError(
+            f"{type(layer).__name__}'s inference is a traced value: the model went through "
+            "jax.jit / pmap as a whole, which turns its bool fields into arrays. Use "
+            "eqx.filter_jit, or pass eqx.partition(model, eqx.is_array)'s arrays and close "
+            "over the rest"
+        )
     return logic.train_flag(mode, "inference")
 
 
