@@ -108,3 +108,27 @@ def test_an_eqx_batch_norm_is_refused_with_the_replacement():
     model, state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(C, "batch", mode="batch")
     with pytest.raises(TypeError, match=r"use jaxbn.equinox.BatchNorm"):
         torch_to_equinox([model], state, {})
+
+
+def test_the_tutorials_torch_convnet_loads_into_the_equinox_port_and_trains_alike():
+    from jaxbn.equinox.models import TORCH_RENAME, ConvNet
+    from tests.torch_models import ConvNetWithBN
+
+    torch.manual_seed(0)
+    net = ConvNetWithBN(10, 1, 8, (4, 8, 8), 8)
+    with torch.no_grad():
+        net(torch.randn(6, 1, 8, 8))  # running statistics of its own
+    model, state = eqx.nn.make_with_state(ConvNet)(1, (4, 8, 8), 8, 10, 8, key=jax.random.key(0))
+    model, state = torch_to_equinox(model, state, net.state_dict(), rename=TORCH_RENAME)
+    x = np.random.default_rng(1).normal(size=(5, 1, 8, 8)).astype(np.float32)
+    train = jax.vmap(
+        eqx.nn.inference_mode(model, False),
+        axis_name="batch",
+        in_axes=(0, None),
+        out_axes=(0, None),
+    )
+    y, state = train(jnp.asarray(x), state)
+    np.testing.assert_allclose(y, net(torch.tensor(x)).detach().numpy(), atol=1e-5)
+    exported = equinox_to_torch(model, state, rename=TORCH_RENAME)
+    for key, value in net.state_dict().items():  # the statistics after that step, torch's
+        np.testing.assert_allclose(exported[key], value.numpy(), atol=1e-5, err_msg=key)

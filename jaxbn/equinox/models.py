@@ -27,7 +27,21 @@ import jax.numpy as jnp
 
 from jaxbn.equinox.batch_norm import BatchNorm1d, BatchNorm2d
 
-__all__ = ["ConvNet"]
+__all__ = ["TORCH_RENAME", "ConvNet"]
+
+#: :class:`ConvNet`'s module paths → the tutorial's PyTorch ``ConvNetWithBN`` (``features`` and
+#: ``classifier`` Sequentials), for :func:`jaxbn.equinox.interop.torch_to_equinox`'s ``rename``.
+TORCH_RENAME = {
+    "convs.0": "features.0",
+    "norms.0": "features.1",
+    "convs.1": "features.4",
+    "norms.1": "features.5",
+    "convs.2": "features.8",
+    "norms.2": "features.9",
+    "hidden_linear": "classifier.0",
+    "hidden_norm": "classifier.1",
+    "output_linear": "classifier.3",
+}
 
 #: ``factory(num_features) -> layer`` called as ``layer(x, state) -> (y, state)``.
 NormFactory = Callable[[int], Any]
