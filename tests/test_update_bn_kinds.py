@@ -447,3 +447,67 @@ def test_update_bn_refuses_reports_mapped_on_an_axis_the_statistics_do_not_have(
         r"counter: .*None under nn.vmap when the members share one set of statistics\)",
     ):
         jaxbn.update_bn(SharedMembers(0).apply, variables, batches)
+
+
+def test_update_bn_of_an_nnx_stack_made_by_nnx_vmap_and_run_by_nnx_scan_averages_each_layer():
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.lin, self.bn = nnx.Linear(C, C, rngs=rngs), jaxbn.nnx.BatchNorm1d(C)
+
+        def __call__(self, x):
+            return self.bn(self.lin(x))
+
+    class Stack(nnx.Module):
+        def __init__(self, rngs):
+            make = nnx.split_rngs(splits=2)(nnx.vmap(Block, in_axes=(0,), out_axes=0))
+            self.blocks = make(rngs)
+
+        def __call__(self, x):
+            step = nnx.scan(lambda x, block: block(x), in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+            return step(x, self.blocks)
+
+    batches = [normal(i, (8, C), i + 1, i) for i in range(2)]
+    model = Stack(nnx.Rngs(0))
+    jaxbn.nnx.update_bn(model, batches)
+    kernel, bias = model.blocks.lin.kernel[...][0], model.blocks.lin.bias[...][0]
+    expected = sum((x @ kernel + bias).var(0, ddof=1) for x in batches) / 2
+    assert_close("update_bn nnx stack var", model.blocks.bn.var[...][0], expected, 1e-5, 1e-6)
+    np.testing.assert_array_equal(model.blocks.bn.num_batches_tracked[...], [2, 2])
+
+
+class EvalInside(nn.Module):
+    """``fixed`` is always called in eval (a BN the model keeps frozen that way); ``spare`` is
+    called in eval only, so no training batch reaches it."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = jaxbn.BatchNorm1d(C, name="fixed")(x, train=False)
+        if not train:
+            x = jaxbn.BatchNorm1d(C, name="spare")(x, train=False)
+        return jaxbn.BatchNorm1d(C, name="live")(x, train=train)
+
+
+@pytest.fixture(scope="module")
+def eval_inside_case():
+    batches = [normal(i, (8, C), i + 1, i) for i in range(2)]
+    variables = EvalInside().init(jax.random.key(0), batches[0], train=False)
+    stale = {"mean": jnp.full((C,), 5.0), "var": jnp.full((C,), 2.0)}
+    stale["num_batches_tracked"] = jnp.asarray(7, jnp.int32)
+    variables["batch_stats"]["fixed"] = variables["batch_stats"]["spare"] = stale
+    return variables, jaxbn.update_bn(EvalInside().apply, variables, batches)
+
+
+def test_update_bn_leaves_a_batch_norm_the_model_calls_in_eval_as_it_was(eval_inside_case):
+    variables, updated = eval_inside_case
+    assert_stats_equal(updated["batch_stats"]["fixed"], variables["batch_stats"]["fixed"])
+    assert int(updated["batch_stats"]["live"]["num_batches_tracked"]) == 2
+
+
+def test_update_bn_leaves_a_batch_norm_no_batch_reached_as_it_was_instead_of_resetting_it(
+    eval_inside_case,
+):
+    # torch resets it to 0/1; here it cannot be told from a frozen layer, which must stay
+    variables, updated = eval_inside_case
+    assert_stats_equal(updated["batch_stats"]["spare"], variables["batch_stats"]["spare"])
