@@ -319,3 +319,27 @@ def test_every_batch_norm_ends_in_folded_or_left():
         "head_bn": "the sample call did not run it (another method, or a branch not taken); "
         "kept as it is",
     }
+
+
+class PaddedRows(nn.Module):
+    """Rows of zeros are padding: the model masks them itself (a sequence model's usual way)."""
+
+    @nn.compact
+    def __call__(self, x, *, train):
+        mask = jnp.broadcast_to(jnp.any(x != 0, axis=-1, keepdims=True), (*x.shape[:-1], 4))
+        return jaxbn.BatchNorm1d(4, name="bn")(nn.Dense(4, name="dense")(x), train=train, mask=mask)
+
+
+def test_a_batch_norm_masked_inside_the_model_is_kept_although_the_sample_has_no_padding():
+    model = PaddedRows()
+    variables = loaded(model.init(jax.random.key(0), X, train=False))
+    padded = X.at[5:].set(0.0)
+    result = jaxbn.fold_batch_norm(model, variables, X[:1])  # no padded row in the sample
+    assert list(result.left) == ["bn"] and not result.folded
+    assert_close(
+        "fold masked inside eval outputs on a padded batch",
+        result.model.apply(result.variables, padded, train=False),
+        model.apply(variables, padded, train=False),
+        0.0,
+        0.0,
+    )

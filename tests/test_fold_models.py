@@ -368,3 +368,20 @@ def test_a_jax_resnet_style_sequential_resnet_folds_as_written_like_torch_fx_fus
         1e-4,
         1e-5,
     )
+
+
+def test_freeze_where_selects_layers_of_an_nn_sequential_by_their_variable_paths():
+    model = nn.Sequential(
+        [nn.Dense(4), flax_compat.BatchNorm(use_running_average=False), nn.Dense(4)]
+    )
+    variables = loaded(model.init(jax.random.key(0), X))
+    frozen_model, _ = jaxbn.freeze_batch_norm(model, variables, where=lambda p: p == "layers_1")
+    # frozen: the training-mode batch norm uses its running statistics, and nothing updates
+    out, updates = frozen_model.apply(variables, X, mutable=["batch_stats"])
+    eval_model = nn.Sequential(
+        [nn.Dense(4), flax_compat.BatchNorm(use_running_average=True), nn.Dense(4)]
+    )
+    assert_close("freeze sequential where", out, eval_model.apply(variables, X), 1e-6, 1e-6)
+    np.testing.assert_array_equal(
+        updates["batch_stats"]["layers_1"]["mean"], variables["batch_stats"]["layers_1"]["mean"]
+    )

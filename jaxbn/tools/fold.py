@@ -290,6 +290,8 @@ class _Rewriter:
         frozen = freezes(module, relative, self.frozen)
         if self.trace is not None:
             kind = None if kind_of(module) is None else _effective_kind(module, frozen)
+            if frozen and kind == UNTRACKED:  # the wrapped model cannot run: say why
+                return frozen_call(module, "/".join(relative), args, kwargs)
             return self.trace.norm(module, relative, kind, next_fun, args, kwargs)
         if frozen:
             return frozen_call(module, "/".join(relative), args, kwargs)
@@ -335,7 +337,7 @@ class _Call:
             folded = getattr(model, "folded", ())
             biased = getattr(model, "biased", ())
             model = model.model
-        if not args:
+        if not args and not kwargs:
             raise TypeError("fold_batch_norm needs a sample input: fold_batch_norm(model, v, x)")
         try:
             flags = eval_kwargs(model, method)
