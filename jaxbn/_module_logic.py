@@ -495,7 +495,7 @@ def masked_statistics_call(
     stats: RunningStats,
     *,
     mask: jax.Array,
-) -> tuple[jax.Array, RunningStats | None]:
+) -> tuple[jax.Array, RunningStats | None, BatchMoments | None]:
     """A training call with Flax's meaning of ``mask``: the statistics (and the running
     update) come from the True elements, and *every* element is normalized with them.
 
@@ -504,7 +504,7 @@ def masked_statistics_call(
     training (the moments are differentiable, merged over devices when synced).
 
     Returns:
-      ``(y, new_stats)`` as :func:`batch_norm_call`'s first two.
+      ``(y, new_stats, moments)`` as :func:`batch_norm_call`'s.
     """
     _, new, moments = batch_norm_call(module, x, weight, bias, stats, train=True, mask=mask)
     y, _, _ = functional.batch_norm(
@@ -512,7 +512,7 @@ def masked_statistics_call(
     )
     if module.dtype is not None:
         y = y.astype(module.dtype)
-    return y, new
+    return y, new, moments
 
 
 def next_count(count: jax.Array, steps: int = 1) -> jax.Array:

@@ -27,10 +27,13 @@ traces each mode once and never reuses one mode's trace for the other.
 
 Relation to ``flax.nnx.BatchNorm``: Flax's ``momentum`` (weight of the old value, 0.99) is
 ``1 - momentum`` here (weight of the new batch, PyTorch's 0.1); Flax stores the biased
-running variance, jaxbn the unbiased one and a counter; Flax's ``epsilon`` is ``eps``,
-``use_scale``/``use_bias`` are ``affine``; Flax averages per-device means with equal weight,
-jaxbn merges counts (uneven shards and masks exact); a batch with one value per channel is an
-error, not a silent ``bias``. ``rngs`` is optional (only a random ``scale_init`` needs it).
+running variance, jaxbn the unbiased one and a counter; Flax's ``epsilon`` is ``eps``;
+``affine`` switches both parameters, and ``use_scale``/``use_bias`` (Flax's) or ``bias=False``
+(PyTorch 2.13's) each one; Flax averages per-device means with equal weight, jaxbn merges counts
+(uneven shards and masks exact); a masked-out element outputs 0 (Flax normalizes it too); a
+batch with one value per channel is an error, not a silent ``bias``. ``rngs`` is optional; given,
+each parameter takes its own ``rngs.params()`` key, as in Flax. For ``flax.nnx.BatchNorm``'s
+exact spelling (the one-line switch) use :class:`jaxbn.nnx.flax_compat.BatchNorm`.
 
 Example:
     >>> import jax.numpy as jnp

@@ -54,7 +54,7 @@ from flax.nnx.nn import dtypes, initializers
 from jaxbn import _module_logic as logic
 from jaxbn._module_logic import check_eps, check_feature_count, train_flag
 from jaxbn.flax_compat import momentum_from_flax
-from jaxbn.nnx.batch_norm import affine_params, set_mode_view
+from jaxbn.nnx.batch_norm import MOMENTS_NAME, affine_params, set_mode_view
 
 __all__ = ["BatchNorm"]
 
@@ -192,6 +192,7 @@ class BatchNorm(nnx.Module):
         )
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
+        self._report_moments = False
 
     @property
     def eps(self) -> float:
@@ -248,14 +249,16 @@ class BatchNorm(nnx.Module):
         if training and logic.sync_axis(fields)[0] is None:
             logic.check_vmapped_update("jaxbn.nnx.flax_compat.BatchNorm", x, stats)
         if mask is not None and training:
-            y, new = logic.masked_statistics_call(fields, x, scale, bias, stats, mask=mask)
+            y, new, moments = logic.masked_statistics_call(fields, x, scale, bias, stats, mask=mask)
         else:
             # eval: Flax's mask selects the statistics' elements, and eval computes none
-            y, new, _ = logic.batch_norm_call(fields, x, scale, bias, stats, train=training)
+            y, new, moments = logic.batch_norm_call(fields, x, scale, bias, stats, train=training)
         if new is not None:
             self.mean[...] = new.mean
             self.var[...] = new.var
             self.num_batches_tracked[...] = new.num_batches_tracked
+            if self._report_moments:  # jaxbn.nnx.update_bn asks, as of jaxbn.nnx.BatchNorm
+                self.sow(nnx.Intermediate, MOMENTS_NAME, dict(moments._asdict()))
         return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
