@@ -202,6 +202,8 @@ class BatchNorm(nn.Module):
         if not train:
             # Flax's eval reads no mask: every element is normalized with the running statistics.
             return self.norm(x, train=False)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)  # as Flax reads it: any dtype, nonzero selects
         y = self.norm(x, train=True, mask=mask)  # updates the running statistics from the mask
         if mask is None:
             return y
@@ -209,6 +211,7 @@ class BatchNorm(nn.Module):
         # every element is normalized with them (jaxbn.BatchNorm outputs 0 where masked).
         return self._normalize_every_element(jnp.asarray(x), mask, y.dtype)
 
+    @nn.nowrap  # not a call of its own for nn.tabulate (which would run it alone)
     def _normalize_every_element(self, x: jax.Array, mask: jax.Array, dtype: Any) -> jax.Array:
         """``(x − μ)·rsqrt(σ² + ε)·scale + bias`` on every element of ``x`` ([N, ..., C]), with
         the batch's ``μ`` and biased ``σ²`` taken over the elements where ``mask`` is True
@@ -241,4 +244,7 @@ class BatchNorm(nn.Module):
             y = y * jnp.reshape(params["scale"], stat_shape).astype(compute)
         if "bias" in params:
             y = y + jnp.reshape(params["bias"], stat_shape).astype(compute)
-        return y.astype(dtype)
+        # A channel with no selected element has no statistics: NaN, as Flax's empty mean
+        # (not x·rsqrt(eps) from a zero placeholder).
+        selected = jnp.reshape(moments.count, stat_shape) > 0
+        return jnp.where(selected, y, jnp.nan).astype(dtype)

@@ -29,6 +29,10 @@ MODULES = {
         lambda: jaxbn.flax_compat.BatchNorm(use_scale=False),
         {"use_running_average": False},
     ),
+    "flax_compat.BatchNorm with a mask": (
+        jaxbn.flax_compat.BatchNorm,
+        {"use_running_average": False, "mask": jnp.arange(8)[:, None] < 6},
+    ),
 }
 
 
