@@ -343,3 +343,23 @@ def test_a_batch_norm_masked_inside_the_model_is_kept_although_the_sample_has_no
         0.0,
         0.0,
     )
+
+
+def test_pmap_replicated_variables_are_refused_with_how_to_take_one_replica():
+    model = DenseNorm()
+    variables = loaded(model.init(jax.random.key(0), X, train=False))
+    replicated = jax.tree.map(lambda a: jnp.stack([a, a]), variables)
+    with pytest.raises(
+        ValueError,
+        match=r"the sample call failed \(ScopeParamShapeError\), and every batch norm's statistics "
+        r"have a leading axis of 2, as pmap-replicated variables do; fold one replica: "
+        r"jax.tree.map\(lambda a: a\[0\], variables\)",
+    ):
+        jaxbn.fold_batch_norm(model, replicated, X[:1])
+
+
+def test_fold_under_jit_is_refused_in_one_line():
+    model = DenseNorm()
+    variables = loaded(model.init(jax.random.key(0), X, train=False))
+    with pytest.raises(TypeError, match=r"fold_batch_norm needs concrete variables"):
+        jax.jit(lambda v: jaxbn.fold_batch_norm(model, v, X[:1]).variables)(variables)

@@ -17,6 +17,17 @@ why. It works on any Flax linen model, and a ``use_bias=False`` layer gets a bia
 returning, the folded model is run against the original on ``x``; a difference beyond rounding
 raises.
 
+What each batch norm kind (:mod:`jaxbn.tools.layers`) becomes:
+
+- trained, frozen, ghost, renorm (also ``jaxbn.flax_compat.BatchNorm``, and any of them frozen
+  by ``freeze_batch_norm``): eval is ``(x − mean)·rsqrt(var + eps)·scale + bias`` with stored
+  statistics, so each folds where the graph allows. A frozen layer is a constant and needs no
+  counter; the others refuse statistics that were never tracked.
+- untracked (``track_running_stats=False``, GhostBatchNorm's too): kept, eval uses the batch.
+- called with ``mask=``, or with stacked statistics (``nn.scan``/``nn.vmap`` members), or inside
+  a loop or branch: kept. ``jax.jit``/``nn.jit``/``nn.remat`` are looked into.
+- ``flax.linen.BatchNorm``: kept and named (it is not a jaxbn layer).
+
 Example:
     >>> folded_model, folded_vars = jaxbn.fold_batch_norm(model, variables, x[:1])
     >>> folded_model.apply(folded_vars, x, train=False)        # == model.apply(..., train=False)
@@ -111,7 +122,7 @@ class FoldResult(_ModelAndVariables):
     """What :func:`fold_batch_norm` returns: unpacks as ``(model, variables)``, and reports.
 
     Attributes:
-      model: the folded model, run as ``model.apply(variables, x, train=False)``.
+      model: the folded model, called as the original (``apply(variables, x, train=False)``).
       variables: its variables.
       folded: ``{batch norm path: Conv/Dense path}`` for each batch norm folded away
         (paths ``/``-joined, as in the variables tree).
@@ -492,7 +503,22 @@ def fold_batch_norm(
 
 
 def _plan(call: _Call, variables: Mapping[str, Any]) -> _Plan:
-    traced = _trace(call, variables)
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(variables)):
+        raise TypeError(
+            "fold_batch_norm needs concrete variables (it runs the folded model to check it); "
+            "call it outside jax.jit, jax.grad or any other transformation"
+        )
+    try:
+        traced = _trace(call, variables)
+    except Exception as error:
+        leading = {stacked_shape(stats)[:1] for stats, _ in stored_layers(variables).values()}
+        if len(leading) == 1 and (replicas := leading.pop()):
+            raise ValueError(
+                f"the sample call failed ({type(error).__name__}), and every batch norm's "
+                f"statistics have a leading axis of {replicas[0]}, as pmap-replicated variables "
+                "do; fold one replica: jax.tree.map(lambda a: a[0], variables)"
+            ) from error
+        raise
     trace, uses, tagged = traced.calls, traced.uses, traced
     stats_tree = variables.get("batch_stats", {})
     params = variables.get("params", {})
