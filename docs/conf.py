@@ -41,11 +41,13 @@ myst_heading_anchors = 3  # [text](page.md#a-heading) links are checked like any
 autodoc_default_options = {"member-order": "bysource"}
 autodoc_typehints = "description"  # signatures stay readable; types go next to each argument
 autodoc_typehints_format = "short"
-autodoc_class_signature = "separated"  # a Flax module's dataclass fields, then __call__
+autodoc_typehints_description_target = "documented_params"  # no second, type-only list
+autodoc_class_signature = "mixed"  # the constructor's signature on the class line
 autodoc_inherit_docstrings = False  # flax.linen.Module's own docstrings are not jaxbn's reference
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
 napoleon_use_rtype = False
+napoleon_use_ivar = True  # a module's fields as one compact list, not a block per field
 
 # Nitpicky mode checks every cross-reference. jaxbn's own names must resolve; names of the
 # libraries jaxbn builds on (no intersphinx: the build needs no network) are allowed to stay

@@ -157,3 +157,158 @@ def test_evaluate_prints_the_logged_test_figures_of_a_checkpoint(interrupted, ep
     got_epoch, loss, accuracy = evaluate.evaluate_checkpoint(workdir, epoch)
     assert got_epoch == (epoch or 2)
     assert (loss, accuracy) == (rows[got_epoch]["test_loss"], rows[got_epoch]["test_accuracy"])
+
+
+# -- one spelling across the scripts (issue 27) ----------------------------------------------
+
+
+@pytest.mark.parametrize("by", ["flag", "position"])
+def test_evaluate_prints_one_line_with_four_decimals_and_no_absl_warning(interrupted, by, capfd):
+    workdir = str(interrupted[0])
+    argv = ["--workdir", workdir] if by == "flag" else [workdir]
+    assert evaluate.main(argv) == 0
+    out, err = capfd.readouterr()
+    row = json.loads((interrupted[0] / "metrics.jsonl").read_text().splitlines()[-1])
+    assert out == (f"epoch 2: test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.4f}\n")
+    assert "absl" not in err and "WARNING" not in err
+
+
+def test_evaluate_refuses_two_different_workdirs(capsys):
+    with pytest.raises(SystemExit) as caught:
+        evaluate.main(["--workdir", "a", "b"])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m train.evaluate: error: two workdirs given: --workdir a and b (see --help)\n"
+    )
+
+
+def test_evaluate_without_a_workdir_asks_for_the_flag(capsys):
+    with pytest.raises(SystemExit):
+        evaluate.main([])
+    assert "the following arguments are required: --workdir" in capsys.readouterr().err
+
+
+def test_compare_without_out_writes_no_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(["--epochs", "1", "--lrs", "0.1", "--batch-size", "256"]) == 0
+    assert os.listdir(tmp_path) == []  # before: compare.png in the current folder
+    assert "plot:" not in capsys.readouterr().out
+
+
+def test_compare_refuses_out_and_its_earlier_name_together(capsys):
+    with pytest.raises(SystemExit):
+        compare.main(["--out", "a.png", "--plot", "b.png"])
+    assert "--plot is the earlier name of --out: give one of them" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("script", ["mlp", "cnn", "resnet", "compare", "evaluate", "plot"])
+def test_help_states_no_run_time(script, capsys):
+    import importlib
+    import re
+
+    with pytest.raises(SystemExit):
+        importlib.import_module(f"train.{script}").main(["--help"])
+    text = capsys.readouterr().out
+    assert text.startswith("usage: python -m train.")
+    assert not re.search(r"\d\s*(s|sec|seconds|min|minutes)\b", text), text
+
+
+def test_verbose_is_an_option_that_a_resumed_run_may_change():
+    from train.config import Run
+
+    run = Run.from_flags(parse_args("python -m train.mlp", "", mlp.DEFAULTS, ["--verbose"]))
+    assert run.options.verbose is True  # an option: RunConfig, which --resume compares, has none
+    assert not hasattr(run.config, "verbose")
+
+
+# -- multi-process output: gloo's lines, and the stop each process saw ---------------------
+
+GLOO = (
+    b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n"
+)
+
+
+@pytest.mark.parametrize(
+    "chunks, forwarded",
+    [
+        ([b"epoch 1\n" + GLOO + b"epoch 2\n"], b"epoch 1\nepoch 2\n"),
+        ([b"epoch 1\n" + GLOO[:20], GLOO[20:] + b"done\n"], b"epoch 1\ndone\n"),  # split line
+        ([b"epoch 1 ", GLOO, b"acc 0.9\n"], b"epoch 1 acc 0.9\n"),  # inside one of ours
+        ([b"a [Gl", b"oo] not gloo's line\n"], b"a [Gloo] not gloo's line\n"),
+    ],
+)
+def test_gloo_lines_are_dropped_wherever_the_chunks_break(chunks, forwarded):
+    from train.native_output import drop_gloo_lines
+
+    out, pending = b"", b""
+    for chunk in chunks:
+        now, pending = drop_gloo_lines(pending + chunk)
+        out += now
+    assert out + pending == forwarded
+
+
+def test_the_filter_keeps_gloo_lines_written_by_native_code_off_stdout():
+    import subprocess
+    import sys
+
+    code = (
+        "import os, sys\n"
+        "from train.native_output import GlooLinesFilter\n"
+        "f = GlooLinesFilter()\n"
+        f"os.write(1, {GLOO!r})\n"  # as gloo's C++ code does: straight to descriptor 1
+        "print('epoch 1', flush=True)\n"
+        f"os.write(1, {GLOO.replace(b'Rank 0', b'Rank 1')!r})\n"
+        "print('done')\n"
+        "f.close()\n"
+        "print('after')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout == "epoch 1\ndone\nafter\n"
+
+
+class FakeStore:
+    """jax.distributed's key-value store, as train.stopping uses it."""
+
+    def __init__(self):
+        self.values = {}
+
+    def key_value_set(self, key, value):
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+def test_a_ctrl_c_on_one_process_is_named_by_the_others(monkeypatch):
+    from jax._src import distributed
+    from jax.experimental import multihost_utils
+
+    from train.stopping import StopRequest
+
+    store = FakeStore()
+    monkeypatch.setattr(distributed.global_state, "client", store)
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: True)
+    interrupted, other = StopRequest(), StopRequest()
+    for stop in (interrupted, other):
+        stop.cluster = True
+        stop.notify_cluster = lambda: None  # the SIGTERM to JAX's notifier, not to pytest
+    interrupted(signal.SIGINT)
+    assert interrupted.reached(5) and other.reached(5)
+    assert interrupted.describe() == "stopped by SIGINT"
+    # before: "stopped by SIGTERM", a signal this process never received
+    assert other.describe() == "stopped by SIGINT on process 0 (passed on to every process)"
+
+
+def test_a_sigterm_notice_without_a_ctrl_c_is_named_sigterm(monkeypatch):
+    from jax._src import distributed
+    from jax.experimental import multihost_utils
+
+    from train.stopping import StopRequest
+
+    monkeypatch.setattr(distributed.global_state, "client", FakeStore())
+    monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point", lambda step: True)
+    stop = StopRequest()
+    stop.cluster = True
+    assert stop.reached(3) and stop.describe() == "stopped by SIGTERM"

@@ -202,6 +202,25 @@ def test_the_module_runs_as_a_script(tmp_path):
     assert out.read_bytes()[:8] == PNG and not out.with_suffix(".png").exists()
 
 
+def test_workdirs_named_with_the_workdir_flag_plot_like_positional_ones(tmp_path, capsys):
+    a = workdir(tmp_path / "a")
+    b = workdir(tmp_path / "b", cfg=config(norm="none", lr=1.0))
+    by_flag, by_position = tmp_path / "flag.png", tmp_path / "position.png"
+    assert run_main(["--workdir", a, "--workdir", b, "--out", by_flag], capsys)[0] == 0
+    assert run_main([a, b, "--out", by_position], capsys)[0] == 0
+    assert by_flag.read_bytes() == by_position.read_bytes()
+
+
+def test_no_workdir_asks_for_the_workdir_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--out", str(tmp_path / "c.png")])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == (
+        "python -m train.plot: error: the following arguments are required: --workdir "
+        "(see --help)\n"
+    )
+
+
 # -- the compare figure ----------------------------------------------------------------------
 
 

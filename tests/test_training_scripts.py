@@ -287,7 +287,7 @@ def test_compare_prints_the_table_and_writes_the_plot(tmp_path, capsys, monkeypa
         lambda results, title: titles.append(title) or draw(results, title),
     )
     plot = tmp_path / "not" / "yet" / "compare.png"
-    assert compare.main(["--epochs", "1", "--lrs", "0.1,1", "--plot", str(plot)]) == 0
+    assert compare.main(["--epochs", "1", "--lrs", "0.1,1", "--out", str(plot)]) == 0
     assert list(plot.parent.iterdir()) == [plot]
     with PIL.Image.open(plot) as image:
         assert image.format == "PNG" and min(image.info["dpi"]) >= 149.9
