@@ -511,3 +511,39 @@ def test_update_bn_leaves_a_batch_norm_no_batch_reached_as_it_was_instead_of_res
     # torch resets it to 0/1; here it cannot be told from a frozen layer, which must stay
     variables, updated = eval_inside_case
     assert_stats_equal(updated["batch_stats"]["spare"], variables["batch_stats"]["spare"])
+
+
+class SyncedPair(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        x = jaxbn.FrozenBatchNorm(C, name="frozen")(x, train=train)
+        return jaxbn.BatchRenorm(C, axis_name="batch", name="renorm")(x, train=train)
+
+
+def test_update_bn_of_replicated_pmap_variables_averages_renorm_globally_and_keeps_frozen():
+    batches = [normal(i, (4, 5, C), i + 1, i) for i in range(2)]
+    model = SyncedPair()
+    variables = model.init(jax.random.key(0), batches[0][0], train=False)
+    variables["batch_stats"]["frozen"] = {
+        "mean": jnp.full((C,), -1.0),
+        "var": jnp.full((C,), 4.0),
+        "num_batches_tracked": jnp.asarray(0, jnp.int32),
+    }
+    replicated = jax.tree.map(lambda a: jnp.stack([a] * 4), variables)
+    mapped = jax.pmap(
+        lambda v, x, mutable: model.apply(v, x, train=True, mutable=mutable),
+        axis_name="batch",
+        static_broadcasted_argnums=(2,),
+        devices=jax.devices()[:4],
+    )
+    updated = jaxbn.update_bn(
+        lambda v, x, *, train, mutable: mapped(v, x, mutable), replicated, batches
+    )
+    frozen = jax.tree.map(lambda a: a[2], updated["batch_stats"]["frozen"])
+    assert_stats_equal(frozen, variables["batch_stats"]["frozen"])
+    inputs = [(b.reshape(-1, C) + 1.0) / np.sqrt(4.0 + 1e-5) for b in batches]
+    expected = sum(z.var(0, ddof=1) for z in inputs) / 2
+    for device in range(4):
+        got = updated["batch_stats"]["renorm"]["var"][device]
+        assert_close("update_bn pmap renorm var", got, expected, 1e-5, 1e-5)
+    np.testing.assert_array_equal(updated["batch_stats"]["renorm"]["num_batches_tracked"], [2] * 4)
