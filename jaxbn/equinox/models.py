@@ -61,6 +61,7 @@ class ConvNet(eqx.Module):
     hidden_norm: Any
     output_linear: eqx.nn.Linear
     pool: eqx.nn.MaxPool2d
+    whole_batch: bool = eqx.field(static=True)
 
     def __init__(
         self,
@@ -75,27 +76,36 @@ class ConvNet(eqx.Module):
         norm1d: NormFactory | None = None,
         bn_momentum: float | None = 0.1,
         dtype: Any = None,
+        whole_batch: bool = False,
     ) -> None:
-        """Args:
-        in_channels: C of the input images [C, H, W].
-        widths: the conv blocks' channels (tutorial: 64, 128, 256).
-        hidden: width of the classifier's hidden layer (tutorial: 512).
-        num_classes: outputs.
-        image_size: H = W of the input (divisible by 4): sizes the classifier.
-        key: initialization key.
-        norm2d, norm1d: norm factories ``factory(C)`` for the conv blocks and the classifier;
-          default ``BatchNorm2d``/``BatchNorm1d(C, momentum=bn_momentum,
-          axis_name="batch")``. ``eqx.nn.BatchNorm`` fits too, e.g.
-          ``functools.partial(eqx.nn.BatchNorm, axis_name="batch", mode="batch")``.
-        bn_momentum: the default norms' momentum (PyTorch's meaning).
-        dtype: parameter dtype (default float32, float64 under ``jax_enable_x64``).
+        """Builds the layers (a per-example model unless ``whole_batch``).
+
+        Args:
+          in_channels: C of the input images [C, H, W].
+          widths: the conv blocks' channels (tutorial: 64, 128, 256).
+          hidden: width of the classifier's hidden layer (tutorial: 512).
+          num_classes: outputs.
+          image_size: H = W of the input (divisible by 4): sizes the classifier.
+          key: initialization key.
+          norm2d: norm factory ``factory(C)`` of the conv blocks; default
+            ``BatchNorm2d(C, momentum=bn_momentum, axis_name="batch")``. ``eqx.nn.BatchNorm``
+            fits too: ``functools.partial(eqx.nn.BatchNorm, axis_name="batch", mode="batch")``.
+          norm1d: the classifier's, default ``BatchNorm1d`` likewise.
+          bn_momentum: the default norms' momentum (PyTorch's meaning).
+          dtype: parameter dtype (default float32, float64 under ``jax_enable_x64``).
+          whole_batch: called on the whole batch [N, C, H, W] instead of one example (the
+            default norms then take ``axis=1`` and no ``axis_name``; the other layers are
+            vmapped inside): the batch norms reduce over the batch at once, as PyTorch's
+            and Flax's do, where the per-example form merges the members' moments.
         """
+        where = {"axis": 1} if whole_batch else {"axis_name": "batch"}
         norm2d = norm2d or functools.partial(
-            BatchNorm2d, momentum=bn_momentum, axis_name="batch", param_dtype=dtype
+            BatchNorm2d, momentum=bn_momentum, param_dtype=dtype, **where
         )
         norm1d = norm1d or functools.partial(
-            BatchNorm1d, momentum=bn_momentum, axis_name="batch", param_dtype=dtype
+            BatchNorm1d, momentum=bn_momentum, param_dtype=dtype, **where
         )
+        self.whole_batch = whole_batch
         keys = jax.random.split(key, len(widths) + 2)
         chans = (in_channels, *widths)
         self.convs = tuple(
@@ -113,12 +123,15 @@ class ConvNet(eqx.Module):
     def __call__(
         self, x: jax.Array, state: eqx.nn.State, *, key: jax.Array | None = None
     ) -> tuple[jax.Array, eqx.nn.State]:
-        """``x``: one image [C, H, W] → ``(logits [K], state)``."""
+        """``x``: one image [C, H, W] → ``(logits [K], state)`` (``whole_batch``: [N, C, H, W]
+        → [N, K])."""
         del key
+        each = jax.vmap if self.whole_batch else lambda layer: layer
         for block, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            x, state = norm(conv(x), state)
+            x, state = norm(each(conv)(x), state)
             x = jax.nn.relu(x)
             if block < len(self.convs) - 1:
-                x = self.pool(x)
-        x, state = self.hidden_norm(self.hidden_linear(jnp.ravel(x)), state)
-        return self.output_linear(jax.nn.relu(x)), state
+                x = each(self.pool)(x)
+        x = each(self.hidden_linear)(each(jnp.ravel)(x))
+        x, state = self.hidden_norm(x, state)
+        return each(self.output_linear)(jax.nn.relu(x)), state
