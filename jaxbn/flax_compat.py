@@ -25,6 +25,10 @@ call argument), ``momentum`` as the weight of the **old** value (converted once,
   nothing); statistics are reduced in float32 (``force_float32_reductions=False`` is refused);
 * training on one value per channel raises PyTorch's error instead of returning ``bias``;
   ``init`` creates variables only: it never raises that error, never syncs, never counts;
+* ``mask`` has Flax's meaning: in training the statistics come from the selected elements
+  (merged count-weighted across devices, where Flax averages per-device means) and every
+  element is normalized with them; eval ignores it. (:class:`jaxbn.BatchNorm`'s own ``mask``
+  outputs 0 where masked.) A channel with no selected element gives NaN, as in Flax;
 * ``dtype=None`` gives the input's dtype (Flax promotes with the parameters' dtype);
 * ``axis`` is one int (Flax also takes a tuple of axes).
 
@@ -114,7 +118,9 @@ class BatchNorm(nn.Module):
 
     Call:
       ``x``: [N, ..., C] (C at ``axis``); ``use_running_average`` unless given as a field;
-      optional keyword ``mask`` (boolean, broadcastable to ``x``). Returns ``y`` like ``x``.
+      optional keyword ``mask`` (broadcastable to ``x``; nonzero selects): in training the
+      statistics come from the selected elements and every element is normalized; eval
+      ignores it (Flax's meaning). Returns ``y`` like ``x``.
     """
 
     use_running_average: bool | None = None

@@ -570,9 +570,11 @@ MASK_X = normal(20, (5, 2, 2, 3)) * 2 + 1
 MASK = np.array([True, False, True, True, False])[:, None, None, None]  # [N, 1, 1, 1]: rows
 
 
-def masked_runs(mask=MASK, x=MASK_X):
-    """(flax.linen.BatchNorm, jaxbn.flax_compat.BatchNorm): (variables, y, updates) of one
-    training call with ``mask``, from the same parameters."""
+def masked_runs(mask=None, x=MASK_X):
+    """(flax.linen.BatchNorm, jaxbn.flax_compat.BatchNorm): (module, variables, y, updates) of
+    one training call with ``mask`` (default :data:`MASK`), from the same parameters."""
+    if mask is None:
+        return default_masked_runs()
     runs = []
     for cls in (nn.BatchNorm, jaxbn.flax_compat.BatchNorm):
         bn = cls(momentum=0.9)
@@ -583,6 +585,11 @@ def masked_runs(mask=MASK, x=MASK_X):
         )
         runs.append((bn, variables, y, updates["batch_stats"]))
     return runs
+
+
+@functools.cache
+def default_masked_runs():
+    return masked_runs(MASK)
 
 
 def test_a_masked_training_call_normalizes_every_element_with_the_masks_statistics_like_flax():
@@ -647,3 +654,41 @@ def test_jaxbn_batchnorm_keeps_its_meaning_of_the_mask_masked_elements_output_ze
     y, _ = bn.apply(variables, MASK_X, train=True, mask=MASK, mutable=["batch_stats"])
     rows_out = ~MASK[:, 0, 0, 0]
     assert np.all(np.asarray(y)[rows_out] == 0) and np.all(np.asarray(y)[~rows_out] != 0)
+
+
+def test_a_mask_of_any_dtype_selects_its_nonzero_elements_like_flax():
+    y_bool = masked_runs()[1][2]
+    (_, _, y_flax, _), (_, _, y, _) = masked_runs(MASK.astype(np.int32))
+    np.testing.assert_allclose(y, y_flax, atol=2e-5)
+    np.testing.assert_array_equal(y, y_bool)
+
+
+def test_a_channel_with_no_selected_element_outputs_nan_like_flaxs_empty_mean():
+    mask = np.ones(MASK_X.shape, bool)
+    mask[..., 1] = False  # channel 1: nothing selected
+    (_, _, y_flax, _), (_, _, y, _) = masked_runs(mask)
+    assert np.all(np.isnan(y[..., 1])) and np.all(np.isnan(y_flax[..., 1]))
+    np.testing.assert_allclose(y[..., [0, 2]], y_flax[..., [0, 2]], atol=2e-5)
+
+
+def test_a_masked_call_synced_over_uneven_members_equals_one_call_on_the_whole_batch():
+    # jaxbn's numbers: statistics merged count-weighted (Flax averages per-device means)
+    variables = masked_runs()[1][1]
+    bn = jaxbn.flax_compat.BatchNorm(momentum=0.9, axis_name="batch")
+    x = np.concatenate([MASK_X, MASK_X[:3] - 1])  # 8 rows: 4 members of 2
+    mask = np.concatenate([MASK, np.array([False, True, False])[:, None, None, None]])
+    whole = jaxbn.flax_compat.BatchNorm(momentum=0.9)
+    y_whole, updates = whole.apply(
+        variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"]
+    )
+
+    @functools.partial(jax.vmap, in_axes=(0, 0), axis_name="batch")
+    def member(x, mask):
+        return bn.apply(variables, x, use_running_average=False, mask=mask, mutable=["batch_stats"])
+
+    y, synced = member(x.reshape(4, 2, *x.shape[1:]), mask.reshape(4, 2, *mask.shape[1:]))
+    np.testing.assert_allclose(y.reshape(x.shape), y_whole, atol=2e-5)
+    for name in ("mean", "var"):
+        np.testing.assert_allclose(
+            synced["batch_stats"][name][3], updates["batch_stats"][name], rtol=1e-6
+        )
