@@ -195,7 +195,7 @@ def test_nnx_vmapped_layers_get_a_row_per_member():
 
     stack = make(nnx.Rngs(0))
     report = jaxbn.nnx.inspect_batchnorm(stack)
-    assert [layer.path for layer in report.layers] == ["[0]", "[1]", "[2]"]
+    assert [layer.path for layer in report.layers] == ["(top)[0]", "(top)[1]", "(top)[2]"]
     assert all(layer.channels == 4 and layer.num_batches_tracked == 0 for layer in report.layers)
 
 
@@ -321,3 +321,42 @@ def test_kinds_given_by_the_caller_name_the_layers_and_list_the_untracked_ones(a
         ("renorm", None),
     ]
     assert report.problems == []
+
+
+def test_a_batch_norm_that_is_the_whole_model_is_named_top():
+    bn = jaxbn.BatchNorm1d(2)
+    variables = bn.init(jax.random.key(0), jnp.ones((2, 2)), train=False)
+    report = jaxbn.inspect_batchnorm(variables)
+    assert [layer.path for layer in report.layers] == ["(top)"]
+    assert report.problems == [f"(top): {NEVER_UPDATED}"]
+
+
+def test_pmap_replicated_variables_are_traced_with_one_replica_for_the_kinds():
+    variables = trained_variables()
+    replicated = jax.tree.map(lambda a: jnp.stack([a, a]), variables)
+    report = jaxbn.inspect_batchnorm(replicated, MODEL, X)
+    assert [(layer.path, layer.kind) for layer in report.layers[:2]] == [
+        ("features_1[0]", "trained"),
+        ("features_1[1]", "trained"),
+    ]
+    assert len(report.layers) == 8 and report.problems == []
+
+
+def test_stored_statistics_the_traced_call_does_not_reach_are_flagged(all_kinds):
+    model, variables = all_kinds
+    stale = {**variables, "batch_stats": {**variables["batch_stats"], "old": bn_stats(4)}}
+    report = jaxbn.inspect_batchnorm(stale, model, KINDS_X)
+    assert (report.layers[-1].path, report.layers[-1].kind) == ("old", None)
+    assert report.problems == [
+        "old: not reached by the traced call (variables this call does not use, or stale ones)"
+    ]
+
+
+def test_inside_jit_it_is_refused_saying_where_to_call_it():
+    variables = {"batch_stats": {"bn": bn_stats()}}
+    with pytest.raises(TypeError) as error:
+        jax.jit(lambda v: len(jaxbn.inspect_batchnorm(v).layers))(variables)
+    assert str(error.value) == (
+        "inspect_batchnorm reads the variables' values: call it outside jax.jit / vmap / scan, "
+        "on the variables a step returns"
+    )

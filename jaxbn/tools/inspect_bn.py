@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxbn.tools._tree import Path, batch_norm_layers
@@ -46,6 +47,7 @@ from jaxbn.tools._tree import Path, batch_norm_layers
 __all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
 
 COLLAPSED_VAR = 1e-6
+UNREACHED = "variables this call does not use, or stale ones"
 FROZEN_KIND = "frozen"  # jaxbn.tools.layers.FROZEN (that module imports the modules: not here)
 DEAD_SCALE = 1e-3
 NEVER_UPDATED = (
@@ -161,6 +163,11 @@ def inspect_batchnorm(
       TypeError: a model without an example input.
       ValueError: the model's eval call could not be traced with these variables.
     """
+    if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(variables)):
+        raise TypeError(
+            "inspect_batchnorm reads the variables' values: call it outside jax.jit / vmap / "
+            "scan, on the variables a step returns"
+        )
     traced = {} if model is None else _traced(model, variables, args, method, kwargs)
     named_kinds = {tuple(path.split("/")): kind for path, kind in (kinds or {}).items()}
     named_kinds.update({path: layer.kind for path, layer in traced.items()})
@@ -175,7 +182,11 @@ def inspect_batchnorm(
     for path in paths:
         kind = named_kinds.get(path)
         if path in by_path:
-            layers += _stored_rows(path, *by_path[path], kind)
+            rows = _stored_rows(path, *by_path[path], kind)
+            if model is not None and path not in traced:
+                for row in rows:
+                    row.problems.append(f"not reached by the traced call ({UNREACHED})")
+            layers += rows
         elif kind is not None and kind != FROZEN_KIND:  # no running statistics: untracked
             layers.append(_untracked_row(path, _params_at(variables, path), kind))
     return BatchNormReport(layers)
@@ -198,7 +209,15 @@ def _traced(model, variables, args, method, kwargs):
     flagged = model.model if isinstance(model, WrappedModel) else model
     call_kwargs = {**eval_kwargs(flagged, method), **kwargs}
     try:
-        traced = traced_layers(model, variables, *args, method=method, **call_kwargs)
+        try:
+            traced = traced_layers(model, variables, *args, method=method, **call_kwargs)
+        except Exception:
+            # pmap-replicated variables ([D, ...] everywhere): the layers are those of one
+            # replica, so trace with the first one
+            replica = _one_replica(variables)
+            if replica is None:
+                raise
+            traced = traced_layers(model, replica, *args, method=method, **call_kwargs)
     except Exception as err:  # the model's own error, whatever its type: one line and a way out
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = ""
@@ -226,9 +245,19 @@ def _traced(model, variables, args, method, kwargs):
     return traced
 
 
+def _one_replica(variables: Mapping[str, Any]) -> Any:
+    """``variables[i][0]`` for every leaf when all leaves share a leading axis (a tree
+    replicated for ``pmap``), else None."""
+    leaves = jax.tree.leaves(variables)
+    leading = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
+    if not leaves or len(leading) != 1 or None in leading:
+        return None
+    return jax.tree.map(lambda leaf: leaf[0], variables)
+
+
 def _stored_rows(path: Path, stats: Mapping, params: Mapping, kind: str | None) -> list:
     """One row per member of the layer at ``path`` (one row when it is not stacked)."""
-    name = "/".join(path)
+    name = _name(path)
     mean, var = np.asarray(stats["mean"], np.float64), np.asarray(stats["var"], np.float64)
     count = np.asarray(stats["num_batches_tracked"])
     leading = np.broadcast_shapes(mean.shape[:-1], var.shape[:-1]) if mean.ndim else ()
@@ -288,7 +317,7 @@ def _untracked_row(path: Path, params: Mapping, kind: str | None) -> LayerSummar
     scale = np.asarray(params["scale"], np.float64) if "scale" in params else None
     bias = np.asarray(params["bias"], np.float64) if "bias" in params else None
     channels = next((a.shape[-1] for a in (scale, bias) if a is not None and a.ndim), None)
-    summary = LayerSummary("/".join(path), channels, None, None, None, scale, bias, kind=kind)
+    summary = LayerSummary(_name(path), channels, None, None, None, scale, bias, kind=kind)
     _check_values(summary)
     return summary
 
@@ -305,6 +334,11 @@ def _check_values(summary: LayerSummary) -> None:
         dead = int(np.sum(np.abs(summary.scale) < DEAD_SCALE))
         if dead:
             summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
+
+
+def _name(path: Path) -> str:
+    """A layer's row name: its ``/``-joined path, ``(top)`` for the model itself."""
+    return "/".join(path) if path else "(top)"
 
 
 def _params_at(variables: Mapping[str, Any], path: Path) -> Mapping:
