@@ -457,13 +457,18 @@ def check_vmapped_update(name: str, x: jax.Array, stats: Sequence[jax.Array | No
       name: the module's name for the message (``jaxbn.nnx.BatchNorm2d``).
       x: the call's input; stats: the running statistics' values (None ones are skipped).
     """
-    from jax._src.interpreters import batching  # BatchTracer has no public name
+    try:  # BatchTracer has no public name; without it the check is skipped (JAX then says)
+        from jax._src.interpreters.batching import BatchTracer
+
+        BatchTracer._trace  # noqa: B018 (the attribute this check reads)
+    except (ImportError, AttributeError):
+        return
 
     def mapped_traces(value) -> set[int]:
         # the vmaps that map ``value`` (nested ones too): ids of their traces
         found = set()
         while isinstance(value, jax.core.Tracer):
-            if isinstance(value, batching.BatchTracer):
+            if isinstance(value, BatchTracer):
                 if value.batch_dim is not None:  # None: not mapped by this vmap
                     found.add(id(value._trace))
                 value = value.val
