@@ -23,7 +23,8 @@ Not for PyTorch statistics: a torch ``state_dict`` without ``num_batches_tracked
 torch < 0.4.1, or torchvision's ``FrozenBatchNorm2d`` buffers) already holds the unbiased
 variance. Load it with :func:`jaxbn.interop.torch_to_flax`, which adds the counter as torch's
 ``load_state_dict`` does and keeps every number; converting it here would scale its variance
-by ``n/(n-1)`` a second time (on a ResNet-50 that moved the logits by 0.124).
+by ``n/(n-1)`` although it is already unbiased (on a ResNet-50 that moved the logits by
+0.124).
 
 Example:
     >>> variables = jaxbn.from_flax_batch_norm(

@@ -21,6 +21,11 @@ norm ``scale``                 ``weight``                      as is (see ``norm
 ``num_batches_tracked``        ``num_batches_tracked``         int32 ↔ int64, value kept
 =============================  ==============================  ===============================
 
+A state_dict without ``num_batches_tracked`` (torch < 0.4.1; torchvision's
+``FrozenBatchNorm2d`` buffers) loads as torch's ``load_state_dict(strict=True)`` loads it: the
+receiving model keeps its own counter. Statistics with extra leading axes (``nn.scan``
+members, pmap replicas) are refused: one torch module holds one member.
+
 A dense layer fed by a flattened conv feature map needs its input rows permuted, because
 PyTorch flattens (C, H, W) and channels-last code flattens (H, W, C); pass the (C, H, W) shape
 per such layer in ``flatten_shapes`` (``ConvNet.torch_flatten_shapes`` gives it). A state_dict
@@ -154,7 +159,7 @@ def torch_to_flax(
     refuses it. The statistics are PyTorch's (unbiased running variance) and load as they are.
     """
     leaves = list(_template_leaves(variables))
-    _refuse_stacked(leaves)
+    _refuse_stacked(leaves, to_torch=False)
     keys = _torch_keys(leaves, rename)
     _check_flatten_keys(flatten_shapes, leaves)
     flatten_shapes = flatten_shapes or {}
@@ -192,6 +197,14 @@ def torch_to_flax(
         else:
             converted = jnp.asarray(value, template.dtype)
         set_path(out.setdefault(collection, {}), (*path, leaf), converted)
+    if not missing and arrays and all(k.endswith("num_batches_tracked") for k in arrays):
+        raise KeyError(
+            f"the model keeps no num_batches_tracked, the state_dict has "
+            f"{_few(sorted(arrays))}: its batch norms are not jaxbn's (flax.linen.BatchNorm "
+            f"keeps mean and var only). Use jaxbn.BatchNorm to keep torch's counters, or leave "
+            f"them out of the state_dict (with the same eps, eval gives torch's outputs; Flax's "
+            f"training then averages biased variances)"
+        )
     if missing or arrays:
         raise KeyError(_mismatch_message(sorted(missing), sorted(arrays), leaves, keys))
     return out
@@ -213,7 +226,7 @@ def flax_to_torch(
     into a bfloat16 model gives the same numbers.
     """
     leaves = list(_template_leaves(variables))
-    _refuse_stacked(leaves)
+    _refuse_stacked(leaves, to_torch=True)
     keys = _torch_keys(leaves, rename)
     _check_flatten_keys(flatten_shapes, leaves)
     flatten_shapes = flatten_shapes or {}
@@ -286,9 +299,7 @@ def verify_port(
     """
     import torch  # only this function needs it; torch is not a dependency of jaxbn
 
-    from jaxbn.tools.layers import eval_kwargs  # here: layers imports jaxbn.nnx, which imports us
-
-    apply_kwargs = eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
     fixed = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
     x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
@@ -412,9 +423,7 @@ def torch_module_to_flax(
     """
     import torch
 
-    from jaxbn.tools.layers import eval_kwargs
-
-    apply_kwargs = eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
     x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
     template = jax.eval_shape(
@@ -441,6 +450,16 @@ def torch_module_to_flax(
         method=method,
     )
     return variables
+
+
+def _eval_kwargs(model: Any, method: str | Callable | None) -> dict[str, Any]:
+    """:func:`jaxbn.tools.layers.eval_kwargs`, less a flag the model already holds as a field
+    (``flax.linen.BatchNorm(use_running_average=True)`` and jaxbn's ``flax_compat`` refuse it
+    given twice)."""
+    from jaxbn.tools.layers import eval_kwargs  # here: layers imports jaxbn.nnx, which imports us
+
+    flags = eval_kwargs(model, method)
+    return {name: value for name, value in flags.items() if getattr(model, name, None) is None}
 
 
 # --- names -------------------------------------------------------------------------------------
@@ -595,17 +614,22 @@ def _refuse_removed_counter(key: str, metadata: Any) -> None:
     )
 
 
-def _refuse_stacked(leaves) -> None:
+def _refuse_stacked(leaves, *, to_torch: bool) -> None:
     """A layer whose statistics are stacked along leading axes (``nn.scan``/``nn.vmap``
     members, pmap replicas: its counter is not a scalar) is many torch modules, not one."""
     for collection, path, leaf, value in leaves:
         if collection == "batch_stats" and leaf == "num_batches_tracked" and np.ndim(value):
-            where = "/".join(("batch_stats", *path))
+            fix = (
+                "convert one member at a time (jax.tree.map(lambda a: a[i], variables)), or "
+                "replica 0 of pmap state (flax.jax_utils.unreplicate)"
+                if to_torch
+                else "convert each member with a one-member template, then stack them "
+                "(jax.tree.map(lambda *a: jnp.stack(a), *members))"
+            )
             raise ValueError(
-                f"{where}: a stacked batch norm (counter of shape {tuple(np.shape(value))}: "
-                f"the members of nn.scan/nn.vmap, or pmap replicas) is one torch module per "
-                f"member, not one: convert one member at a time (jax.tree.map(lambda a: a[i], "
-                f"variables)), or replica 0 of pmap state (flax.jax_utils.unreplicate)"
+                f"{'/'.join(('batch_stats', *path))}: a stacked batch norm (counter of shape "
+                f"{tuple(np.shape(value))}: the members of nn.scan/nn.vmap, or pmap replicas) "
+                f"is one torch module per member, not one: {fix}"
             )
 
 
