@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import re
+
 import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
@@ -35,12 +37,10 @@ def eval_output(net: torch.nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 X = torch.randn(5, 4, generator=torch.Generator().manual_seed(1))
-# Flax's nn.Sequential names its layers layers_<i>; torch's Sequential names them <i>
-SEQUENTIAL_NAMES = {"layers_0": "0", "layers_1": "1", "layers_3": "3"}
 
 
-def test_an_nn_sequential_model_is_ported_and_verified_without_a_train_flag():
-    model = nn.Sequential(
+def sequential() -> nn.Sequential:
+    return nn.Sequential(
         [
             nn.Dense(6),
             jaxbn.flax_compat.BatchNorm(use_running_average=True, momentum=0.9),
@@ -48,11 +48,28 @@ def test_an_nn_sequential_model_is_ported_and_verified_without_a_train_flag():
             nn.Dense(3),
         ]
     )
-    net = torch_mlp()
-    variables = interop.torch_module_to_flax(net, model, X, rename=SEQUENTIAL_NAMES)
+
+
+def test_an_nn_sequential_model_is_ported_and_verified_without_a_train_flag_or_rename():
+    # Flax's nn.Sequential names its layers layers_<i>, torch's Sequential <i>: matched as is
+    model, net = sequential(), torch_mlp()
+    variables = interop.torch_module_to_flax(net, model, X)
     got = model.apply(variables, jnp.asarray(X.numpy()))
     np.testing.assert_allclose(got, eval_output(net, X), atol=1e-6)
-    assert interop.verify_port(net, model, variables, X, rename=SEQUENTIAL_NAMES) < 1e-6
+    assert sorted(variables["params"]) == ["layers_0", "layers_1", "layers_3"]
+    assert interop.verify_port(net, model, variables, X) < 1e-6
+
+
+def test_an_nn_sequential_model_with_an_explicit_rename_names_a_wrong_layer():
+    names = {"layers_0": "0", "layers_1": "1", "layers_3": "3"}
+    model, net = sequential(), torch_mlp()
+    variables = interop.torch_module_to_flax(net, model, X, rename=names)
+    stats = variables["batch_stats"]["layers_1"]
+    stats["var"] = stats["var"] * 2
+    with pytest.raises(
+        ValueError, match=re.escape("layer '1' (Flax 'layers_1') differs from PyTorch")
+    ):
+        interop.verify_port(net, model, variables, X, rename=names)
 
 
 def mlp(x, train: bool):

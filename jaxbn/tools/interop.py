@@ -269,8 +269,10 @@ def verify_port(
     an ``nn.Sequential``). Every PyTorch leaf module's output is recorded in call order and
     compared with the output of the Flax module of the same name (``rename`` as in
     :func:`torch_to_flax`); activations of rank ≥ 3 are compared channels-last when
-    ``input_layout="channels_first"``. A port in which no PyTorch layer matched a Flax module
-    by name is refused: agreeing final outputs alone do not verify it layer by layer.
+    ``input_layout="channels_first"``; an ``nn.Sequential`` checked against a
+    ``torch.nn.Sequential`` maps ``layers_<i>`` to ``<i>`` unless ``rename`` is given. A port in
+    which no PyTorch layer matched a Flax module by name is refused: agreeing final outputs
+    alone do not verify it layer by layer.
 
     The tolerance, unless ``atol``/``rtol`` are given, scales with the precision and the
     depth (see :func:`_tolerance`): a correct float32 ResNet-50 passes, a float64 port is
@@ -300,6 +302,7 @@ def verify_port(
     import torch  # only this function needs it; torch is not a dependency of jaxbn
 
     apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    rename = _sequential_rename(torch_module, model) if rename is None else rename
     fixed = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
     x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
@@ -408,7 +411,8 @@ def torch_module_to_flax(
     by ``input_layout``, called with ``method`` and ``apply_kwargs`` — default: the model's
     eval flag, :func:`jaxbn.tools.layers.eval_kwargs`; no weights are computed), converts
     ``torch_module.state_dict()`` with :func:`torch_to_flax`, then runs :func:`verify_port`.
-    Arguments are theirs.
+    Arguments are theirs (an ``nn.Sequential`` from a ``torch.nn.Sequential`` needs no
+    ``rename``: ``layers_<i>`` is ``<i>``).
 
     Returns:
       The Flax variables (``params``/``batch_stats``), only if both models agree on
@@ -424,6 +428,7 @@ def torch_module_to_flax(
     import torch
 
     apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    rename = _sequential_rename(torch_module, model) if rename is None else rename
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
     x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
     template = jax.eval_shape(
@@ -460,6 +465,26 @@ def _eval_kwargs(model: Any, method: str | Callable | None) -> dict[str, Any]:
 
     flags = eval_kwargs(model, method)
     return {name: value for name, value in flags.items() if getattr(model, name, None) is None}
+
+
+def _sequential_rename(torch_module: Any, model: Any) -> Rename | None:
+    """For an ``nn.Sequential`` ported from a ``torch.nn.Sequential``: Flax names the i-th
+    layer ``layers_<i>``, torch ``<i>``; the layers below follow the default rule."""
+    import flax.linen as nn
+    import torch
+
+    if not (isinstance(model, nn.Sequential) and isinstance(torch_module, torch.nn.Sequential)):
+        return None
+
+    def by_index(path: str) -> str | None:
+        head, _, rest = path.partition("/")
+        index = re.fullmatch(r"layers_(\d+)", head)
+        if index is None:
+            return None
+        below = torch_module_path(tuple(rest.split("/"))) if rest else ""
+        return ".".join(part for part in (index.group(1), below) if part)
+
+    return by_index
 
 
 # --- names -------------------------------------------------------------------------------------
