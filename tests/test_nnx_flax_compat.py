@@ -275,3 +275,19 @@ def test_one_value_per_channel_in_training_is_pytorch_s_error():
     bn = flax_compat.BatchNorm(3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=re.escape("Expected more than 1 value per channel")):
         bn(jnp.ones((1, 3)))
+
+
+def test_synced_over_nnx_vmap_the_members_statistics_are_the_whole_batch_s():
+    x = jax.random.normal(jax.random.key(6), (4, 5, 3)) * jnp.asarray([1.0, 2.0, 3.0]) + 1
+    synced = flax_compat.BatchNorm(3, axis_name="members", rngs=nnx.Rngs(0))
+    whole = flax_compat.BatchNorm(3, rngs=nnx.Rngs(0))
+
+    @nnx.vmap(in_axes=(None, 0), axis_name="members")
+    def members(bn, x):
+        return bn(x)
+
+    y = members(synced, x)
+    np.testing.assert_allclose(y.reshape(20, 3), whole(x.reshape(20, 3)), atol=2e-6)
+    np.testing.assert_allclose(synced.mean[...], whole.mean[...], atol=1e-6)
+    np.testing.assert_allclose(synced.var[...], whole.var[...], atol=1e-6)
+    assert int(synced.num_batches_tracked[...]) == 1
