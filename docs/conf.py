@@ -67,7 +67,8 @@ nitpick_ignore_regex = [
 
 html_theme = "furo"
 html_title = f"jaxbn {release}"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]  # tables that fit the page (see the file)
 html_theme_options = {
     "source_repository": "",
     "navigation_with_keys": True,
