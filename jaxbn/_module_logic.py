@@ -515,6 +515,13 @@ def masked_statistics_call(
     y, _, _ = functional.batch_norm(
         x, moments.mean, moments.var, weight, bias, False, 0.0, module.eps, axis=module.axis
     )
+    # A channel with no selected element has no statistics: NaN, as Flax's empty mean (not
+    # x·rsqrt(eps) from the zero placeholder; its running statistics are kept).
+    ax = feature_axis(module.axis, y.ndim)
+    selected = jnp.reshape(
+        moments.count > 0, [y.shape[ax] if i == ax else 1 for i in range(y.ndim)]
+    )
+    y = jnp.where(selected, y, jnp.nan).astype(y.dtype)
     if module.dtype is not None:
         y = y.astype(module.dtype)
     return y, new, moments

@@ -172,6 +172,13 @@ def test_a_mask_selects_the_statistics_and_every_row_is_normalized_as_in_flax():
     g_ours = nnx.grad(loss, argnums=1)(ours, x)
     g_theirs = nnx.grad(loss, argnums=1)(theirs, x)
     np.testing.assert_allclose(g_ours, g_theirs, atol=2e-5)
+    # a channel with nothing selected: NaN as in Flax; jaxbn keeps its running statistics
+    only_first = jnp.zeros((8, 3), bool).at[:, 0].set(True)
+    before = ours.mean[...]
+    y_ours, y_theirs = ours(x, mask=only_first), theirs(x, mask=only_first)
+    np.testing.assert_array_equal(np.isnan(y_ours), np.isnan(y_theirs))
+    assert np.isnan(y_ours[:, 1:]).all() and not np.isnan(y_ours[:, 0]).any()
+    np.testing.assert_array_equal(ours.mean[...][1:], before[1:])
 
 
 def test_the_variance_is_stable_where_flax_s_fast_variance_is_not():

@@ -26,6 +26,10 @@ parameters, in this layer and in every layer after it. The numbers are jaxbn's (
 * with ``axis_name``, statistics are merged count-weighted over the members (exact with uneven
   shards and masks; Flax averages the members' means with equal weight);
 * training on one value per channel raises PyTorch's error instead of returning ``bias``;
+* ``mask`` has Flax's meaning (training: the statistics come from the selected elements and
+  every element is normalized with them; eval ignores it); a channel with no selected element
+  outputs NaN as in Flax, but keeps its running statistics (Flax's become NaN); the mask must
+  be boolean, as Flax's ``jnp.mean(where=)`` requires;
 * ``axis`` is one int (Flax also takes a tuple of axes);
 * ``promote_dtype`` is applied to the input and the parameters (the output dtype is Flax's);
   the running statistics stay float32 and are never cast to a lower ``dtype``.
