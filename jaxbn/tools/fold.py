@@ -367,9 +367,16 @@ class _Call:
         return FoldedModel(self.model, folded, biased, self.frozen)
 
     def run(self, model: nn.Module, variables: Mapping[str, Any]) -> Any:
-        """``model.apply(variables, ...)`` in eval, untracked batch norms as the identity."""
-        with nn.intercept_methods(_as_identity):
-            return model.apply(variables, *self.args, method=self.method, **self.kwargs)
+        """``model.apply(variables, ...)`` in eval, untracked batch norms as the identity;
+        compiled as one program (op by op, a ResNet compiles each convolution on its own)."""
+
+        def apply(v, *args):
+            with nn.intercept_methods(_as_identity):
+                return model.apply(v, *args, method=self.method, **self.kwargs)
+
+        if _all_arrays(self.args):
+            return jax.jit(apply)(variables, *self.args)
+        return jax.jit(lambda v: apply(v, *self.args))(variables)
 
 
 def fold_batch_norm_variables(
@@ -692,9 +699,7 @@ def _trace(call: _Call, variables: Mapping[str, Any]) -> _Traced:
     ``jax.jit``/``nn.jit``/``nn.remat`` are looked into as if inlined."""
     trace = _Trace()
     plain = flax.core.unfreeze(variables)
-    array_args = all(
-        isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(call.args)
-    )
+    array_args = _all_arrays(call.args)
 
     def apply(v, *args):
         rewriter = _Rewriter((), call.folded, call.biased, call.frozen, trace)
@@ -751,6 +756,12 @@ def _trace(call: _Call, variables: Mapping[str, Any]) -> _Traced:
         if keys[0] == jax.tree_util.SequenceKey(0)  # a variable, not a leaf of the inputs
     }
     return traced
+
+
+def _all_arrays(args: tuple) -> bool:
+    """Whether every leaf of the sample's positional inputs is an array (so they can be traced;
+    Python values stay Python values)."""
+    return all(isinstance(leaf, jax.Array | np.ndarray) for leaf in jax.tree.leaves(args))
 
 
 def _single_sub_jaxpr(eqn: Any) -> Any:
