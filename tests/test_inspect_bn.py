@@ -360,3 +360,16 @@ def test_inside_jit_it_is_refused_saying_where_to_call_it():
         "inspect_batchnorm reads the variables' values: call it outside jax.jit / vmap / scan, "
         "on the variables a step returns"
     )
+
+
+def test_kinds_keyed_by_nnx_graph_paths_name_an_nnx_models_layers():
+    # what jaxbn.nnx's tools can pass: nnx.iter_graph's paths (tuples; () is the model)
+    from jaxbn.tools.layers import kind_of
+
+    model = jaxbn.nnx.BatchNorm1d(3, track_running_stats=False)
+    kinds = {path: kind for path, node in nnx.iter_graph(model) if (kind := kind_of(node))}
+    assert kinds == {(): "untracked"}
+    report = jaxbn.inspect_batchnorm(jaxbn.nnx.to_linen_variables(model), kinds=kinds)
+    assert [(layer.path, layer.kind, layer.channels) for layer in report.layers] == [
+        ("(top)", "untracked", 3)
+    ]

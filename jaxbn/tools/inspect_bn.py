@@ -134,7 +134,7 @@ def inspect_batchnorm(
     model: Any = None,
     *args: Any,
     method: str | Callable | None = None,
-    kinds: Mapping[str, str] | None = None,
+    kinds: Mapping[str | Path, str] | None = None,
     **kwargs: Any,
 ) -> BatchNormReport:
     """Summarises every jaxbn batch norm in ``variables`` (``params`` + ``batch_stats``).
@@ -151,8 +151,9 @@ def inspect_batchnorm(
         **kwargs)`` (a batch of 2 or more rows where a layer has ``track_running_stats=False``:
         its eval uses the batch's statistics).
       method: the model's method to trace (default ``__call__``).
-      kinds: ``{"/"-joined path: kind}`` from a caller that knows the layers already (the NNX
-        tools); used where no model is given.
+      kinds: ``{path: kind}`` from a caller that knows the layers already (the NNX tools),
+        a path ``"/"``-joined or a tuple (``""`` or ``()`` for the model itself); used where no
+        model is given.
       **kwargs: keyword arguments of the traced call.
 
     Returns:
@@ -169,7 +170,7 @@ def inspect_batchnorm(
             "scan, on the variables a step returns"
         )
     traced = {} if model is None else _traced(model, variables, args, method, kwargs)
-    named_kinds = {tuple(path.split("/")): kind for path, kind in (kinds or {}).items()}
+    named_kinds = {_as_path(path): kind for path, kind in (kinds or {}).items()}
     named_kinds.update({path: layer.kind for path, layer in traced.items()})
     rank = _layer_order(variables.get("batch_stats", {}))
     stored = sorted(batch_norm_layers(variables), key=lambda layer: rank[layer[0]])
@@ -334,6 +335,13 @@ def _check_values(summary: LayerSummary) -> None:
         dead = int(np.sum(np.abs(summary.scale) < DEAD_SCALE))
         if dead:
             summary.problems.append(f"{dead} dead channel(s) (|scale| < 1e-3)")
+
+
+def _as_path(path: str | Path) -> Path:
+    """A ``kinds`` key as a path tuple: ``"a/b"`` or ``("a", "b")``; ``""`` is the model."""
+    if isinstance(path, str):
+        return tuple(path.split("/")) if path else ()
+    return tuple(str(key) for key in path)
 
 
 def _name(path: Path) -> str:
