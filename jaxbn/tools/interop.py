@@ -276,7 +276,9 @@ def verify_port(
 
     The tolerance, unless ``atol``/``rtol`` are given, scales with the precision and the
     depth (see :func:`_tolerance`): a correct float32 ResNet-50 passes, a float64 port is
-    held to float64's rounding, and a wrong weight, layout or ``eps`` still shows.
+    held to float64's rounding, and a wrong weight, layout or ``eps`` still shows. To measure
+    PyTorch's own rounding at each layer it also runs a float64 copy of a lower-precision
+    torch model (memory: one more copy of the model and its activations).
 
     Args:
       torch_module: the PyTorch model (``torch.nn.Module``).
