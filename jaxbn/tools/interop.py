@@ -179,8 +179,7 @@ def torch_to_flax(
             # FrozenBatchNorm2d): keep the receiving model's own counter (0 for a new one;
             # torch uses 0 too when the module has no values, on the meta device).
             value = 0 if isinstance(template, jax.ShapeDtypeStruct) else np.asarray(template)
-            counter = jnp.broadcast_to(jnp.asarray(value, jnp.int32), template.shape)
-            set_path(out.setdefault(collection, {}), (*path, leaf), counter)
+            set_path(out.setdefault(collection, {}), (*path, leaf), _counter(key, value))
             continue
         if key not in arrays:
             missing.append(key)
