@@ -125,7 +125,8 @@ class FoldResult(_ModelAndVariables):
       model: the folded model, called as the original (``apply(variables, x, train=False)``).
       variables: its variables.
       folded: ``{batch norm path: Conv/Dense path}`` for each batch norm folded away
-        (paths ``/``-joined, as in the variables tree).
+        (paths ``/``-joined, as in the variables tree), those of a folded model given to
+        :func:`fold_batch_norm` included.
       left: ``{batch norm path: why}`` for each batch norm that was kept as it is.
     """
 
@@ -170,11 +171,14 @@ class FoldedModel(WrappedModel):
       frozen: the batch norms that compute frozen batch norm, as :class:`FrozenModel`'s
         (None: every one left); ``()`` (default) none. Set when a ``freeze_batch_norm`` result
         is folded, or a folded model frozen.
+      into: the Conv/Dense path each of ``folded`` was folded into, in the same order (for
+        the report of a later fold; changes nothing that runs).
     """
 
     folded: tuple[str, ...] = ()
     biased: tuple[str, ...] = ()
     frozen: tuple[str, ...] | None = ()
+    into: tuple[str, ...] = ()
 
     def interceptor(self, base: Path) -> Callable:
         return _Rewriter(base, self.folded, self.biased, self.frozen)
@@ -334,6 +338,7 @@ class _Call:
     folded: tuple[str, ...]
     biased: tuple[str, ...]
     frozen: tuple[str, ...] | None
+    into: tuple[str, ...]  # the producer of each of `folded`
     args: tuple
     kwargs: dict[str, Any]
     method: str | Callable | None
@@ -342,11 +347,13 @@ class _Call:
     def of(cls, model, args, method, kwargs) -> _Call:
         folded: tuple[str, ...] = ()
         biased: tuple[str, ...] = ()
+        into: tuple[str, ...] = ()
         frozen: tuple[str, ...] | None = ()
         if isinstance(model, WrappedModel):
             frozen = model.frozen
             folded = getattr(model, "folded", ())
             biased = getattr(model, "biased", ())
+            into = getattr(model, "into", ())
             model = model.model
         if not args and not kwargs:
             raise TypeError("fold_batch_norm needs a sample input: fold_batch_norm(model, v, x)")
@@ -354,17 +361,15 @@ class _Call:
             flags = eval_kwargs(model, method)
         except AttributeError:  # a submodule's name: its flags are the caller's to pass
             flags = {}
-        return cls(model, folded, biased, frozen, tuple(args), {**flags, **kwargs}, method)
+        return cls(model, folded, biased, frozen, into, tuple(args), {**flags, **kwargs}, method)
 
-    def wrapped(self, folded=None, biased=None) -> FoldedModel | nn.Module:
-        """The model with these folds (default: the wrapper's), as one wrapper."""
-        folded = self.folded if folded is None else folded
-        biased = self.biased if biased is None else biased
-        if not folded and not biased and self.frozen == ():
-            return self.model
+    def wrapped(self, folded: dict[str, str], biased: tuple[str, ...]) -> nn.Module:
+        """The model with these folds (``{batch norm: producer}``), as one wrapper."""
         if not folded and not biased:
-            return FrozenModel(self.model, self.frozen)
-        return FoldedModel(self.model, folded, biased, self.frozen)
+            return self.model if self.frozen == () else FrozenModel(self.model, self.frozen)
+        return FoldedModel(
+            self.model, tuple(folded), biased, self.frozen, into=tuple(folded.values())
+        )
 
     def run(self, model: nn.Module, variables: Mapping[str, Any]) -> Any:
         """``model.apply(variables, ...)`` in eval, untracked batch norms as the identity;
@@ -475,17 +480,18 @@ def fold_batch_norm(
     plan = _plan(call, variables)
     folded_variables = _folded_variables(variables, plan.folded)
     expected = call.run(model, variables)
-    new_folded = tuple("/".join(path) for path in plan.folded)
-    new_biased = tuple("/".join(path) for path in plan.biased)
+    # the folds of a FoldedModel given here stay, and are reported with this call's
+    into = (*call.into, *["(an earlier fold)"] * (len(call.folded) - len(call.into)))
+    earlier = dict(zip(call.folded, into, strict=False))
+    folded = {
+        **earlier,
+        **{"/".join(bn): "/".join(producer) for bn, (producer, _) in plan.folded.items()},
+    }
+    biased = (*call.biased, *("/".join(path) for path in plan.biased))
     candidates: list[nn.Module] = []
     if not plan.left and hasattr(call.model, "norm"):
         candidates.append(call.model.clone(norm="none"))
-    candidates.append(
-        call.wrapped(
-            tuple(dict.fromkeys((*call.folded, *new_folded))),
-            tuple(dict.fromkeys((*call.biased, *new_biased))),
-        )
-    )
+    candidates.append(call.wrapped(folded, tuple(dict.fromkeys(biased))))
     mismatch = None
     for candidate in candidates:
         if isinstance(candidate, WrappedModel) or candidate is call.model:
@@ -500,7 +506,7 @@ def fold_batch_norm(
             return FoldResult(
                 candidate,
                 folded_variables,
-                {"/".join(bn): "/".join(producer) for bn, (producer, _) in plan.folded.items()},
+                folded,
                 {"/".join(bn): reason for bn, reason in plan.left.items()},
             )
     raise ValueError(

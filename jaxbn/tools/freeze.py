@@ -8,7 +8,10 @@ constant, in train and eval alike — the counterpart of detectron2's
 ``FrozenBatchNorm2d.convert_frozen_batchnorm(model)`` or of putting PyTorch's BNs in
 ``eval()`` with ``requires_grad_(False)``. The variables tree is unchanged (the same arrays, the
 same names), so checkpoints move freely between the frozen and the original model, and
-``unfreeze_batch_norm`` gives the original model back.
+``unfreeze_batch_norm`` gives the original model back. Any method of the model runs frozen
+(``frozen_model.apply(variables, x, train=True, method="encode")``). Freezing a folded model
+and folding a frozen one (:func:`jaxbn.fold_batch_norm`) give one wrapper with both changes:
+fine-tune with frozen batch norms, then fold for deployment.
 
 Frozen parameters get a zero gradient. An optimizer still moves a parameter with a zero
 gradient if it has weight decay or momentum left over; the result's ``param_labels`` (one
