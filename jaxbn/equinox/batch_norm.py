@@ -25,6 +25,13 @@ Two ways to call it, as Equinox code is written:
   ``[N, ..., C]`` with ``axis=-1``; ``axis_name`` then names a ``pmap``/``shard_map`` axis
   (or is None).
 
+Both combine: per example on several devices, ``axis_name=("devices", "batch")`` syncs over
+the devices and each one's vmap members (inside ``jax.shard_map`` pass ``check_vma=False``:
+JAX 0.10 refuses any collective over a vmap axis in a checked shard_map, ``eqx.nn.BatchNorm``'s
+too). ``eqx.filter_checkpoint`` goes around the layer (or a block of layers) inside the vmap;
+around the named vmap itself it fails today (a NameError in the core's derivative).
+Unset, ``axis_name`` follows :func:`jaxbn.sync_batch_norm` as the Flax modules do.
+
 The mode follows Equinox: the ``inference`` field (set it, or use
 ``eqx.nn.inference_mode(model, value)``), overridden by the call's ``inference=`` keyword. It
 has no default: a model whose mode was never chosen raises instead of silently training.
