@@ -389,3 +389,28 @@ def test_freeze_where_selects_layers_of_an_nn_sequential_by_their_variable_paths
     np.testing.assert_array_equal(
         updates["batch_stats"]["layers_1"]["mean"], variables["batch_stats"]["layers_1"]["mean"]
     )
+
+
+class ModeFieldOrCall(nn.Module):
+    """Flax's ``nn.merge_param`` pattern: the flag as a field or at call time, not both."""
+
+    use_running_average: bool | None = None
+
+    @nn.compact
+    def __call__(self, x, use_running_average: bool | None = None):
+        mode = nn.merge_param("use_running_average", self.use_running_average, use_running_average)
+        return flax_compat.BatchNorm(name="bn")(nn.Dense(4, name="dense")(x), mode)
+
+
+def test_a_model_holding_its_flag_as_a_field_is_not_given_it_twice():
+    model = ModeFieldOrCall(use_running_average=True)
+    variables = loaded(model.init(jax.random.key(0), X))
+    result = jaxbn.fold_batch_norm(model, variables, X[:1])
+    assert result.folded == {"bn": "dense"}
+    assert_close(
+        "fold field flag",
+        result.model.apply(result.variables, X),
+        model.apply(variables, X),
+        1e-5,
+        1e-5,
+    )

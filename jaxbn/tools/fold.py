@@ -361,6 +361,8 @@ class _Call:
             flags = eval_kwargs(model, method)
         except AttributeError:  # a submodule's name: its flags are the caller's to pass
             flags = {}
+        # a flag the model holds as a field (nn.merge_param's pattern) is refused given twice
+        flags = {name: value for name, value in flags.items() if getattr(model, name, None) is None}
         return cls(model, folded, biased, frozen, into, tuple(args), {**flags, **kwargs}, method)
 
     def wrapped(self, folded: dict[str, str], biased: tuple[str, ...]) -> nn.Module:
