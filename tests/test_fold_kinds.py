@@ -363,3 +363,19 @@ def test_fold_under_jit_is_refused_in_one_line():
     variables = loaded(model.init(jax.random.key(0), X, train=False))
     with pytest.raises(TypeError, match=r"fold_batch_norm needs concrete variables"):
         jax.jit(lambda v: jaxbn.fold_batch_norm(model, v, X[:1]).variables)(variables)
+
+
+class FlaxLinenNorm(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train):
+        return nn.BatchNorm(use_running_average=not train, name="bn")(nn.Dense(4, name="dense")(x))
+
+
+def test_a_flax_linen_batch_norm_is_kept_and_named_with_the_jaxbn_class_to_use():
+    model = FlaxLinenNorm()
+    variables = model.init(jax.random.key(0), X, train=False)
+    result = jaxbn.fold_batch_norm(model, variables, X[:1])
+    assert result.left == {
+        "bn": "flax.linen.BatchNorm is not a jaxbn batch norm; use jaxbn.flax_compat.BatchNorm "
+        "(jaxbn.from_flax_batch_norm converts its statistics) to fold it"
+    }
