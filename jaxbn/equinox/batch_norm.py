@@ -319,8 +319,10 @@ class FrozenBatchNorm(eqx.nn.StatefulLayer):
       num_features, eps, axis, dtype: as :class:`BatchNorm`.
 
     Example:
+        >>> bn, state = eqx.nn.make_with_state(BatchNorm2d)(8, axis=1, inference=False)
+        >>> _, state = bn(jnp.ones((4, 8, 5, 5)), state)               # [N, C, H, W]
         >>> frozen = FrozenBatchNorm.from_batch_norm(bn, state)
-        >>> y, state = frozen(x, state)
+        >>> y, state = frozen(jnp.ones((2, 8, 5, 5)), state)           # the layer's axis=1
     """
 
     weight: jax.Array | None

@@ -15,10 +15,18 @@ is loaded as torch loads it (missing in old checkpoints: the model's own is kept
 torch's — replace it with :class:`jaxbn.equinox.BatchNorm` first.
 
 Example:
-    >>> from jaxbn.equinox.interop import equinox_to_torch, torch_to_equinox
+    >>> import torch
+    >>> import jaxbn.equinox as jbn
+    >>> torch_net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    >>> model, state = eqx.nn.make_with_state(eqx.nn.Sequential)(
+    ...     [eqx.nn.Linear(4, 8, key=jax.random.key(0)), jbn.BatchNorm1d(8, axis_name="batch")])
+    >>> torch_names(model)
+    ['0.weight', '0.bias', '1.weight', '1.bias', '1.running_mean', '1.running_var',
+     '1.num_batches_tracked']
     >>> model, state = torch_to_equinox(model, state, torch_net.state_dict())
     >>> torch_net.load_state_dict({k: torch.from_numpy(v)
     ...                            for k, v in equinox_to_torch(model, state).items()})
+    <All keys matched successfully>
 """
 
 from __future__ import annotations

@@ -11,9 +11,14 @@
   momentum) comes back unchanged, frozen layers are left alone.
 
 Example:
-    >>> from jaxbn.equinox.tools import inspect_batch_norm, update_bn
+    >>> import jaxbn.equinox as jbn
+    >>> model, state = eqx.nn.make_with_state(jbn.BatchNorm1d)(3, axis_name="batch")
+    >>> batches = [jnp.arange(12.0).reshape(4, 3), jnp.ones((4, 3))]      # [N, C] each
     >>> state = update_bn(model, state, batches)          # e.g. after SWA weight averaging
     >>> print(inspect_batch_norm(model, state))
+    layer kind ... steps ... flags
+    ...
+          trained   3      2 ...  ok
 """
 
 from __future__ import annotations
