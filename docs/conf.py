@@ -118,7 +118,37 @@ def _report_docstring_warnings(collected):
     return report
 
 
+def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
+    """An NNX module's signature is its ``__init__``'s: Flax's metaclass defines ``__call__(cls,
+    *args, **kwargs)``, which Sphinx would otherwise show (and its ``-> Any``)."""
+    import inspect
+
+    if what != "class":
+        return None
+    _drop_return_type(app, name)
+    if signature != "(*args, **kwargs)":
+        return None
+    try:
+        parameters = list(inspect.signature(obj.__init__).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in parameters]
+    return str(inspect.Signature(bare)), None
+
+
+def _drop_return_type(app, name):
+    """A class has no return type; Sphinx records the metaclass ``__call__``'s ``-> Any``."""
+    app.env.current_document.autodoc_annotations.get(name, {}).pop("return", None)
+
+
+def _class_docstring(app, what, name, obj, options, lines):
+    if what == "class":
+        _drop_return_type(app, name)
+
+
 def setup(app):
+    app.connect("autodoc-process-signature", _constructor_signature)
+    app.connect("autodoc-process-docstring", _class_docstring)
     if DOCSTRING_WARNINGS_ARE_ERRORS:
         return
     import logging
