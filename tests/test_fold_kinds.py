@@ -16,6 +16,7 @@ import torch
 from torch.nn.utils.fusion import fuse_linear_bn_weights
 
 import jaxbn
+from jaxbn.tools.layers import GHOST, UNTRACKED, eval_kwargs, kind_of
 from tests.parity_report import assert_close
 
 RNG = np.random.default_rng(0)
@@ -379,3 +380,20 @@ def test_a_flax_linen_batch_norm_is_kept_and_named_with_the_jaxbn_class_to_use()
         "bn": "flax.linen.BatchNorm is not a jaxbn batch norm; use jaxbn.flax_compat.BatchNorm "
         "(jaxbn.from_flax_batch_norm converts its statistics) to fold it"
     }
+
+
+def test_an_untracked_ghost_batch_norm_is_of_the_untracked_kind():
+    assert kind_of(jaxbn.GhostBatchNorm(4, 2, track_running_stats=False)) == UNTRACKED
+    assert kind_of(jaxbn.GhostBatchNorm(4, 2)) == GHOST
+
+
+def test_eval_kwargs_leaves_out_a_flag_the_model_holds_as_a_field():
+    class Flagged(nn.Module):
+        use_running_average: bool | None = None
+
+        def __call__(self, x, use_running_average=None):
+            return x
+
+    assert eval_kwargs(Flagged()) == {"use_running_average": True}
+    assert eval_kwargs(Flagged(use_running_average=True)) == {}
+    assert eval_kwargs(Flagged(), "no_such_method") == {}

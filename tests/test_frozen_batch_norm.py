@@ -270,3 +270,23 @@ def test_a_batch_norm_without_running_statistics_cannot_be_frozen():
     model, _ = freeze_batch_norm(NoStats(), variables)
     with pytest.raises(ValueError, match="cannot freeze the batch norm at bn: it has no running"):
         model.apply(variables, x, train=True)
+
+
+def test_a_frozen_batch_norm_runs_on_torchvision_buffers_without_a_counter():
+    # torchvision's FrozenBatchNorm2d has weight, bias, running_mean, running_var: no counter,
+    # and a constant needs none.
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(6, C)), jnp.float32)
+    variables = trained_bn_variables(x)
+    stats = {k: v for k, v in variables["batch_stats"].items() if k != "num_batches_tracked"}
+    without = {"params": variables["params"], "batch_stats": stats}
+    got = FrozenBatchNorm(C).apply(without, x)
+    expected = FrozenBatchNorm(C).apply(variables, x)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_a_batch_norm_without_a_counter_names_both_sources_and_their_conversions():
+    x = jnp.ones((4, C))
+    variables = trained_bn_variables(x)
+    del variables["batch_stats"]["num_batches_tracked"]
+    with pytest.raises(ValueError, match=r"from_flax_batch_norm.*or from PyTorch.*torch_to_flax"):
+        BatchNorm(C).apply(variables, x, train=False)

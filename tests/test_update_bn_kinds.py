@@ -160,9 +160,23 @@ def test_update_bn_leaves_the_layers_freeze_batch_norm_froze_as_they_were_like_t
 def test_update_bn_leaves_a_wholly_frozen_model_exactly_as_it_was(frozen_case):
     _, variables, batches = frozen_case
     frozen_model, _ = jaxbn.freeze_batch_norm(FrozenNet(jaxbn.BatchNorm1d), variables)
-    updated = jaxbn.update_bn(frozen_model.apply, variables, batches)
+    with pytest.warns(UserWarning, match=r"no batch norm reported batch statistics over 3 batch"):
+        updated = jaxbn.update_bn(frozen_model.apply, variables, batches)
     for path in ("frozen", "bn"):
         assert_stats_equal(updated["batch_stats"][path], variables["batch_stats"][path])
+
+
+def test_an_apply_fn_that_ignores_train_leaves_the_statistics_and_says_so(frozen_case):
+    _, variables, batches = frozen_case
+    model = FrozenNet(jaxbn.BatchNorm1d)
+
+    def always_eval(v, x, train, mutable):  # a wrapper that hard-wires eval mode
+        del train
+        return model.apply(v, x, train=False, mutable=mutable)
+
+    with pytest.warns(UserWarning, match=r"apply_fn that runs the model with the train=True"):
+        updated = jaxbn.update_bn(always_eval, variables, batches)
+    assert_stats_equal(updated["batch_stats"]["bn"], variables["batch_stats"]["bn"])
 
 
 # --- one batch norm carried through nn.scan, RNN style (item 5) ------------------------------

@@ -68,6 +68,9 @@ Initializer = Callable[..., jax.Array]
 #: reports nothing, so nothing can ever be re-estimated into it.
 MOMENTS_COLLECTION = "batch_moments"
 
+#: The name of the batch counter in ``batch_stats`` (PyTorch's ``num_batches_tracked``).
+COUNTER = "num_batches_tracked"
+
 
 def _names_moments(mutable: Any) -> bool:
     # A Flax filter names a collection as a string or in a list/tuple/set of strings; True,
@@ -121,18 +124,26 @@ def affine_params(module: nn.Module, features: int) -> tuple[jax.Array | None, j
     return scale, bias
 
 
-def running_stats(module: nn.Module, features: int) -> tuple[Any, Any, Any]:
+def running_stats(
+    module: nn.Module, features: int, *, counter: bool = True
+) -> tuple[Any, Any, Any]:
     """A Linen norm's ``batch_stats`` variables ``(mean, var, num_batches_tracked)``, created
-    as zeros / ones / 0 and, when loaded, checked (shape, dtype; the error names them)."""
+    as zeros / ones / 0 and, when loaded, checked (shape, dtype; the error names them).
+
+    With ``counter=False`` (a frozen norm: constants, no counter is ever read) a loaded tree
+    without ``num_batches_tracked`` — torchvision's ``FrozenBatchNorm2d`` buffers — is used as
+    it is, and the third element is None; init still creates the counter.
+    """
     mean = module.variable(
         "batch_stats", "mean", lambda: jnp.zeros((features,), module.param_dtype)
     )
     var = module.variable("batch_stats", "var", lambda: jnp.ones((features,), module.param_dtype))
-    count = module.variable("batch_stats", "num_batches_tracked", lambda: jnp.zeros((), jnp.int32))
+    count = None
+    if counter or module.is_initializing() or module.has_variable("batch_stats", COUNTER):
+        count = module.variable("batch_stats", COUNTER, lambda: jnp.zeros((), jnp.int32))
     where = "/".join(("batch_stats", *module.path))
-    logic.check_running_stats(
-        where, logic.RunningStats(mean.value, var.value, count.value), features
-    )
+    checked = jnp.zeros((), jnp.int32) if count is None else count.value
+    logic.check_running_stats(where, logic.RunningStats(mean.value, var.value, checked), features)
     return mean, var, count
 
 
@@ -232,19 +243,20 @@ class BatchNorm(nn.Module):
 
     @nn.nowrap
     def _refuse_stats_without_counter(self) -> None:
-        # Statistics without a counter are flax.linen.BatchNorm's (biased variance, no
-        # num_batches_tracked). Flax would create the counter at 0 in training and go on with
-        # the wrong variance; a fresh tree (none of the three) is created as usual.
-        names = ("mean", "var", "num_batches_tracked")
+        # Statistics without a counter come from flax.linen.BatchNorm (biased variance) or from
+        # an old PyTorch checkpoint (unbiased): guessing either would change numbers, so the
+        # message names both conversions; a fresh tree (none of the three) is created as usual.
+        names = ("mean", "var", COUNTER)
         present = [n for n in names if self.has_variable("batch_stats", n)]
         if present and len(present) < len(names):
             where = "/".join(("batch_stats", *self.path))
             missing = ", ".join(f"{where}/{n}" for n in names if n not in present)
             raise ValueError(
-                f"{missing} missing next to {', '.join(present)}: these look like "
-                "flax.linen.BatchNorm statistics (biased running variance, no counter). "
-                "Convert them with jaxbn.from_flax_batch_norm(variables, batch_count=..., "
-                "num_batches_tracked=..., flax_momentum=...), which states what it assumes"
+                f"{missing} missing next to {', '.join(present)}: statistics without a counter "
+                "come from flax.linen.BatchNorm (biased running variance: convert them with "
+                "jaxbn.from_flax_batch_norm(...), which states what it assumes) or from PyTorch "
+                "(a state_dict older than 0.4.1, torchvision's FrozenBatchNorm2d: load it with "
+                "jaxbn.interop.torch_to_flax, which adds the counter as torch does)"
             )
 
 

@@ -101,7 +101,7 @@ class FrozenBatchNorm(VariantFields):
         del train  # the same in train and eval
         x, features = logic.input_features(self, x)
         scale, bias = affine_params(self, features)
-        mean_v, var_v, _ = running_stats(self, features)
+        mean_v, var_v, _ = running_stats(self, features, counter=False)  # constants
         mean, var = mean_v.value, var_v.value
         y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
         return y.astype(self.dtype) if self.dtype is not None else y

@@ -357,12 +357,7 @@ class _Call:
             model = model.model
         if not args and not kwargs:
             raise TypeError("fold_batch_norm needs a sample input: fold_batch_norm(model, v, x)")
-        try:
-            flags = eval_kwargs(model, method)
-        except AttributeError:  # a submodule's name: its flags are the caller's to pass
-            flags = {}
-        # a flag the model holds as a field (nn.merge_param's pattern) is refused given twice
-        flags = {name: value for name, value in flags.items() if getattr(model, name, None) is None}
+        flags = eval_kwargs(model, method)  # none for a submodule's name: the caller's to pass
         return cls(model, folded, biased, frozen, into, tuple(args), {**flags, **kwargs}, method)
 
     def wrapped(self, folded: dict[str, str], biased: tuple[str, ...]) -> nn.Module:

@@ -60,6 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn.tools._tree import Path, module_leaves, set_path
+from jaxbn.tools.layers import eval_kwargs
 
 __all__ = [
     "flax_to_torch",
@@ -302,7 +303,7 @@ def verify_port(
     """
     import torch  # only this function needs it; torch is not a dependency of jaxbn
 
-    apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    apply_kwargs = eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
     rename = _sequential_rename(torch_module, model) if rename is None else rename
     fixed = None if atol is None and rtol is None else (atol or 0.0, rtol or 0.0)
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
@@ -428,7 +429,7 @@ def torch_module_to_flax(
     """
     import torch
 
-    apply_kwargs = _eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
+    apply_kwargs = eval_kwargs(model, method) if apply_kwargs is None else dict(apply_kwargs)
     rename = _sequential_rename(torch_module, model) if rename is None else rename
     x_torch = sample_input if torch.is_tensor(sample_input) else torch.as_tensor(sample_input)
     x_flax = _flax_input(_to_numpy("sample_input", x_torch), input_layout)
@@ -456,16 +457,6 @@ def torch_module_to_flax(
         method=method,
     )
     return variables
-
-
-def _eval_kwargs(model: Any, method: str | Callable | None) -> dict[str, Any]:
-    """:func:`jaxbn.tools.layers.eval_kwargs`, less a flag the model already holds as a field
-    (``flax.linen.BatchNorm(use_running_average=True)`` and jaxbn's ``flax_compat`` refuse it
-    given twice)."""
-    from jaxbn.tools.layers import eval_kwargs  # here: layers imports jaxbn.nnx, which imports us
-
-    flags = eval_kwargs(model, method)
-    return {name: value for name, value in flags.items() if getattr(model, name, None) is None}
 
 
 def _sequential_rename(torch_module: Any, model: Any) -> Rename | None:

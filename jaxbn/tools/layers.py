@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,7 +40,6 @@ from jaxbn.linen.batch_norm import BatchNorm
 from jaxbn.linen.batch_renorm import BatchRenorm
 from jaxbn.linen.frozen_batch_norm import FrozenBatchNorm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
-from jaxbn.nnx.batch_norm import BatchNorm as NnxBatchNorm
 from jaxbn.tools._tree import Path, batch_norm_layers, module_path
 
 TRAINED, UNTRACKED, FROZEN, GHOST, RENORM = "trained", "untracked", "frozen", "ghost", "renorm"
@@ -72,13 +72,21 @@ def kind_of(module: Any) -> str | None:
         kind = GHOST
     elif isinstance(module, BatchRenorm):
         kind = RENORM
-    elif isinstance(module, BatchNorm | NnxBatchNorm):
+    elif isinstance(module, BatchNorm) or _is_nnx_batch_norm(module):
         kind = TRAINED
     else:
         return None
-    if kind == TRAINED and not getattr(module, "track_running_stats", True):
+    # GhostBatchNorm(track_running_stats=False) normalizes eval batches with their own statistics
+    if kind in (TRAINED, GHOST) and not getattr(module, "track_running_stats", True):
         return UNTRACKED
     return kind
+
+
+def _is_nnx_batch_norm(module: Any) -> bool:
+    # Read from sys.modules, not imported: jaxbn.nnx imports the tools, and a module that was
+    # never imported has no instances.
+    nnx_batch_norm = sys.modules.get("jaxbn.nnx.batch_norm")
+    return nnx_batch_norm is not None and isinstance(module, nnx_batch_norm.BatchNorm)
 
 
 #: Keyword arguments that put a model in eval mode, by the name of its flag (a model's own
@@ -98,7 +106,9 @@ def eval_kwargs(model: nn.Module, method: str | Callable | None = None) -> dict[
 
     Read from the signature: ``train``/``training``/``is_training`` → False,
     ``use_running_average``/``deterministic`` → True; none of them (``nn.Sequential``, a model
-    whose batch norms carry the mode as a field) → no keyword.
+    whose batch norms carry the mode as a field) → no keyword. A flag the model already holds
+    as a field (``flax.linen.BatchNorm(use_running_average=True)``, ``nn.merge_param``'s
+    pattern) is left out: such modules refuse it given twice.
 
     Args:
       model: a Flax linen module.
@@ -109,12 +119,16 @@ def eval_kwargs(model: nn.Module, method: str | Callable | None = None) -> dict[
     """
     if isinstance(model, nn.Sequential):
         return {}
-    function = method if callable(method) else getattr(type(model), method or "__call__")
+    function = method if callable(method) else getattr(type(model), method or "__call__", None)
     try:
         parameters = inspect.signature(function).parameters
-    except (TypeError, ValueError):  # a builtin or C callable: nothing to read
+    except (TypeError, ValueError):  # no such method (a submodule's name), a C callable
         return {}
-    return {name: value for name, value in EVAL_FLAGS.items() if name in parameters}
+    return {
+        name: value
+        for name, value in EVAL_FLAGS.items()
+        if name in parameters and getattr(model, name, None) is None
+    }
 
 
 @dataclasses.dataclass

@@ -43,6 +43,7 @@ Example:
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -52,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxbn._core.running import BatchMoments, update_running
-from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
+from jaxbn.linen.batch_norm import COUNTER, MOMENTS_COLLECTION
 from jaxbn.tools._tree import Path, get_path, set_path
 from jaxbn.tools.layers import RE_ESTIMATED, stacked_shape, stored_layers
 
@@ -126,15 +127,28 @@ def update_bn(
         return running, tally
 
     running = {path: _reset(stats) for path, stats in layers.items()}
+    seen = 0
     for batch in batches:
         x = batch[0] if isinstance(batch, tuple | list) else batch
         running, tally = step(variables, running, x)
         _check_tally(tally)
+        seen += 1
     stats_tree = variables["batch_stats"]
-    for path, new in running.items():
-        if bool(jnp.any(new["num_batches_tracked"] > 0)):  # it reported: re-estimated
-            for key, value in new.items():
-                set_path(stats_tree, (*path, key), value)
+    reported = [path for path, new in running.items() if bool(jnp.any(new[COUNTER] > 0))]
+    for path in reported:  # re-estimated; the others are left exactly as they were
+        for key, value in running[path].items():
+            set_path(stats_tree, (*path, key), value)
+    if not reported:
+        # A wholly frozen model is a correct no-op, but so silent an outcome must be visible:
+        # an apply_fn that ignores train=True looks the same.
+        warnings.warn(
+            f"update_bn: no batch norm reported batch statistics over {seen} batch(es); the "
+            f"{len(layers)} layer(s) with statistics are returned unchanged. Expected only when "
+            "every batch norm is frozen; otherwise give batches, and an apply_fn that runs the "
+            "model with the train=True it is given",
+            UserWarning,
+            stacklevel=2,
+        )
     return variables
 
 
