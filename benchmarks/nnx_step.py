@@ -122,7 +122,7 @@ def run(quick: bool, repeats: int) -> list[dict]:
         cnn = tutorial_cnn(norm, widths, side, hidden)
         for how, fn in steps(cnn, images, labels).items():
             fns[(name, how)] = fn
-    per_round = interleaved_rounds(fns, repeats, ROUNDS)
+    per_round = interleaved_rounds(fns, repeats, 2 if quick else ROUNDS)
     rows = []
     for how in ("nnx.jit", "jax.jit"):
         times = {name: statistics.median(per_round[(name, how)]) for name in variants}
