@@ -26,7 +26,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
-from jaxbn.nnx.batch_norm import MOMENTS_NAME
+from jaxbn.nnx import fold as _nnx_fold
+from jaxbn import functional
+from jaxbn._module_logic import sync_axis
+from jaxbn.nnx.batch_norm import MOMENTS_NAME, resolve_mode
+from jaxbn.tools.layers import RE_ESTIMATED
 from jaxbn.tools import fold as _fold
 from jaxbn.tools import inspect_bn as _inspect
 from jaxbn.tools import interop as _interop
@@ -107,21 +111,38 @@ def nnx_to_torch(model: nnx.Module, **kwargs: Any) -> dict[str, Any]:
 
 
 def inspect_batchnorm(model: nnx.Module) -> _inspect.BatchNormReport:
-    """:func:`jaxbn.inspect_batchnorm` of an NNX model's jaxbn batch norms."""
-    return _inspect.inspect_batchnorm(to_linen_variables(model))
+    """:func:`jaxbn.inspect_batchnorm` of an NNX model's jaxbn batch norms, with each layer's
+    kind (trained, untracked, frozen, ghost, renorm; read from the modules, nothing is run).
+
+    Stacked layers (made under ``nnx.vmap``, run under ``nnx.scan``: statistics ``[T, C]``)
+    get a row per member (``blocks/bn[2]``); ``track_running_stats=False`` layers a row
+    without statistics; a frozen layer's counter of 0 is not flagged (its statistics are
+    constants).
+    """
+    _check_model(model, "inspect_batchnorm")
+    kinds = {}
+    for path, node in nnx.iter_graph(model):
+        kind = _nnx_fold.kind_of_nnx(node)
+        if kind is not None:
+            kinds.setdefault("/".join(str(p) for p in path), kind)
+    return _inspect.inspect_batchnorm(to_linen_variables(model), kinds=kinds)
 
 
 def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> nnx.Module:
     """Re-estimates every jaxbn batch norm's running statistics, in place (see
-    :func:`jaxbn.update_bn`): the plain cumulative average over ``batches`` of the statistics
-    each batch norm reported in training (the model's momentum plays no part); a batch norm
-    that reported none keeps its statistics. The model runs on a copy in training
-    mode (``use_running_average=False``; dropout is left as it is) and is called as
-    ``model(x, **call_kwargs)``. ``batches``: inputs, or tuples whose first element is the
-    input. Returns ``model``, whose mode is left as it was.
+    :func:`jaxbn.update_bn`, ``torch.optim.swa_utils.update_bn``): the plain cumulative average
+    over ``batches`` of the statistics each batch norm reported in training (the model's
+    momentum plays no part); a batch norm that reported none keeps its statistics, and a
+    frozen one (``FrozenBatchNorm``, ``freeze_batch_norm``) is left exactly as it was. Stacked
+    layers (``nnx.vmap``/``nnx.scan``) are averaged member by member; a ``GhostBatchNorm``
+    counts one report per virtual batch, a ``BatchRenorm`` its batch's mean and unbiased
+    variance. The model runs on a copy in training mode (``use_running_average=False``;
+    dropout is left as it is) and is called as ``model(x, **call_kwargs)``. ``batches``:
+    inputs, or tuples whose first element is the input. Returns ``model``, whose mode is left
+    as it was.
     """
     _check_model(model, "update_bn")
-    graphdef, state = nnx.split(model)
+    graphdef, state = nnx.split(_nnx_fold.instrumented(model, _report_moments, _reports_itself))
 
     def apply_fn(variables, x, *, train, mutable, **kwargs):
         del train, mutable  # training with reports, as update_bn asks
@@ -138,6 +159,48 @@ def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> 
 
     variables = _linen_update_bn(apply_fn, to_linen_variables(model), batches, **call_kwargs)
     return from_linen_variables(model, variables)
+
+
+def _reports_itself(module: nnx.Module) -> bool:
+    """A batch norm that re-estimates but does not sow its moments itself (no
+    ``_report_moments`` switch: the NNX GhostBatchNorm and BatchRenorm): update_bn reports
+    for it."""
+    kind = _nnx_fold.kind_of_nnx(module)
+    return kind in RE_ESTIMATED and not hasattr(module, "_report_moments")
+
+
+def _report_moments(node, key, call, args, kwargs):
+    """Sows the batch moments each statistics update of ``node`` averages in, then runs it:
+    one per virtual batch for a GhostBatchNorm, the batch's for a BatchRenorm (as their Linen
+    twins report them)."""
+    del key
+    x = args[0] if args else kwargs["x"]
+    mode = args[1] if len(args) > 1 else kwargs.get("use_running_average")
+    training = resolve_mode(node, kwargs.get("train"), mode, node.use_running_average)
+    if training and getattr(node, "mean", None) is not None:
+        x = jnp.asarray(x)
+        mask = kwargs.get("mask")
+        mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
+        size = getattr(node, "virtual_batch_size", None) or x.shape[0]
+        axis_name, groups = sync_axis(node) if hasattr(node, "axis_name") else (None, None)
+        for start in range(0, x.shape[0], size):
+            part = slice(start, start + size)
+            moments = functional.batch_norm_with_moments(
+                x[part],
+                None,
+                None,
+                None,
+                None,
+                True,
+                0.0,
+                node.eps,
+                axis=node.axis,
+                mask=None if mask is None else mask[part],
+                **({} if axis_name is None else {"axis_name": axis_name}),
+                **({} if groups is None else {"axis_index_groups": groups}),
+            )[3]
+            node.sow(nnx.Intermediate, MOMENTS_NAME, dict(moments._asdict()))
+    return call(node, *args, **kwargs)
 
 
 def _as_trained_reports(tree: Any) -> Any:
@@ -158,26 +221,25 @@ def _is_moments(value: Any) -> bool:
     return isinstance(value, Mapping) and {"count", "mean", "var"} <= set(value)
 
 
-def fold_batch_norm(model: nnx.Module, x: jax.Array) -> _fold.FoldResult:
-    """:func:`jaxbn.fold_batch_norm` of a tutorial NNX model, through its Linen twin.
+def fold_batch_norm(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
+    """Folds the batch norms of an NNX model into the ``nnx.Linear``/``nnx.Conv`` before them.
 
-    Folding traces a Linen model; the NNX tutorial models name their layers like their Linen
-    twins (``model.linen_twin()``), so the result is the folded *Linen* model and variables.
+    Any NNX model: :func:`jaxbn.nnx.fold.fold_batch_norm` (a new NNX model, ``.folded`` and
+    ``.left``, the outputs checked). The tutorial models (``jaxbn.nnx.MLP``/``ConvNet``/``ResNet``,
+    which have a Linen twin, ``model.linen_twin()``) keep folding through it:
+    :func:`jaxbn.fold_batch_norm` of the twin and ``to_linen_variables(model)``, whose result
+    is the folded *Linen* model and variables.
 
-    Raises:
-      TypeError: the model has no ``linen_twin`` (an NNX model of one's own): fold its
-        Linen counterpart with ``jaxbn.fold_batch_norm(linen_model,
-        jaxbn.nnx.to_linen_variables(model), x)``, or use ``jaxbn.fuse_conv_bn_weights``.
+    Args:
+      model: the NNX model (left untouched).
+      *args, **kwargs: the sample call (one example is enough).
     """
     _check_model(model, "fold_batch_norm")
-    if not hasattr(model, "linen_twin"):
-        raise TypeError(
-            f"fold_batch_norm: {type(model).__name__} has no Linen twin; folding traces a Linen "
-            "model: fold its Linen counterpart with jaxbn.fold_batch_norm(linen_model, "
-            "jaxbn.nnx.to_linen_variables(model), x), or fuse layer pairs with "
-            "jaxbn.fuse_conv_bn_weights / fuse_dense_bn_weights"
-        )
-    return _fold.fold_batch_norm(model.linen_twin(), to_linen_variables(model), x)
+    if hasattr(model, "linen_twin"):
+        if not args:
+            raise TypeError("fold_batch_norm needs a sample input: fold_batch_norm(model, x)")
+        return _fold.fold_batch_norm(model.linen_twin(), to_linen_variables(model), *args, **kwargs)
+    return _nnx_fold.fold_batch_norm(model, *args, **kwargs)
 
 
 def _check_model(model: Any, name: str) -> None:
