@@ -25,15 +25,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
-from jaxbn.nnx import fold as _nnx_fold
 from jaxbn import functional
 from jaxbn._module_logic import sync_axis
+from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
+from jaxbn.nnx import fold as _nnx_fold
 from jaxbn.nnx.batch_norm import MOMENTS_NAME, resolve_mode
-from jaxbn.tools.layers import RE_ESTIMATED
 from jaxbn.tools import fold as _fold
 from jaxbn.tools import inspect_bn as _inspect
 from jaxbn.tools import interop as _interop
+from jaxbn.tools.layers import RE_ESTIMATED
 from jaxbn.tools.update_bn import update_bn as _linen_update_bn
 
 #: Linen collection ← the NNX variable type that holds it.
