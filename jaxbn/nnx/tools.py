@@ -204,15 +204,18 @@ def _report_moments(node, key, call, args, kwargs):
 
 
 def _as_trained_reports(tree: Any) -> Any:
-    """NNX batch norms sow their moments as ``moments``; the Linen layout files them under the
-    layer's kind (``trained``), where :func:`jaxbn.update_bn` reads them."""
+    """NNX batch norms sow their moments as ``moments`` (a tuple, one entry per update); the
+    Linen layout files them under the layer's kind (``trained``), where :func:`jaxbn.update_bn`
+    reads them. Layers named ``trained`` or ``moments`` are modules (mappings), not reports."""
     if not isinstance(tree, Mapping):
         return tree
     out = {}
     for key, value in tree.items():
-        if key == MOMENTS_NAME and not _is_moments(value):
-            key = "trained"
-        out[key] = value if key == "trained" else _as_trained_reports(value)
+        reports = isinstance(value, tuple | list) and all(_is_moments(v) for v in value)
+        if key == MOMENTS_NAME and reports:
+            out["trained"] = value
+        else:
+            out[key] = _as_trained_reports(value)
     return out
 
 
