@@ -75,6 +75,7 @@ __all__ = [
     "group_norm_channels",
     "input_features",
     "is_real",
+    "learned_params",
     "masked_statistics_call",
     "momentum_convention_message",
     "next_count",
@@ -255,6 +256,21 @@ def check_initializers(scale_init: Any, bias_init: Any) -> None:
     check_initializer(bias_init, "bias_init")
 
 
+def learned_params(
+    affine: Any, bias: Any = True, use_scale: Any = True, use_bias: Any = True
+) -> tuple[bool, bool]:
+    """Which of ``(scale, bias)`` a batch norm learns, from its switches.
+
+    ``affine`` (PyTorch's) switches both; with it, PyTorch 2.13's ``bias=False`` leaves out
+    ``bias`` (scale only; without ``affine`` it changes nothing, as in torch), and Flax's
+    ``use_scale``/``use_bias`` each leave out one. The three are checked as Python bools (a
+    traced or non-bool switch is a TypeError naming it); ``affine`` is read as truthy, as before.
+    """
+    for name, flag in (("bias", bias), ("use_scale", use_scale), ("use_bias", use_bias)):
+        train_flag(flag, name)
+    return bool(affine and use_scale), bool(affine and bias and use_bias)
+
+
 def check_variant_fields(
     num_features: Any, eps: Any, axis: Any, scale_init: Any, bias_init: Any
 ) -> None:
@@ -339,10 +355,14 @@ def check_layer_norm_fields(normalized_shape: Any, eps: Any) -> None:
 # --- inputs and variables (trace time) -------------------------------------------------------
 
 
-def input_features(module: Any, x: jax.Array) -> tuple[jax.Array, int]:
+def input_features(
+    module: Any, x: jax.Array, *, affine: bool | None = None
+) -> tuple[jax.Array, int]:
     """``(x as an array, C)``: the rank check of BatchNorm1d/2d/3d, C from the field or ``x``.
 
     Without parameters nor statistics nothing else would notice a wrong C: checked here.
+    ``affine``: whether the module has a parameter (default: its ``affine`` field; a module
+    whose ``use_scale``/``use_bias`` leave both out passes False).
     """
     x = jnp.asarray(x)
     ranks = getattr(module, "expected_ranks", None)  # set by the 1d/2d/3d classes
@@ -351,7 +371,9 @@ def input_features(module: Any, x: jax.Array) -> tuple[jax.Array, int]:
     ax = feature_axis(module.axis, x.ndim)
     features = module.num_features if module.num_features is not None else x.shape[ax]
     tracking = getattr(module, "track_running_stats", True)
-    if not (module.affine or tracking) and x.shape[ax] != features:
+    if affine is None:
+        affine = module.affine
+    if not (affine or tracking) and x.shape[ax] != features:
         raise ValueError(
             f"expected {features} features on axis {module.axis}, "
             f"got input of shape {tuple(x.shape)}"

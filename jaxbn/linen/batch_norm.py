@@ -42,12 +42,15 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict
+from flax.nnx.bridge import NNXMeta
 
 from jaxbn import _module_logic as logic
 from jaxbn._module_logic import (  # noqa: F401  (check_initializer: re-exported)
@@ -114,14 +117,70 @@ def report_moments(module: nn.Module, moments: Sequence[Any]) -> None:
             module.sow(MOMENTS_COLLECTION, type(module).batch_norm_kind, dict(entry._asdict()))
 
 
+#: the keys of an ``nnx.Variable``'s sharding metadata (``flax.nnx`` reads them as one).
+_SHARDING_KEYS = ("out_sharding", "sharding_names", "sharding")
+
+
+def with_metadata(init: Initializer, metadata: Mapping[str, Any], name: str) -> Initializer:
+    """``init`` whose value is boxed with ``metadata``, the metadata of
+    :class:`jaxbn.nnx.BatchNorm`'s ``scale_metadata``/``bias_metadata``; ``init`` itself when
+    there is none.
+
+    The box is Flax's translation of an ``nnx.Param``'s metadata into Linen: sharding
+    (``{"out_sharding": ("model",)}``; Flax's older ``sharding_names`` and ``sharding`` too;
+    with an optional ``"mesh"``) is ``nn.Partitioned(value, names, mesh)`` — Linen's own sharding box,
+    what ``nn.with_partitioning`` gives and ``nn.get_partition_spec`` reads, as
+    ``nn.Partitioned.from_nnx_metadata`` converts it; any other metadata is
+    ``flax.nnx.bridge.NNXMeta(nnx.Param, value, metadata)`` (what ``nnx.bridge.ToLinen`` stores;
+    ``nnx.bridge.ToNNX`` restores the ``nnx.Param``). Like any boxed parameter, the module reads
+    it unboxed, and ``init``'s variables hold the box (``nn.unbox`` strips it).
+    """
+    if not metadata:
+        return init
+    metadata = dict(metadata)
+    sharding = [key for key in _SHARDING_KEYS if key in metadata]
+    partitioned = bool(sharding) and set(metadata) <= {*sharding, "mesh"}
+
+    def init_with_metadata(*args: Any) -> nn.meta.AxisMetadata:
+        value = init(*args)
+        if isinstance(value, nn.meta.AxisMetadata):
+            raise TypeError(
+                f"{name}_metadata was given and {name}_init returns a boxed value "
+                f"({type(value).__name__}): give the metadata one way"
+            )
+        if partitioned:
+            return nn.Partitioned(value, tuple(metadata[sharding[0]]), metadata.get("mesh"))
+        return NNXMeta(nnx.Param, value, metadata)
+
+    return init_with_metadata
+
+
 def affine_params(module: nn.Module, features: int) -> tuple[jax.Array | None, jax.Array | None]:
-    """A Linen norm's ``(scale, bias)`` [C] from its ``scale_init``/``bias_init``, or None
-    without ``affine``."""
-    if not module.affine:
-        return None, None
-    scale = module.param("scale", module.scale_init, (features,), module.param_dtype)
-    bias = module.param("bias", module.bias_init, (features,), module.param_dtype)
-    return scale, bias
+    """A Linen norm's ``(scale, bias)`` [C] from its ``scale_init``/``bias_init`` (boxed with its
+    ``scale_metadata``/``bias_metadata``), each None when its switches leave it out
+    (:func:`jaxbn._module_logic.learned_params`: ``affine``, ``bias``, ``use_scale``,
+    ``use_bias``)."""
+    learn_scale, learn_bias = logic.learned_params(
+        module.affine, module.bias, module.use_scale, module.use_bias
+    )
+    shape = (features,)
+
+    def param(name: str, learned: bool) -> jax.Array | None:
+        if not learned:
+            return None
+        init = with_metadata(
+            getattr(module, f"{name}_init"), getattr(module, f"{name}_metadata"), name
+        )
+        return module.param(name, init, shape, module.param_dtype)
+
+    return param("scale", learn_scale), param("bias", learn_bias)
+
+
+def has_params(module: nn.Module) -> bool:
+    """Whether a Linen batch norm learns ``scale`` or ``bias`` (what
+    :func:`jaxbn._module_logic.input_features` needs to know)."""
+    learned = logic.learned_params(module.affine, module.bias, module.use_scale, module.use_bias)
+    return any(learned)
 
 
 def running_stats(
@@ -154,7 +213,8 @@ class BatchNorm(nn.Module):
       num_features: C, the size of the feature axis; inferred from the input when None.
       eps: added to the variance.
       momentum: weight of the new batch in the running average; None = cumulative average.
-      affine: learn ``scale`` (init 1) and ``bias`` (init 0).
+      affine: learn ``scale`` (init 1) and ``bias`` (init 0); False: neither (whatever
+        ``bias``/``use_scale``/``use_bias`` say).
       track_running_stats: keep ``batch_stats``; if False, eval uses batch statistics too.
       axis: the feature axis (-1 channels-last; 1 for PyTorch's NC... layout).
       axis_name: mapped axis (pmap / shard_map) to sync statistics over, count-weighted
@@ -170,6 +230,17 @@ class BatchNorm(nn.Module):
       momentum_convention_checked: silences the :class:`MomentumConventionWarning` that a
         momentum above 0.5 gets (Flax's ``momentum=0.9`` is ``momentum=0.1`` here). Changes
         no number.
+      bias: with ``affine``, learn ``bias`` (PyTorch 2.13's ``BatchNorm2d(C, bias=False)``:
+        ``scale`` only; without ``affine`` nothing is learned either way, as in torch).
+      use_scale, use_bias: ``flax.linen.BatchNorm``'s switches, each parameter apart (with
+        ``affine``; ``use_bias=False`` is ``bias=False``). An absent parameter is absent from
+        ``params``, as with ``affine=False``.
+      scale_metadata, bias_metadata: metadata of the parameter, as
+        :class:`jaxbn.nnx.BatchNorm`'s (e.g. ``{"out_sharding": ("model",)}``), stored boxed:
+        sharding as ``nn.Partitioned``, anything else as ``flax.nnx.bridge.NNXMeta`` (see
+        :func:`with_metadata`). Flax Linen's own way, a boxed initializer
+        (``scale_init=nn.with_partitioning(nn.initializers.ones, ("model",))``), works as
+        well; give one or the other.
 
     Call:
       ``x``: [N, ..., C] (C at ``axis``); ``train`` (keyword, required); optional ``mask``
@@ -190,6 +261,12 @@ class BatchNorm(nn.Module):
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
     momentum_convention_checked: bool = False
+    # torch 2.13 / Flax switches and metadata, after the pinned fields (keyword in practice)
+    bias: bool = True
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_metadata: Mapping[str, Any] = FrozenDict()
+    bias_metadata: Mapping[str, Any] = FrozenDict()
 
     #: what jaxbn's tools read (``jaxbn.tools.layers.kind_of``); also the key of its reports.
     batch_norm_kind: ClassVar[str] = "trained"
@@ -200,6 +277,7 @@ class BatchNorm(nn.Module):
     def __post_init__(self) -> None:
         logic.check_batch_norm_fields(self.num_features, self.eps, self.momentum, self.axis)
         logic.check_initializers(self.scale_init, self.bias_init)
+        logic.learned_params(self.affine, self.bias, self.use_scale, self.use_bias)
         message = logic.momentum_convention_message(
             type(self).__name__, self.momentum, self.momentum_convention_checked
         )
@@ -210,7 +288,7 @@ class BatchNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         train = train_flag(train)
-        x, features = logic.input_features(self, x)
+        x, features = logic.input_features(self, x, affine=has_params(self))
         weight, bias = self._affine_params(features)
 
         stats = None

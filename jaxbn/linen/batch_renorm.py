@@ -67,13 +67,14 @@ import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn._module_logic import (
-    check_clipping,
-    check_feature_count,
-    is_real,
-    train_flag,
+from jaxbn._module_logic import train_flag
+from jaxbn.linen.batch_norm import (
+    affine_params,
+    has_params,
+    report_moments,
+    reports_moments,
+    running_stats,
 )
-from jaxbn.linen.batch_norm import affine_params, report_moments, reports_moments, running_stats
 from jaxbn.linen.variant_fields import UpdatingVariantFields
 
 __all__ = ["BatchRenorm", "renorm_schedule"]
@@ -127,6 +128,8 @@ class BatchRenorm(UpdatingVariantFields):
         use ``r_max=1, d_max=0``: plain batch norm while the running statistics settle.
       update_rule: ``"torch"`` (PyTorch's running update) or ``"keras"`` (Keras 3's).
       scale_init, bias_init: Flax initializers ``(key, shape, dtype)``.
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as :class:`jaxbn.BatchNorm`'s
+        (``bias=False``: ``scale`` only).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
 
     Call:
@@ -148,10 +151,7 @@ class BatchRenorm(UpdatingVariantFields):
     batch_norm_kind: ClassVar[str] = "renorm"
 
     def __post_init__(self) -> None:
-        check_clipping(self.r_max, self.d_max)
-        check_feature_count(self.warmup_steps, "warmup_steps", allow_none=False)
-        if self.update_rule not in ("torch", "keras"):
-            raise ValueError(f"update_rule must be 'torch' or 'keras', got {self.update_rule!r}")
+        logic.check_renorm_fields(self.r_max, self.d_max, self.warmup_steps, self.update_rule)
         super().__post_init__()
 
     @nn.compact
@@ -165,7 +165,7 @@ class BatchRenorm(UpdatingVariantFields):
         d_max: float | jax.Array | None = None,
     ) -> jax.Array:
         train = train_flag(train)
-        x, features = logic.input_features(self, x)
+        x, features = logic.input_features(self, x, affine=has_params(self))
         weight, bias = affine_params(self, features)
         mean_v, var_v, count_v = running_stats(self, features)
         count = count_v.value
@@ -179,10 +179,8 @@ class BatchRenorm(UpdatingVariantFields):
             )[0]
             return y.astype(self.dtype) if self.dtype is not None else y
 
-        momentum = self.momentum
-        if momentum is None:  # cumulative average; in float, an int32 count + 1 could wrap
-            momentum = 1.0 / (count.astype(mean_v.value.dtype) + 1)
-        r_max, d_max = self._clipping(r_max, d_max, count)
+        momentum = logic.cumulative_momentum(self.momentum, count, mean_v.value.dtype)
+        r_max, d_max = logic.renorm_clipping(self, r_max, d_max, count)
         axis_name, axis_index_groups = logic.sync_axis(self)
         y, mean_v.value, var_v.value = functional.batch_renorm(
             x,
@@ -221,19 +219,3 @@ class BatchRenorm(UpdatingVariantFields):
             )[3]
             report_moments(self, [moments])
         return y.astype(self.dtype) if self.dtype is not None else y
-
-    @nn.nowrap  # not a call of its own for nn.tabulate
-    def _clipping(self, r_max, d_max, count) -> tuple[Any, Any]:
-        """This call's ``(r_max, d_max)``: the call's values, else the fields after warm-up."""
-        for name, value in (("r_max", r_max), ("d_max", d_max)):
-            if value is not None and not isinstance(value, jax.core.Tracer) and not is_real(value):
-                raise TypeError(f"{name} must be a float, not {type(value).__name__}")
-        if r_max is not None or d_max is not None:
-            return (
-                self.r_max if r_max is None else r_max,
-                self.d_max if d_max is None else d_max,
-            )
-        if not self.warmup_steps:
-            return self.r_max, self.d_max
-        warm = count >= self.warmup_steps
-        return jnp.where(warm, self.r_max, 1.0), jnp.where(warm, self.d_max, 0.0)

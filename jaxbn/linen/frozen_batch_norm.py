@@ -34,7 +34,7 @@ import jax
 
 from jaxbn import _module_logic as logic
 from jaxbn import functional
-from jaxbn.linen.batch_norm import affine_params, running_stats
+from jaxbn.linen.batch_norm import affine_params, has_params, running_stats
 from jaxbn.linen.variant_fields import VariantFields
 
 __all__ = ["FrozenBatchNorm", "frozen_batch_norm"]
@@ -81,6 +81,8 @@ class FrozenBatchNorm(VariantFields):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of the variables created at init.
       scale_init, bias_init: initializers at init (a frozen module is usually loaded instead).
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as :class:`jaxbn.BatchNorm`'s
+        (which parameters exist, as in the BatchNorm it replaces).
 
     Call:
       ``x``: [N, ..., C]; ``train`` accepted and ignored; optional ``mask``.
@@ -99,7 +101,7 @@ class FrozenBatchNorm(VariantFields):
         self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
     ) -> jax.Array:
         del train  # the same in train and eval
-        x, features = logic.input_features(self, x)
+        x, features = logic.input_features(self, x, affine=has_params(self))
         scale, bias = affine_params(self, features)
         mean_v, var_v, _ = running_stats(self, features, counter=False)  # constants
         mean, var = mean_v.value, var_v.value

@@ -67,6 +67,8 @@ class GhostBatchNorm(UpdatingVariantFields):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of the parameters and running statistics.
       scale_init, bias_init: Flax initializers.
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as :class:`jaxbn.BatchNorm`'s
+        (``bias=False``: ``scale`` only).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
 
     Call:
@@ -81,17 +83,13 @@ class GhostBatchNorm(UpdatingVariantFields):
     batch_norm_kind: ClassVar[str] = "ghost"
 
     def __post_init__(self) -> None:
-        if self.virtual_batch_size is None:
-            raise TypeError("GhostBatchNorm needs virtual_batch_size (examples per virtual batch)")
-        logic.check_feature_count(self.virtual_batch_size, "virtual_batch_size", allow_none=False)
-        if self.virtual_batch_size < 1:
-            raise ValueError(f"virtual_batch_size must be positive, got {self.virtual_batch_size}")
+        logic.check_virtual_batch_size(self.virtual_batch_size)
         super().__post_init__()
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
         train = logic.train_flag(train)
-        x, features = logic.input_features(self, x)
+        x, features = logic.input_features(self, x, affine=linen_bn.has_params(self))
         weight, bias = linen_bn.affine_params(self, features)
         mean = var = count = None
         if self.track_running_stats:
@@ -115,14 +113,11 @@ class GhostBatchNorm(UpdatingVariantFields):
             return y.astype(self.dtype) if self.dtype is not None else y
 
         updating = train and mean is not None
-        momentum = self.momentum
         splits = x.shape[0] // self.virtual_batch_size
-        if updating and momentum is None:
+        momentum = 0.0 if self.momentum is None else self.momentum  # 0.0: unused
+        if updating:
             # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
-            step = jnp.arange(1, splits + 1, dtype=mean.dtype)
-            momentum = 1.0 / (count.astype(mean.dtype) + step)
-        elif momentum is None:
-            momentum = 0.0  # unused
+            momentum = logic.cumulative_momentum(self.momentum, count, mean.dtype, steps=splits)
         y, new_mean, new_var = functional.ghost_batch_norm(
             x,
             mean,

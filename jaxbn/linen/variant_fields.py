@@ -11,13 +11,15 @@ pinned (PyTorch's constructor, then Flax's fields).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax.numpy as jnp
+from flax.core import FrozenDict
 
 from jaxbn import _module_logic as logic
-from jaxbn._module_logic import check_axis, check_eps, check_feature_count, check_momentum
+from jaxbn._module_logic import check_momentum
 from jaxbn.linen.batch_norm import Initializer
 
 __all__ = ["UpdatingVariantFields", "VariantFields"]
@@ -26,7 +28,10 @@ __all__ = ["UpdatingVariantFields", "VariantFields"]
 class VariantFields(nn.Module):
     """``num_features`` (C; inferred from the input when None), then keyword-only: ``eps``,
     ``affine``, ``axis``, ``dtype`` (output; default the input's), ``param_dtype`` (variables),
-    ``scale_init`` and ``bias_init`` (Flax initializers ``(key, shape, dtype)``)."""
+    ``scale_init`` and ``bias_init`` (Flax initializers ``(key, shape, dtype)``), ``bias``
+    (PyTorch 2.13's: False learns ``scale`` only), ``use_scale``/``use_bias`` (Flax's, each
+    parameter apart), ``scale_metadata``/``bias_metadata`` (the parameters' metadata) — the
+    meanings of :class:`jaxbn.BatchNorm`'s."""
 
     num_features: int | None = None
     _: dataclasses.KW_ONLY
@@ -37,15 +42,20 @@ class VariantFields(nn.Module):
     param_dtype: Any = jnp.float32
     scale_init: Initializer = nn.initializers.ones
     bias_init: Initializer = nn.initializers.zeros
+    bias: bool = True
+    use_scale: bool = True
+    use_bias: bool = True
+    scale_metadata: Mapping[str, Any] = FrozenDict()
+    bias_metadata: Mapping[str, Any] = FrozenDict()
 
     def __post_init__(self) -> None:
         # bad fields are refused when the module is built; a variant checks its own fields in
         # its __post_init__ and then calls this one (not a helper method: Flax wraps those,
         # and the momentum warning names the user's line by walking the __post_init__ frames)
-        check_feature_count(self.num_features, "num_features")
-        check_eps(self.eps)
-        check_axis(self.axis)
-        logic.check_initializers(self.scale_init, self.bias_init)
+        logic.check_variant_fields(
+            self.num_features, self.eps, self.axis, self.scale_init, self.bias_init
+        )
+        logic.learned_params(self.affine, self.bias, self.use_scale, self.use_bias)
         super().__post_init__()
 
 

@@ -228,8 +228,7 @@ class BatchNorm(nnx.Module):
         check_feature_count(num_features, "num_features", allow_none=False)
         logic.check_batch_norm_fields(num_features, eps, momentum, axis)
         logic.check_initializers(scale_init, bias_init)
-        for name, flag in (("bias", bias), ("use_scale", use_scale), ("use_bias", use_bias)):
-            train_flag(flag, name)
+        logic.learned_params(affine, bias, use_scale, use_bias)
         if use_running_average is not None:
             train_flag(use_running_average, "use_running_average")
         message = logic.momentum_convention_message(

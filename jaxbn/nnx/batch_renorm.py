@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import flax.linen as nn
@@ -63,6 +64,8 @@ class BatchRenorm(nnx.Module):
       warmup_steps: training calls (by ``num_batches_tracked``) with ``r_max=1, d_max=0``.
       update_rule: ``"torch"`` (PyTorch's running update) or ``"keras"`` (Keras 3's).
       scale_init, bias_init: initializers ``(key, shape, dtype)``.
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as
+        :class:`jaxbn.nnx.BatchNorm`'s (``bias=False``: ``scale`` only).
       use_running_average: the mode (None: none yet; ``.train()`` / ``.eval()`` set it).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
       rngs: ``nnx.Rngs``, needed only by a random initializer.
@@ -91,6 +94,11 @@ class BatchRenorm(nnx.Module):
         update_rule: str = "torch",
         scale_init: Initializer = nn.initializers.ones,
         bias_init: Initializer = nn.initializers.zeros,
+        bias: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         use_running_average: bool | None = None,
         momentum_convention_checked: bool = False,
         rngs: nnx.Rngs | None = None,
@@ -99,6 +107,7 @@ class BatchRenorm(nnx.Module):
         logic.check_renorm_fields(r_max, d_max, warmup_steps, update_rule)
         logic.check_momentum(momentum)
         logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        logic.learned_params(affine, bias, use_scale, use_bias)
         if use_running_average is not None:
             logic.train_flag(use_running_average, "use_running_average")
         message = logic.momentum_convention_message(
@@ -131,8 +140,19 @@ class BatchRenorm(nnx.Module):
         self.update_rule = update_rule
         self.use_running_average = use_running_average
         self.scale, self.bias = affine_params(
-            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+            self.affine,
+            (self.num_features,),
+            scale_init,
+            bias_init,
+            param_dtype,
+            rngs,
+            use_scale=use_scale,
+            use_bias=bias and use_bias,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
         )
+        # what exists: tells the input checks whether parameters will check the size of C
+        self.affine = self.scale is not None or self.bias is not None
         self.mean, self.var, self.num_batches_tracked = running_stats(
             self.num_features, param_dtype
         )

@@ -20,6 +20,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -54,6 +56,9 @@ class FrozenBatchNorm(nnx.Module):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of the variables created here.
       scale_init, bias_init: initializers (a frozen module is usually loaded instead).
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as
+        :class:`jaxbn.nnx.BatchNorm`'s (which parameters exist, as in the BatchNorm it
+        replaces).
       rngs: ``nnx.Rngs``, needed only by a random initializer.
 
     Call:
@@ -76,21 +81,42 @@ class FrozenBatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         scale_init: Initializer = nn.initializers.ones,
         bias_init: Initializer = nn.initializers.zeros,
+        bias: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         rngs: nnx.Rngs | None = None,
     ) -> None:
         logic.check_feature_count(num_features, "num_features", allow_none=False)
         logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        logic.learned_params(affine, bias, use_scale, use_bias)
         self.num_features = int(num_features)
         self.eps = eps
         self.affine = bool(affine)
         self.axis = axis
         self.dtype = dtype
         self.param_dtype = param_dtype
-        scale, bias = affine_params(
-            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+        scale_param, bias_param = affine_params(
+            self.affine,
+            (self.num_features,),
+            scale_init,
+            bias_init,
+            param_dtype,
+            rngs,
+            use_scale=use_scale,
+            use_bias=bias and use_bias,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
         )
-        frozen = lambda param: FrozenParam(param[...]) if self.affine else param
-        self.scale, self.bias = frozen(scale), frozen(bias)
+        # an absent parameter is nnx.data(None), a marker that becomes None when assigned
+        frozen = lambda param, metadata: (
+            FrozenParam(param[...], **metadata) if isinstance(param, nnx.Param) else param
+        )
+        self.scale = frozen(scale_param, scale_metadata)
+        self.bias = frozen(bias_param, bias_metadata)
+        # what exists: tells the input checks whether parameters will check the size of C
+        self.affine = self.scale is not None or self.bias is not None
         self.mean, self.var, self.num_batches_tracked = running_stats(
             self.num_features, param_dtype
         )

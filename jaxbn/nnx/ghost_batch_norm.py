@@ -14,6 +14,8 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 import flax.linen as nn
@@ -50,6 +52,8 @@ class GhostBatchNorm(nnx.Module):
       dtype: output dtype (default: the input's).
       param_dtype: dtype of the parameters and running statistics.
       scale_init, bias_init: initializers ``(key, shape, dtype)``.
+      bias, use_scale, use_bias, scale_metadata, bias_metadata: as
+        :class:`jaxbn.nnx.BatchNorm`'s (``bias=False``: ``scale`` only).
       use_running_average: the mode (None: none yet; ``.train()`` / ``.eval()`` set it).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
       rngs: ``nnx.Rngs``, needed only by a random initializer.
@@ -72,6 +76,11 @@ class GhostBatchNorm(nnx.Module):
         param_dtype: Any = jnp.float32,
         scale_init: Initializer = nn.initializers.ones,
         bias_init: Initializer = nn.initializers.zeros,
+        bias: bool = True,
+        use_scale: bool = True,
+        use_bias: bool = True,
+        scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         use_running_average: bool | None = None,
         momentum_convention_checked: bool = False,
         rngs: nnx.Rngs | None = None,
@@ -80,6 +89,7 @@ class GhostBatchNorm(nnx.Module):
         logic.check_virtual_batch_size(virtual_batch_size)
         logic.check_momentum(momentum)
         logic.check_variant_fields(num_features, eps, axis, scale_init, bias_init)
+        logic.learned_params(affine, bias, use_scale, use_bias)
         if use_running_average is not None:
             logic.train_flag(use_running_average, "use_running_average")
         message = logic.momentum_convention_message(
@@ -98,8 +108,19 @@ class GhostBatchNorm(nnx.Module):
         self.param_dtype = param_dtype
         self.use_running_average = use_running_average
         self.scale, self.bias = affine_params(
-            self.affine, (self.num_features,), scale_init, bias_init, param_dtype, rngs
+            self.affine,
+            (self.num_features,),
+            scale_init,
+            bias_init,
+            param_dtype,
+            rngs,
+            use_scale=use_scale,
+            use_bias=bias and use_bias,
+            scale_metadata=scale_metadata,
+            bias_metadata=bias_metadata,
         )
+        # what exists: tells the input checks whether parameters will check the size of C
+        self.affine = self.scale is not None or self.bias is not None
         if self.track_running_stats:
             self.mean, self.var, self.num_batches_tracked = running_stats(
                 self.num_features, param_dtype
