@@ -128,8 +128,8 @@ def with_metadata(init: Initializer, metadata: Mapping[str, Any], name: str) -> 
 
     The box is Flax's translation of an ``nnx.Param``'s metadata into Linen: sharding
     (``{"out_sharding": ("model",)}``; Flax's older ``sharding_names`` and ``sharding`` too;
-    with an optional ``"mesh"``) is ``nn.Partitioned(value, names, mesh)`` — Linen's own sharding box,
-    what ``nn.with_partitioning`` gives and ``nn.get_partition_spec`` reads, as
+    with an optional ``"mesh"``) is ``nn.Partitioned(value, names, mesh)`` — Linen's own
+    sharding box, what ``nn.with_partitioning`` gives and ``nn.get_partition_spec`` reads, as
     ``nn.Partitioned.from_nnx_metadata`` converts it; any other metadata is
     ``flax.nnx.bridge.NNXMeta(nnx.Param, value, metadata)`` (what ``nnx.bridge.ToLinen`` stores;
     ``nnx.bridge.ToNNX`` restores the ``nnx.Param``). Like any boxed parameter, the module reads
