@@ -18,7 +18,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
@@ -98,16 +98,51 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: nnx.Module, **kwargs: Any
     """Loads a PyTorch ``state_dict`` into an NNX model in place (and returns it).
 
     :func:`jaxbn.interop.torch_to_flax` on the model's Linen layout; ``kwargs`` are its
-    (``flatten_shapes``, ``rename``, ``norm_layouts``). Lossless, in the model's dtypes.
+    (``flatten_shapes``, ``rename``, ``norm_layouts``). Lossless, in the model's dtypes. The
+    torch names are the attribute paths (:func:`torch_names`: ``blocks.0.conv.weight``; an
+    ``nnx.Sequential``'s ``layers`` is left out, as in ``torch.nn.Sequential``) unless
+    ``rename`` is given; the tutorial models keep their Linen twins' names.
     """
     template = to_linen_variables(model)
+    kwargs = _with_torch_names(model, kwargs)
     return from_linen_variables(model, _interop.torch_to_flax(state_dict, template, **kwargs))
 
 
 def nnx_to_torch(model: nnx.Module, **kwargs: Any) -> dict[str, Any]:
     """A torch ``state_dict`` (numpy arrays) of an NNX model: :func:`jaxbn.interop.flax_to_torch`
-    on its Linen layout; ``kwargs`` are its."""
+    on its Linen layout, named as :func:`torch_to_nnx` reads them; ``kwargs`` are its."""
+    kwargs = _with_torch_names(model, kwargs)
     return _interop.flax_to_torch(to_linen_variables(model), **kwargs)
+
+
+def torch_names(model: nnx.Module) -> Callable[[str], str]:
+    """The torch module name of each module path of an NNX model: its attribute path joined by
+    dots (``blocks/0/conv`` → ``blocks.0.conv``), without the ``layers`` attribute of an
+    ``nnx.Sequential`` (``torch.nn.Sequential`` numbers its children itself).
+
+    Returns:
+      ``"/"``-joined module path → torch module path (a ``rename`` for
+      :func:`jaxbn.interop.torch_to_flax`).
+    """
+    _check_model(model, "torch_names")
+    hidden = {
+        (*(str(p) for p in path), "layers")
+        for path, node in nnx.iter_graph(model)
+        if isinstance(node, nnx.Sequential)
+    }
+
+    def name(flax_path: str) -> str:
+        parts = flax_path.split("/") if flax_path else []
+        return ".".join(p for i, p in enumerate(parts) if tuple(parts[: i + 1]) not in hidden)
+
+    return name
+
+
+def _with_torch_names(model: nnx.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    # the tutorial models are named like their Linen twins (classifier_0 → classifier.0)
+    if kwargs.get("rename") is not None or hasattr(model, "linen_twin"):
+        return kwargs
+    return {**kwargs, "rename": torch_names(model)}
 
 
 def inspect_batchnorm(model: nnx.Module) -> _inspect.BatchNormReport:
