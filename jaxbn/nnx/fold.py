@@ -21,9 +21,16 @@ norms are :class:`FoldedBatchNorm` (the identity) and whose layers hold the fuse
 (:func:`jaxbn.fuse_conv_bn_weights`); a ``use_bias=False`` layer gets a bias.
 
 Example:
-    >>> result = jaxbn.nnx.fold_batch_norm(model, x[:1])
-    >>> result.model(x)                          # == model(x) in eval, fewer layers
-    >>> result.folded, result.left               # {"bn1": "conv1"}, {"bn2": "why it stays"}
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> import jaxbn.nnx
+    >>> model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), jaxbn.nnx.BatchNorm1d(4))
+    >>> model.train(); y = model(jnp.arange(12.0).reshape(4, 3))   # statistics to fold
+    >>> result = jaxbn.nnx.fold_batch_norm(model, jnp.ones((1, 3)))
+    >>> result.folded, result.left
+    ({'layers/1': 'layers/0'}, {})
+    >>> type(result.model.layers[1]).__name__                      # the identity now
+    'FoldedBatchNorm'
 """
 
 from __future__ import annotations

@@ -1,13 +1,19 @@
-"""jaxbn's tools for NNX models, through the Linen variables layout.
+"""jaxbn's tools for NNX models: fold, update_bn, inspect, torch state dicts — on any NNX model.
 
 An NNX model's ``nnx.Param`` state is a Linen ``params`` tree and its ``nnx.BatchStat`` state a
 ``batch_stats`` tree, keyed by attribute names: :func:`to_linen_variables` and
-:func:`from_linen_variables` convert between the two, and every tool that works on Linen
-variable trees then works on an NNX model — :mod:`jaxbn.interop` (:func:`torch_to_nnx`,
-:func:`nnx_to_torch`), :func:`jaxbn.inspect_batchnorm` (:func:`inspect_batchnorm`),
-:func:`jaxbn.update_bn` (:func:`update_bn`, which runs the NNX model itself) and, for the
-tutorial models, which have a Linen twin, :func:`jaxbn.fold_batch_norm`
-(:func:`fold_batch_norm`).
+:func:`from_linen_variables` convert between the two, and the tools that work on Linen
+variable trees work on an NNX model through them:
+
+* :func:`torch_to_nnx` / :func:`nnx_to_torch` (:mod:`jaxbn.interop`): torch names are the
+  attribute paths (:func:`torch_names`; ``nnx.List``/``nnx.Sequential`` indices as torch's
+  ``ModuleList``/``Sequential``);
+* :func:`inspect_batchnorm` (:func:`jaxbn.inspect_batchnorm`), with each layer's kind and a
+  row per member of a stacked (``nnx.vmap``) layer;
+* :func:`update_bn` (:func:`jaxbn.update_bn`, running the NNX model itself): trained,
+  ghost and renorm layers re-estimated (stacked ones member by member), frozen ones left alone;
+* :func:`fold_batch_norm`: :mod:`jaxbn.nnx.fold` for any NNX model; the tutorial models fold
+  through their Linen twin, as before.
 
 Example:
     >>> model = jaxbn.nnx.ConvNet(1, 8, (8, 16, 32), 32, rngs=nnx.Rngs(0))
