@@ -79,11 +79,12 @@ def centered_moments(
     count, mean, m2, centered = two_pass_moments(x, mask, reduce_axes)
     if axis_name is not None:
         count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
-        centered = _center(x, mean, mask)
+        centered = center(x, mean, mask)
     return count, mean, m2 / jnp.maximum(count, 1), centered
 
 
-def _center(x, mean, mask):
+def center(x: jax.Array, mean: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``x − mean``, 0 where ``mask`` is False."""
     centered = x - mean
     # where, not multiply: a masked NaN times zero is still NaN.
     return centered if mask is None else jnp.where(mask, centered, 0)
@@ -141,5 +142,5 @@ def two_pass_moments(
         count = jnp.sum(mask, reduce_axes, keepdims=True, dtype=x.dtype)
         total = jnp.sum(jnp.where(mask, x, 0), reduce_axes, keepdims=True)
         mean = total / jnp.maximum(count, 1)
-    centered = _center(x, mean, mask)
+    centered = center(x, mean, mask)
     return count, mean, jnp.sum(jnp.square(centered), reduce_axes, keepdims=True), centered

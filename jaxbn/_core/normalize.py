@@ -24,7 +24,9 @@ array ``x − mean`` between the statistics, the output and the derivative inste
 
 Across devices (``axis_name``) the statistics are merged with one all-gather (see
 :mod:`jaxbn._core.moments`) and the two tangent reductions are summed with one ``psum`` — in reverse
-mode that is PyTorch SyncBatchNorm's all-reduce of Σdy and Σdy·x̂.
+mode that is PyTorch SyncBatchNorm's all-reduce of Σdy and Σdy·x̂. The merge runs at the call,
+outside the custom JVP, and enters it as an input: JAX may trace the rule after a named ``vmap``
+has returned (``jax.checkpoint`` or ``jit`` around it), when only the ``psum`` can still be traced.
 """
 
 from __future__ import annotations
@@ -37,14 +39,13 @@ import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
-from jaxbn._core.moments import AxisIndexGroups, centered_moments, merge_moments
+from jaxbn._core.moments import AxisIndexGroups, center, centered_moments, merge_moments
 from jaxbn._core.shapes import compute_dtype, kept_shape, reduced_count
 from jaxbn._cpu_kernels import channel_affine, channel_dot, channel_moments
 
 NormalizeOut = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5, 6, 7))
 def normalize(
     x: jax.Array,
     weight: jax.Array | None,
@@ -66,7 +67,7 @@ def normalize(
         statistics and get y = 0 (whatever they hold, NaN included).
       reduce_axes: the axes the statistics are taken over.
       eps: added to the biased variance.
-      axis_name: mapped axis (pmap / shard_map) to merge statistics over, or None.
+      axis_name: mapped axis (pmap / shard_map / named vmap) to merge statistics over, or None.
       axis_index_groups: optional device groups for ``axis_name`` (pmap only).
 
     Returns:
@@ -74,7 +75,46 @@ def normalize(
       dtype; the others have ``x.shape`` with ``reduce_axes`` set to 1, in the compute dtype;
       ``var`` is the biased variance (M2 / count).
     """
-    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups)
+    # The merge over devices happens here, at the call, and not inside the custom JVP rule:
+    # JAX traces that rule lazily, when the call is differentiated. Where the call was staged
+    # into a jaxpr inside a named jax.vmap (jax.checkpoint or jit around the vmap), that is
+    # after the vmap has returned and its axis name is unbound: the merge's all_gather, which
+    # needs the axis size, raised "unbound axis name". The rule only psums its two tangent
+    # sums, which needs no axis size. Without axis_name the statistics stay inside the rule.
+    merged = None
+    if axis_name is not None:
+        merged = _merged_statistics(
+            x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups
+        )
+    return _normalize(x, weight, bias, mask, merged, reduce_axes, eps, axis_name, axis_index_groups)
+
+
+def _merged_statistics(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups):
+    """``(count, mean, biased var)`` of ``x`` over ``reduce_axes`` and the devices of
+    ``axis_name``, each of ``x.shape`` with ``reduce_axes`` set to 1, in the compute dtype."""
+    if not _Statistics.is_fast(x, weight, bias, mask, reduce_axes):
+        count, mean, var, _ = centered_moments(
+            x.astype(compute_dtype(x.dtype)), mask, reduce_axes, axis_name, axis_index_groups
+        )
+        return count, mean, var
+    mean, m2 = channel_moments(x, reduce_axes)
+    count = jnp.full(mean.shape, reduced_count(x.shape, reduce_axes), mean.dtype)
+    count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
+    return count, mean, m2 / jnp.maximum(count, 1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(5, 6, 7, 8))
+def _normalize(x, weight, bias, mask, merged, reduce_axes, eps, axis_name, axis_index_groups):
+    """:func:`normalize`, with the statistics merged over ``axis_name`` given as ``merged``
+    (``(count, mean, var)`` from :func:`_merged_statistics`), or None to take them here.
+
+    The rule ignores ``merged``'s tangents: it derives the statistics' tangents from ``dx``
+    (closed form, one psum). Higher derivatives still see the statistics as functions of
+    ``x``: JAX differentiates the rule's body, where ``merged`` carries the derivative of
+    :func:`_merged_statistics`.
+    """
+    del axis_name, axis_index_groups  # used by the rule: the statistics are merged already
+    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, merged)
     rstd = jax.lax.rsqrt(stats.var + eps)
     scale = rstd if weight is None else rstd * weight
     y = stats.affine(scale, jnp.zeros_like(stats.mean) if bias is None else bias)
@@ -97,19 +137,29 @@ class _Statistics(NamedTuple):
     var: jax.Array
     centered: jax.Array | None
 
-    @classmethod
-    def of(cls, x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups):
+    @staticmethod
+    def is_fast(x, weight, bias, mask, reduce_axes) -> bool:
+        """No mask, and weight and bias per channel: the kernels' path."""
         kept = kept_shape(x.shape, reduce_axes)
         per_channel = all(p is None or tuple(p.shape) == kept for p in (weight, bias))
-        if mask is not None or not per_channel:
+        return mask is None and per_channel
+
+    @classmethod
+    def of(cls, x, weight, bias, mask, reduce_axes, merged):
+        """Local statistics, or ``merged`` ones (then only ``x − mean`` is computed here)."""
+        fast = cls.is_fast(x, weight, bias, mask, reduce_axes)
+        if merged is not None:
+            count, mean, var = merged
+            # The same x − mean as centered_moments took after the merge (XLA merges the two).
+            centered = None if fast else center(x.astype(compute_dtype(x.dtype)), mean, mask)
+            return cls(x, mask, reduce_axes, count, mean, var, centered)
+        if not fast:
             count, mean, var, centered = centered_moments(
-                x.astype(compute_dtype(x.dtype)), mask, reduce_axes, axis_name, axis_index_groups
+                x.astype(compute_dtype(x.dtype)), mask, reduce_axes
             )
             return cls(x, mask, reduce_axes, count, mean, var, centered)
         mean, m2 = channel_moments(x, reduce_axes)
         count = jnp.full(mean.shape, reduced_count(x.shape, reduce_axes), mean.dtype)
-        if axis_name is not None:
-            count, mean, m2 = merge_moments(count, mean, m2, axis_name, axis_index_groups)
         var = m2 / jnp.maximum(count, 1)
         return cls(x, None, reduce_axes, count, mean, var, None)
 
@@ -137,11 +187,11 @@ class _Statistics(NamedTuple):
         )
 
 
-@functools.partial(normalize.defjvp, symbolic_zeros=True)
+@functools.partial(_normalize.defjvp, symbolic_zeros=True)
 def _normalize_jvp(reduce_axes, eps, axis_name, axis_index_groups, primals, tangents):
-    x, weight, bias, mask = primals
-    dx, dweight, dbias, _ = tangents
-    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, axis_name, axis_index_groups)
+    x, weight, bias, mask, merged = primals
+    dx, dweight, dbias = tangents[:3]  # merged's tangents follow from dx
+    stats = _Statistics.of(x, weight, bias, mask, reduce_axes, merged)
     count, mean, var = stats.count, stats.mean, stats.var
     rstd = jax.lax.rsqrt(var + eps)
     a = rstd if weight is None else rstd * weight
