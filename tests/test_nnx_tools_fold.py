@@ -258,16 +258,16 @@ def test_a_frozen_ghost_or_renorm_batch_norm_folds_like_torchs_fuse(make):
     linear, bn = torch.nn.Linear(3, 4).eval(), torch.nn.BatchNorm1d(4).eval()
     linear.load_state_dict(
         {
-            k.removeprefix("layers.0."): torch.from_numpy(np.asarray(v))
+            k.removeprefix("0."): torch.from_numpy(np.asarray(v))
             for k, v in state.items()
-            if k.startswith("layers.0.")
+            if k.startswith("0.")
         }
     )
     bn.load_state_dict(
         {
-            k.removeprefix("layers.1."): torch.from_numpy(np.asarray(v))
+            k.removeprefix("1."): torch.from_numpy(np.asarray(v))
             for k, v in state.items()
-            if k.startswith("layers.1.")
+            if k.startswith("1.")
         }
     )
     fused = fuse_linear_bn_eval(linear, bn)
@@ -302,3 +302,34 @@ def test_fold_needs_a_sample_input():
         TypeError, match=r"fold_batch_norm needs a sample input: fold_batch_norm\(model, x\)"
     ):
         jaxbn.nnx.fold_batch_norm(nnx.Sequential(jaxbn.nnx.BatchNorm1d(3)))
+
+
+class Wrapped(nnx.Module):
+    """A pair inside nnx.jit and one inside nnx.remat (looked into), one over NCHW (kept),
+    and a call flag."""
+
+    def __init__(self, rngs):
+        self.jit_lin, self.jit_bn = nnx.Linear(4, 4, rngs=rngs), jaxbn.nnx.BatchNorm1d(4)
+        self.remat_lin, self.remat_bn = nnx.Linear(4, 4, rngs=rngs), jaxbn.nnx.BatchNorm1d(4)
+        self.conv = nnx.Conv(4, 4, (1, 1), rngs=rngs)
+        self.nchw_bn = jaxbn.nnx.BatchNorm2d(4, axis=1)
+
+    def __call__(self, x, *, train: bool):
+        x = nnx.jit(lambda m, x: m.jit_bn(m.jit_lin(x), train=train))(self, x)
+        x = nnx.remat(lambda m, x: m.remat_bn(m.remat_lin(x), train=train))(self, x)
+        h = self.conv(x[:, None, None, :])  # [N, 1, 1, 4]: the BN reads axis 1
+        return self.nchw_bn(h.transpose(0, 3, 1, 2), train=train)
+
+
+def test_pairs_inside_nnx_jit_and_nnx_remat_fold_and_a_channel_first_batch_norm_stays():
+    model = Wrapped(nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(0), (6, 4))
+    model(x, train=True)
+    result = jaxbn.nnx.fold_batch_norm(model, x[:2], train=False)
+    assert result.folded == {"jit_bn": "jit_lin", "remat_bn": "remat_lin"}
+    assert result.left == {
+        "nchw_bn": "its input does not come straight from a nnx.Conv or nnx.Linear layer"
+    }
+    np.testing.assert_allclose(
+        result.model(x, train=False), model(x, train=False), rtol=1e-5, atol=1e-6
+    )
