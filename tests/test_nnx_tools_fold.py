@@ -333,3 +333,18 @@ def test_pairs_inside_nnx_jit_and_nnx_remat_fold_and_a_channel_first_batch_norm_
     np.testing.assert_allclose(
         result.model(x, train=False), model(x, train=False), rtol=1e-5, atol=1e-6
     )
+
+
+def test_a_batch_norm_after_a_layer_whose_kernel_is_read_elsewhere_is_kept():
+    class Tied(nnx.Module):
+        def __init__(self):
+            self.lin, self.bn = nnx.Linear(4, 4, rngs=nnx.Rngs(0)), jaxbn.nnx.BatchNorm1d(4)
+
+        def __call__(self, x):  # the kernel also serves as the transposed output layer
+            return self.bn(self.lin(x)) @ self.lin.kernel[...].T
+
+    model = Tied()
+    model.train()
+    model(jnp.arange(8.0).reshape(2, 4))
+    result = jaxbn.nnx.fold_batch_norm(model, jnp.ones((1, 4)))
+    assert result.left == {"bn": "the weights of lin are also read outside it"}
