@@ -55,7 +55,9 @@ __all__ = [
     "Ranks3d",
     "RunningStats",
     "as_shape",
+    "batch_moments",
     "batch_norm_call",
+    "batch_renorm_call",
     "check_axis",
     "check_batch_norm_fields",
     "check_clipping",
@@ -72,6 +74,7 @@ __all__ = [
     "check_virtual_batch_size",
     "check_vmapped_update",
     "cumulative_momentum",
+    "ghost_batch_norm_call",
     "group_norm_channels",
     "input_features",
     "is_real",
@@ -79,6 +82,7 @@ __all__ = [
     "masked_statistics_call",
     "momentum_convention_message",
     "next_count",
+    "output_dtype",
     "rank_variants",
     "renorm_clipping",
     "sync_axis",
@@ -459,11 +463,135 @@ def batch_norm_call(
         mask=mask,
         check_count=not initializing,
     )
-    if module.dtype is not None:
-        y = y.astype(module.dtype)
+    y = output_dtype(module, y)
     if not updating:
         return y, None, None
     return y, RunningStats(new_mean, new_var, next_count(stats.num_batches_tracked)), moments
+
+
+def output_dtype(module: Any, y: jax.Array) -> jax.Array:
+    """``y`` in the module's ``dtype``, or as it is when that is None (the input's)."""
+    return y if module.dtype is None else y.astype(module.dtype)
+
+
+def batch_moments(
+    module: Any, x: jax.Array, mask: jax.Array | None = None, *, synced: bool = True
+) -> BatchMoments:
+    """The moments (count, mean, biased var per channel) of the batch ``x`` over every axis but
+    ``module.axis``, merged over the module's :func:`sync_axis` when ``synced``: what a
+    variant reports for ``jaxbn.update_bn`` (its update's own statistics, as a BatchNorm's)."""
+    axis_name, axis_index_groups = sync_axis(module, synced=synced)
+    return functional.batch_norm_with_moments(
+        x,
+        None,
+        None,
+        None,
+        None,
+        True,
+        0.0,
+        module.eps,
+        axis=module.axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+    )[3]
+
+
+def batch_renorm_call(
+    module: Any,
+    x: jax.Array,
+    weight: jax.Array | None,
+    bias: jax.Array | None,
+    stats: RunningStats,
+    *,
+    train: bool,
+    mask: jax.Array | None = None,
+    r_max: Any = None,
+    d_max: Any = None,
+) -> tuple[jax.Array, RunningStats | None]:
+    """One call of a batch renorm ``module`` (Linen's or NNX's; fields ``momentum, eps, axis,
+    axis_name, axis_index_groups, r_max, d_max, warmup_steps, update_rule, dtype``).
+
+    Eval (``train=False``) is BatchNorm's eval; training clips with this call's ``r_max``/
+    ``d_max`` or the fields after warm-up (:func:`renorm_clipping`), syncs over
+    :func:`sync_axis` and updates the statistics by ``update_rule``.
+
+    Returns:
+      ``(y, new_stats)``: ``y`` in the output dtype; ``new_stats`` None in eval.
+    """
+    if not train:
+        y = functional.batch_renorm(
+            x, stats.mean, stats.var, weight, bias, False, 0.0, module.eps, axis=module.axis
+        )[0]
+        return output_dtype(module, y), None
+    count = stats.num_batches_tracked
+    momentum = cumulative_momentum(module.momentum, count, stats.mean.dtype)
+    r_max, d_max = renorm_clipping(module, r_max, d_max, count)
+    axis_name, axis_index_groups = sync_axis(module)
+    y, mean, var = functional.batch_renorm(
+        x,
+        stats.mean,
+        stats.var,
+        weight,
+        bias,
+        True,
+        momentum,
+        module.eps,
+        r_max=r_max,
+        d_max=d_max,
+        axis=module.axis,
+        axis_name=axis_name,
+        axis_index_groups=axis_index_groups,
+        mask=mask,
+        update_rule=module.update_rule,
+    )
+    return output_dtype(module, y), RunningStats(mean, var, next_count(count))
+
+
+def ghost_batch_norm_call(
+    module: Any,
+    x: jax.Array,
+    weight: jax.Array | None,
+    bias: jax.Array | None,
+    stats: RunningStats | None,
+    *,
+    train: bool,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, RunningStats | None]:
+    """One call of a ghost batch norm ``module`` (fields ``virtual_batch_size, momentum, eps,
+    axis, dtype``): in training each virtual batch of axis 0 is normalized with its own
+    statistics and updates the running ones in turn (the counter grows by the number of
+    splits); eval is BatchNorm's (batch statistics, split, without ``stats``).
+
+    Returns:
+      ``(y, new_stats)``: ``y`` in the output dtype; ``new_stats`` None unless training with
+      running statistics.
+    """
+    updating = train and stats is not None
+    splits = x.shape[0] // module.virtual_batch_size
+    momentum = 0.0 if module.momentum is None else module.momentum  # 0.0: unused
+    if updating:
+        # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
+        momentum = cumulative_momentum(
+            module.momentum, stats.num_batches_tracked, stats.mean.dtype, steps=splits
+        )
+    y, mean, var = functional.ghost_batch_norm(
+        x,
+        None if stats is None else stats.mean,
+        None if stats is None else stats.var,
+        virtual_batch_size=module.virtual_batch_size,
+        weight=weight,
+        bias=bias,
+        training=train,
+        momentum=momentum,
+        eps=module.eps,
+        axis=module.axis,
+        mask=mask,
+    )
+    if not updating:
+        return output_dtype(module, y), None
+    count = next_count(stats.num_batches_tracked, splits)
+    return output_dtype(module, y), RunningStats(mean, var, count)
 
 
 def check_vmapped_update(name: str, x: jax.Array, stats: Sequence[jax.Array | None]) -> None:
@@ -544,9 +672,7 @@ def masked_statistics_call(
         moments.count > 0, [y.shape[ax] if i == ax else 1 for i in range(y.ndim)]
     )
     y = jnp.where(selected, y, jnp.nan).astype(y.dtype)
-    if module.dtype is not None:
-        y = y.astype(module.dtype)
-    return y, new, moments
+    return output_dtype(module, y), new, moments
 
 
 def next_count(count: jax.Array, steps: int = 1) -> jax.Array:

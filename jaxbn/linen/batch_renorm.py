@@ -66,7 +66,6 @@ import jax
 import jax.numpy as jnp
 
 from jaxbn import _module_logic as logic
-from jaxbn import functional
 from jaxbn._module_logic import train_flag
 from jaxbn.linen.batch_norm import (
     affine_params,
@@ -168,54 +167,17 @@ class BatchRenorm(UpdatingVariantFields):
         x, features = logic.input_features(self, x, affine=has_params(self))
         weight, bias = affine_params(self, features)
         mean_v, var_v, count_v = running_stats(self, features)
-        count = count_v.value
-
-        initializing = self.is_initializing()
-        if not train or initializing:
-            # init: variables are created outside any mapped axis, on whatever slice is at
-            # hand; its statistics are never kept, so eval's formula serves.
-            y = functional.batch_renorm(
-                x, mean_v.value, var_v.value, weight, bias, False, 0.0, self.eps, axis=self.axis
-            )[0]
-            return y.astype(self.dtype) if self.dtype is not None else y
-
-        momentum = logic.cumulative_momentum(self.momentum, count, mean_v.value.dtype)
-        r_max, d_max = logic.renorm_clipping(self, r_max, d_max, count)
-        axis_name, axis_index_groups = logic.sync_axis(self)
-        y, mean_v.value, var_v.value = functional.batch_renorm(
-            x,
-            mean_v.value,
-            var_v.value,
-            weight,
-            bias,
-            True,
-            momentum,
-            self.eps,
-            r_max=r_max,
-            d_max=d_max,
-            axis=self.axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-            update_rule=self.update_rule,
+        stats = logic.RunningStats(mean_v.value, var_v.value, count_v.value)
+        # init: variables are created outside any mapped axis, on whatever slice is at hand;
+        # its statistics are never kept, so eval's formula serves.
+        train = train and not self.is_initializing()
+        y, new = logic.batch_renorm_call(
+            self, x, weight, bias, stats, train=train, mask=mask, r_max=r_max, d_max=d_max
         )
-        count_v.value = logic.next_count(count)
-        if reports_moments(self):
-            # the batch's own moments (merged over devices like the correction's): what
-            # jaxbn.update_bn averages, as for a BatchNorm
-            moments = functional.batch_norm_with_moments(
-                x,
-                None,
-                None,
-                None,
-                None,
-                True,
-                0.0,
-                self.eps,
-                axis=self.axis,
-                axis_name=axis_name,
-                axis_index_groups=axis_index_groups,
-                mask=mask,
-            )[3]
-            report_moments(self, [moments])
-        return y.astype(self.dtype) if self.dtype is not None else y
+        if new is not None:
+            mean_v.value, var_v.value, count_v.value = new
+            if reports_moments(self):
+                # the batch's own moments (merged over devices like the correction's): what
+                # jaxbn.update_bn averages, as for a BatchNorm
+                report_moments(self, [logic.batch_moments(self, x, mask)])
+        return y

@@ -106,4 +106,4 @@ class FrozenBatchNorm(VariantFields):
         mean_v, var_v, _ = running_stats(self, features, counter=False)  # constants
         mean, var = mean_v.value, var_v.value
         y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
-        return y.astype(self.dtype) if self.dtype is not None else y
+        return logic.output_dtype(self, y)

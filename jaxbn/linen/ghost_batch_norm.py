@@ -110,33 +110,16 @@ class GhostBatchNorm(UpdatingVariantFields):
                 axis=self.axis,
                 check_count=False,
             )[0]
-            return y.astype(self.dtype) if self.dtype is not None else y
+            return logic.output_dtype(self, y)
 
-        updating = train and mean is not None
-        splits = x.shape[0] // self.virtual_batch_size
-        momentum = 0.0 if self.momentum is None else self.momentum  # 0.0: unused
-        if updating:
-            # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
-            momentum = logic.cumulative_momentum(self.momentum, count, mean.dtype, steps=splits)
-        y, new_mean, new_var = functional.ghost_batch_norm(
-            x,
-            mean,
-            var,
-            virtual_batch_size=self.virtual_batch_size,
-            weight=weight,
-            bias=bias,
-            training=train,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
-            mask=mask,
-        )
-        if updating:
-            mean_v.value, var_v.value = new_mean, new_var
-            count_v.value = logic.next_count(count, splits)
+        stats = None if mean is None else logic.RunningStats(mean, var, count)
+        y, new = logic.ghost_batch_norm_call(self, x, weight, bias, stats, train=train, mask=mask)
+        if new is not None:
+            mean_v.value, var_v.value, count_v.value = new
             if linen_bn.reports_moments(self):
+                splits = x.shape[0] // self.virtual_batch_size
                 linen_bn.report_moments(self, self._split_moments(x, mask, splits))
-        return y.astype(self.dtype) if self.dtype is not None else y
+        return y
 
     @nn.nowrap  # not a call of its own for nn.tabulate
     def _split_moments(self, x: jax.Array, mask: jax.Array | None, splits: int) -> list:
@@ -147,18 +130,10 @@ class GhostBatchNorm(UpdatingVariantFields):
         moments = []
         for k in range(splits):
             part = slice(k * self.virtual_batch_size, (k + 1) * self.virtual_batch_size)
+            # local by design: no axis_name (module docstring)
             moments.append(
-                functional.batch_norm_with_moments(
-                    x[part],
-                    None,
-                    None,
-                    None,
-                    None,
-                    True,
-                    0.0,
-                    self.eps,
-                    axis=self.axis,
-                    mask=None if mask is None else mask[part],
-                )[3]
+                logic.batch_moments(
+                    self, x[part], None if mask is None else mask[part], synced=False
+                )
             )
         return moments

@@ -66,9 +66,12 @@ __all__ = [
     "BatchNorm2d",
     "BatchNorm3d",
     "affine_params",
+    "call_inputs",
+    "init_variables",
     "resolve_mode",
     "running_stats",
     "set_mode_view",
+    "static_axes",
     "stats_of",
 ]
 
@@ -119,9 +122,11 @@ def affine_params(
     use_bias: bool = True,
     scale_metadata: Mapping[str, Any] = MappingProxyType({}),
     bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    param_type: type[nnx.Param] = nnx.Param,
 ) -> tuple[Any, Any]:
-    """``(scale, bias)`` as ``nnx.Param`` of ``shape`` (each absent, ``nnx.data(None)``, without
-    ``affine`` or its ``use_*``), with their metadata (e.g. sharding names).
+    """``(scale, bias)`` as ``param_type`` (``nnx.Param``) of ``shape`` (each absent,
+    ``nnx.data(None)``, without ``affine`` or its ``use_*``), with their metadata (e.g.
+    sharding names).
 
     Like ``flax.nnx.BatchNorm``, each parameter created takes its own ``rngs.params()`` key,
     scale first: a model keeps the random stream of the Flax layer it replaces.
@@ -131,7 +136,7 @@ def affine_params(
         if not (affine and used):
             return nnx.data(None)
         key = None if rngs is None else rngs.params()
-        return nnx.Param(init(key, shape, param_dtype), **metadata)
+        return param_type(init(key, shape, param_dtype), **metadata)
 
     scale = param(use_scale, scale_init, scale_metadata)
     return scale, param(use_bias, bias_init, bias_metadata)
@@ -145,6 +150,70 @@ def running_stats(features: int, param_dtype: Any) -> tuple[Any, Any, Any]:
         nnx.BatchStat(jnp.ones((features,), param_dtype)),
         nnx.BatchStat(jnp.zeros((), jnp.int32)),
     )
+
+
+def init_variables(
+    module: nnx.Module,
+    *,
+    affine: bool,
+    scale_init: Initializer,
+    bias_init: Initializer,
+    param_dtype: Any,
+    rngs: nnx.Rngs | None,
+    bias: bool = True,
+    use_scale: bool = True,
+    use_bias: bool = True,
+    scale_metadata: Mapping[str, Any] = MappingProxyType({}),
+    bias_metadata: Mapping[str, Any] = MappingProxyType({}),
+    track_running_stats: bool = True,
+    param_type: type[nnx.Param] = nnx.Param,
+) -> None:
+    """A jaxbn NNX batch norm's variables, set on ``module`` (``module.num_features`` set):
+    ``scale``/``bias`` (:func:`affine_params`; None where its switches leave it out),
+    ``affine`` (whether either exists: the input checks rely on it) and ``mean``/``var``/
+    ``num_batches_tracked`` (:func:`running_stats`; None without ``track_running_stats``)."""
+    module.scale, module.bias = affine_params(
+        affine,
+        (module.num_features,),
+        scale_init,
+        bias_init,
+        param_dtype,
+        rngs,
+        use_scale=use_scale,
+        use_bias=bias and use_bias,
+        scale_metadata=scale_metadata,
+        bias_metadata=bias_metadata,
+        param_type=param_type,
+    )
+    module.affine = module.scale is not None or module.bias is not None
+    if track_running_stats:
+        stats = running_stats(module.num_features, param_dtype)
+        module.mean, module.var, module.num_batches_tracked = stats
+    else:
+        module.mean = module.var = module.num_batches_tracked = nnx.data(None)
+
+
+def static_axes(axis_name: Any, axis_index_groups: Any) -> tuple[Any, Any]:
+    """``(axis_name, axis_index_groups)`` in hashable forms: static attributes are part of the
+    graph definition."""
+    if not (axis_name is None or isinstance(axis_name, str)):
+        axis_name = tuple(axis_name)
+    if axis_index_groups is not None:
+        axis_index_groups = tuple(tuple(int(i) for i in g) for g in axis_index_groups)
+    return axis_name, axis_index_groups
+
+
+def call_inputs(
+    module: nnx.Module, x: jax.Array, train: Any, use_running_average: Any
+) -> tuple[bool, jax.Array, Any, Any, logic.RunningStats | None]:
+    """What a call of a jaxbn NNX batch norm starts with: ``(training, x, weight, bias,
+    stats)`` — the mode (:func:`resolve_mode`), ``x`` through the input checks, the
+    parameters' values (None where absent) and the checked running statistics (or None)."""
+    training = resolve_mode(module, train, use_running_average, module.use_running_average)
+    x, features = logic.input_features(module, x)
+    weight = None if module.scale is None else module.scale[...]
+    bias = None if module.bias is None else module.bias[...]
+    return training, x, weight, bias, stats_of(module, features)
 
 
 def stats_of(module: nnx.Module, features: int) -> logic.RunningStats | None:
@@ -243,43 +312,27 @@ class BatchNorm(nnx.Module):
         self.num_features = int(num_features)
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
-        # Static attributes are part of the graph definition: hashable forms.
-        self.axis_name = (
-            axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-        )
-        self.axis_index_groups = (
-            None
-            if axis_index_groups is None
-            else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-        )
+        self.axis_name, self.axis_index_groups = static_axes(axis_name, axis_index_groups)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.use_running_average = use_running_average
         self._report_moments = False
-        shape = (self.num_features,)
-        self.scale, self.bias = affine_params(
-            self.affine,
-            shape,
-            scale_init,
-            bias_init,
-            param_dtype,
-            rngs,
+        init_variables(
+            self,
+            affine=bool(affine),
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            bias=bias,
             use_scale=use_scale,
-            use_bias=bias and use_bias,
+            use_bias=use_bias,
             scale_metadata=scale_metadata,
             bias_metadata=bias_metadata,
+            track_running_stats=self.track_running_stats,
         )
-        # what exists: tells the input checks whether parameters will check the size of C
-        self.affine = self.scale is not None or self.bias is not None
-        if self.track_running_stats:
-            self.mean, self.var, self.num_batches_tracked = running_stats(
-                self.num_features, param_dtype
-            )
-        else:
-            self.mean = self.var = self.num_batches_tracked = nnx.data(None)
 
     def __call__(
         self,
@@ -289,11 +342,7 @@ class BatchNorm(nnx.Module):
         train: bool | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        training = resolve_mode(self, train, use_running_average, self.use_running_average)
-        x, features = logic.input_features(self, x)
-        weight = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        stats = stats_of(self, features)
+        training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
         if stats is not None and training and logic.sync_axis(self)[0] is None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
         y, new, moments = logic.batch_norm_call(

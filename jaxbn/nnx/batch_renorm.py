@@ -34,14 +34,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import _module_logic as logic
-from jaxbn import functional
 from jaxbn.nnx.batch_norm import (
     Initializer,
-    affine_params,
-    resolve_mode,
-    running_stats,
+    call_inputs,
+    init_variables,
     set_mode_view,
-    stats_of,
+    static_axes,
 )
 
 __all__ = ["BatchRenorm"]
@@ -122,16 +120,8 @@ class BatchRenorm(nnx.Module):
         self.num_features = int(num_features)
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
         self.axis = axis
-        self.axis_name = (
-            axis_name if axis_name is None or isinstance(axis_name, str) else tuple(axis_name)
-        )
-        self.axis_index_groups = (
-            None
-            if axis_index_groups is None
-            else tuple(tuple(int(i) for i in g) for g in axis_index_groups)
-        )
+        self.axis_name, self.axis_index_groups = static_axes(axis_name, axis_index_groups)
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.r_max = r_max
@@ -139,22 +129,18 @@ class BatchRenorm(nnx.Module):
         self.warmup_steps = int(warmup_steps)
         self.update_rule = update_rule
         self.use_running_average = use_running_average
-        self.scale, self.bias = affine_params(
-            self.affine,
-            (self.num_features,),
-            scale_init,
-            bias_init,
-            param_dtype,
-            rngs,
+        init_variables(
+            self,
+            affine=bool(affine),
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            bias=bias,
             use_scale=use_scale,
-            use_bias=bias and use_bias,
+            use_bias=use_bias,
             scale_metadata=scale_metadata,
             bias_metadata=bias_metadata,
-        )
-        # what exists: tells the input checks whether parameters will check the size of C
-        self.affine = self.scale is not None or self.bias is not None
-        self.mean, self.var, self.num_batches_tracked = running_stats(
-            self.num_features, param_dtype
         )
 
     def __call__(
@@ -167,41 +153,15 @@ class BatchRenorm(nnx.Module):
         r_max: float | jax.Array | None = None,
         d_max: float | jax.Array | None = None,
     ) -> jax.Array:
-        training = resolve_mode(self, train, use_running_average, self.use_running_average)
-        x, features = logic.input_features(self, x)
-        weight = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        stats = stats_of(self, features)
-        if not training:
-            y = functional.batch_renorm(
-                x, stats.mean, stats.var, weight, bias, False, 0.0, self.eps, axis=self.axis
-            )[0]
-            return y.astype(self.dtype) if self.dtype is not None else y
-        axis_name, axis_index_groups = logic.sync_axis(self)
-        if axis_name is None:
+        training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
+        if training and logic.sync_axis(self)[0] is None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
-        count = stats.num_batches_tracked
-        momentum = logic.cumulative_momentum(self.momentum, count, stats.mean.dtype)
-        r_max, d_max = logic.renorm_clipping(self, r_max, d_max, count)
-        y, self.mean[...], self.var[...] = functional.batch_renorm(
-            x,
-            stats.mean,
-            stats.var,
-            weight,
-            bias,
-            True,
-            momentum,
-            self.eps,
-            r_max=r_max,
-            d_max=d_max,
-            axis=self.axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-            update_rule=self.update_rule,
+        y, new = logic.batch_renorm_call(
+            self, x, weight, bias, stats, train=training, mask=mask, r_max=r_max, d_max=d_max
         )
-        self.num_batches_tracked[...] = logic.next_count(count)
-        return y.astype(self.dtype) if self.dtype is not None else y
+        if new is not None:
+            self.mean[...], self.var[...], self.num_batches_tracked[...] = new
+        return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view(model, use_running_average=...)`` (and ``nnx.view_info``).

@@ -31,7 +31,7 @@ from flax import nnx
 
 from jaxbn import _module_logic as logic
 from jaxbn.linen.frozen_batch_norm import frozen_batch_norm
-from jaxbn.nnx.batch_norm import Initializer, affine_params, running_stats
+from jaxbn.nnx.batch_norm import Initializer, init_variables
 
 __all__ = ["FrozenBatchNorm", "FrozenParam", "trainable"]
 
@@ -93,32 +93,22 @@ class FrozenBatchNorm(nnx.Module):
         logic.learned_params(affine, bias, use_scale, use_bias)
         self.num_features = int(num_features)
         self.eps = eps
-        self.affine = bool(affine)
         self.axis = axis
         self.dtype = dtype
         self.param_dtype = param_dtype
-        scale_param, bias_param = affine_params(
-            self.affine,
-            (self.num_features,),
-            scale_init,
-            bias_init,
-            param_dtype,
-            rngs,
+        init_variables(
+            self,
+            affine=bool(affine),
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            bias=bias,
             use_scale=use_scale,
-            use_bias=bias and use_bias,
+            use_bias=use_bias,
             scale_metadata=scale_metadata,
             bias_metadata=bias_metadata,
-        )
-        # an absent parameter is nnx.data(None), a marker that becomes None when assigned
-        frozen = lambda param, metadata: (
-            FrozenParam(param[...], **metadata) if isinstance(param, nnx.Param) else param
-        )
-        self.scale = frozen(scale_param, scale_metadata)
-        self.bias = frozen(bias_param, bias_metadata)
-        # what exists: tells the input checks whether parameters will check the size of C
-        self.affine = self.scale is not None or self.bias is not None
-        self.mean, self.var, self.num_batches_tracked = running_stats(
-            self.num_features, param_dtype
+            param_type=FrozenParam,
         )
         #: what :func:`jaxbn.nnx.unfreeze_batch_norm` turns this module back into (the graph
         #: definition of the module it froze), or None: a FrozenBatchNorm built as one.
@@ -141,4 +131,4 @@ class FrozenBatchNorm(nnx.Module):
             stats = logic.RunningStats(mean, var, self.num_batches_tracked[...])
             logic.check_running_stats(type(self).__name__, stats, features)
         y = frozen_batch_norm(x, mean, var, scale, bias, self.eps, axis=self.axis, mask=mask)
-        return y.astype(self.dtype) if self.dtype is not None else y
+        return logic.output_dtype(self, y)

@@ -24,15 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxbn import _module_logic as logic
-from jaxbn import functional
-from jaxbn.nnx.batch_norm import (
-    Initializer,
-    affine_params,
-    resolve_mode,
-    running_stats,
-    set_mode_view,
-    stats_of,
-)
+from jaxbn.nnx.batch_norm import Initializer, call_inputs, init_variables, set_mode_view
 
 __all__ = ["GhostBatchNorm"]
 
@@ -101,32 +93,25 @@ class GhostBatchNorm(nnx.Module):
         self.virtual_batch_size = int(virtual_batch_size)
         self.eps = eps
         self.momentum = momentum
-        self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.axis = axis
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.use_running_average = use_running_average
-        self.scale, self.bias = affine_params(
-            self.affine,
-            (self.num_features,),
-            scale_init,
-            bias_init,
-            param_dtype,
-            rngs,
+        init_variables(
+            self,
+            affine=bool(affine),
+            scale_init=scale_init,
+            bias_init=bias_init,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            bias=bias,
             use_scale=use_scale,
-            use_bias=bias and use_bias,
+            use_bias=use_bias,
             scale_metadata=scale_metadata,
             bias_metadata=bias_metadata,
+            track_running_stats=self.track_running_stats,
         )
-        # what exists: tells the input checks whether parameters will check the size of C
-        self.affine = self.scale is not None or self.bias is not None
-        if self.track_running_stats:
-            self.mean, self.var, self.num_batches_tracked = running_stats(
-                self.num_features, param_dtype
-            )
-        else:
-            self.mean = self.var = self.num_batches_tracked = nnx.data(None)
 
     def __call__(
         self,
@@ -136,37 +121,15 @@ class GhostBatchNorm(nnx.Module):
         train: bool | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
-        training = resolve_mode(self, train, use_running_average, self.use_running_average)
-        x, features = logic.input_features(self, x)
-        weight = None if self.scale is None else self.scale[...]
-        bias = None if self.bias is None else self.bias[...]
-        stats = stats_of(self, features)
-        updating = training and stats is not None
-        splits = x.shape[0] // self.virtual_batch_size
-        momentum = 0.0 if self.momentum is None else self.momentum  # 0.0: unused
-        if updating:
+        training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
+        if training and stats is not None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)
-            # torch: split k of this call averages with factor 1/(num_batches_tracked + k)
-            momentum = logic.cumulative_momentum(
-                self.momentum, stats.num_batches_tracked, stats.mean.dtype, steps=splits
-            )
-        y, new_mean, new_var = functional.ghost_batch_norm(
-            x,
-            None if stats is None else stats.mean,
-            None if stats is None else stats.var,
-            virtual_batch_size=self.virtual_batch_size,
-            weight=weight,
-            bias=bias,
-            training=training,
-            momentum=momentum,
-            eps=self.eps,
-            axis=self.axis,
-            mask=mask,
+        y, new = logic.ghost_batch_norm_call(
+            self, x, weight, bias, stats, train=training, mask=mask
         )
-        if updating:
-            self.mean[...], self.var[...] = new_mean, new_var
-            self.num_batches_tracked[...] = logic.next_count(stats.num_batches_tracked, splits)
-        return y.astype(self.dtype) if self.dtype is not None else y
+        if new is not None:
+            self.mean[...], self.var[...], self.num_batches_tracked[...] = new
+        return y
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Used by ``nnx.view(model, use_running_average=...)`` (and ``nnx.view_info``).
