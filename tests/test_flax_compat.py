@@ -457,8 +457,8 @@ def test_flax_statistics_without_a_counter_are_refused_naming_the_converter(trai
     x = jnp.ones((6, 2, 2, 3))
     with pytest.raises(
         ValueError,
-        match=r"batch_stats/BatchNorm_0/num_batches_tracked missing next to mean, var: these "
-        r"without a counter come from flax.linen.BatchNorm.*jaxbn.from_flax_batch_norm",
+        match=r"batch_stats/BatchNorm_0/num_batches_tracked missing next to mean, var: "
+        r"statistics without a counter come from flax.linen.BatchNorm.*jaxbn.from_flax_batch_norm",
     ):
         nested = {collection: {"BatchNorm_0": tree} for collection, tree in v_flax.items()}
         Net().apply(nested, x, train=train, mutable=["batch_stats"])
