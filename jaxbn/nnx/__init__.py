@@ -15,16 +15,20 @@ Example:
     >>> class Net(nnx.Module):
     ...     def __init__(self, rngs):
     ...         self.conv = nnx.Conv(3, 16, (3, 3), rngs=rngs)
-    ...         self.bn = jaxbn.nnx.BatchNorm2d(16)          # was nnx.BatchNorm(16, rngs=rngs)
+    ...         # was nnx.BatchNorm(16, rngs=rngs): the same arguments, seed and variables
+    ...         self.bn = jaxbn.nnx.flax_compat.BatchNorm(16, rngs=rngs)
     ...     def __call__(self, x):
     ...         return nnx.relu(self.bn(self.conv(x)))
     >>> net = Net(nnx.Rngs(0))
     >>> net.train(); y = net(jnp.ones((8, 6, 6, 3)))
+    >>> y.shape
+    (8, 6, 6, 16)
 """
 
 from jaxbn.nnx import flax_compat
 from jaxbn.nnx.batch_norm import BatchNorm, BatchNorm1d, BatchNorm2d, BatchNorm3d
 from jaxbn.nnx.batch_renorm import BatchRenorm
+from jaxbn.nnx.fold import FoldedBatchNorm
 from jaxbn.nnx.freeze import freeze_batch_norm, unfreeze_batch_norm
 from jaxbn.nnx.frozen_batch_norm import FrozenBatchNorm, FrozenParam, trainable
 from jaxbn.nnx.ghost_batch_norm import GhostBatchNorm
@@ -37,6 +41,7 @@ from jaxbn.nnx.tools import (
     inspect_batchnorm,
     nnx_to_torch,
     to_linen_variables,
+    torch_names,
     torch_to_nnx,
     update_bn,
 )
@@ -49,6 +54,7 @@ __all__ = [
     "BatchNorm3d",
     "BatchRenorm",
     "ConvNet",
+    "FoldedBatchNorm",
     "FrozenBatchNorm",
     "FrozenParam",
     "GhostBatchNorm",
@@ -63,6 +69,7 @@ __all__ = [
     "inspect_batchnorm",
     "nnx_to_torch",
     "to_linen_variables",
+    "torch_names",
     "torch_to_nnx",
     "trainable",
     "unfreeze_batch_norm",
