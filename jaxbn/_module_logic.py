@@ -475,11 +475,18 @@ def output_dtype(module: Any, y: jax.Array) -> jax.Array:
 
 
 def batch_moments(
-    module: Any, x: jax.Array, mask: jax.Array | None = None, *, synced: bool = True
+    module: Any,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    synced: bool = True,
+    check_count: bool = True,
 ) -> BatchMoments:
     """The moments (count, mean, biased var per channel) of the batch ``x`` over every axis but
     ``module.axis``, merged over the module's :func:`sync_axis` when ``synced``: what a
-    variant reports for ``jaxbn.update_bn`` (its update's own statistics, as a BatchNorm's)."""
+    variant reports for ``jaxbn.update_bn`` (its update's own statistics, as a BatchNorm's).
+    The moments are differentiable. ``check_count=False``: no one-value-per-channel check (a
+    caller that has checked it already)."""
     axis_name, axis_index_groups = sync_axis(module, synced=synced)
     return functional.batch_norm_with_moments(
         x,
@@ -494,6 +501,7 @@ def batch_moments(
         axis_name=axis_name,
         axis_index_groups=axis_index_groups,
         mask=mask,
+        check_count=check_count,
     )[3]
 
 
