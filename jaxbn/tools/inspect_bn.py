@@ -196,7 +196,7 @@ def inspect_batchnorm(
 def _traced(model, variables, args, method, kwargs):
     """``{path: LayerCalls}`` of the model's eval call, or a one-line error."""
     # here: layers imports jaxbn.nnx, whose tools import this module
-    from jaxbn.tools.layers import FROZEN, GHOST, RENORM, TRAINED, eval_kwargs, traced_layers
+    from jaxbn.tools.layers import eval_kwargs, traced_layers
 
     name = type(model).__name__
     if not args and not kwargs:
@@ -204,11 +204,7 @@ def _traced(model, variables, args, method, kwargs):
             f"inspect_batchnorm(variables, model, x): give {name}'s example input after the "
             "model (the layers' kinds come from tracing one eval call), or leave the model out"
         )
-    from jaxbn.tools.freeze import WrappedModel
-
-    # a freeze_batch_norm / fold_batch_norm result forwards the call: its model has the flag
-    flagged = model.model if isinstance(model, WrappedModel) else model
-    call_kwargs = {**eval_kwargs(flagged, method), **kwargs}
+    call_kwargs = {**eval_kwargs(model, method), **kwargs}
     try:
         try:
             traced = traced_layers(model, variables, *args, method=method, **call_kwargs)
@@ -232,17 +228,6 @@ def _traced(model, variables, args, method, kwargs):
             f"find the layers' kinds: {reason}{hint}; inspect_batchnorm(variables) alone lists "
             "the stored statistics without kinds"
         ) from err
-    if isinstance(model, WrappedModel):  # what the wrapper does to the layers it traced
-        selected = getattr(model, "frozen", ())
-        folded = set(getattr(model, "folded", ()))
-        for path in list(traced):
-            name = "/".join(path)
-            if name in folded:  # gone: its scale and shift live in the Conv/Dense weights
-                del traced[path]
-            elif traced[path].kind in (TRAINED, GHOST, RENORM) and (
-                selected is None or name in selected
-            ):
-                traced[path].kind = FROZEN  # computes frozen batch norm from its statistics
     return traced
 
 

@@ -41,6 +41,7 @@ from jaxbn.linen.batch_renorm import BatchRenorm
 from jaxbn.linen.frozen_batch_norm import FrozenBatchNorm
 from jaxbn.linen.ghost_batch_norm import GhostBatchNorm
 from jaxbn.tools._tree import Path, batch_norm_layers, module_path
+from jaxbn.tools.freeze import WrappedModel
 
 TRAINED, UNTRACKED, FROZEN, GHOST, RENORM = "trained", "untracked", "frozen", "ghost", "renorm"
 KINDS = (TRAINED, UNTRACKED, FROZEN, GHOST, RENORM)
@@ -117,6 +118,8 @@ def eval_kwargs(model: nn.Module, method: str | Callable | None = None) -> dict[
     Returns:
       ``{flag: value}`` (empty when the model has no eval flag).
     """
+    if isinstance(model, WrappedModel):  # freeze/fold results forward the wrapped model's call
+        model = model.model
     if isinstance(model, nn.Sequential):
         return {}
     function = method if callable(method) else getattr(type(model), method or "__call__", None)
@@ -175,7 +178,9 @@ def traced_layers(
       method: the method to call; default ``__call__``.
 
     Returns:
-      ``{path: LayerCalls}`` in the order of the first calls.
+      ``{path: LayerCalls}`` in the order of the first calls. For a ``freeze_batch_norm`` /
+      ``fold_batch_norm`` result, the layers it freezes are ``frozen`` and those it folded
+      are left out.
     """
     found: dict[Path, LayerCalls] = {}
     active: list[Path] = []  # the batch norm calls in progress
@@ -210,6 +215,17 @@ def traced_layers(
     with nn.intercept_methods(record):
         # the arguments are closed over: flags such as train=False must stay Python values
         jax.eval_shape(lambda: model.apply(plain, *args, method=method, mutable=False, **kwargs))
+    if isinstance(model, WrappedModel):
+        # This interceptor runs outside the wrapper's, so it saw every layer as the model
+        # declares it: apply what the wrapper does to them.
+        selected = getattr(model, "frozen", ())  # None: every batch norm
+        folded = set(getattr(model, "folded", ()))
+        for path in list(found):
+            name = "/".join(path)
+            if name in folded:  # gone: its scale and shift live in the Conv/Dense weights
+                del found[path]
+            elif found[path].kind in RE_ESTIMATED and (selected is None or name in selected):
+                found[path].kind = FROZEN  # it computes a frozen batch norm from its statistics
     return found
 
 
