@@ -63,6 +63,9 @@ nitpick_ignore_regex = [
     (r"py:.*", r"(pathlib|os|enum|dataclasses|functools|abc)(\..*)?"),
     # napoleon turns a "Raises:" line written as prose into one reference per word group
     (r"py:exc", r".*\s.*"),
+    # napoleon reads "name_a, name_b (type)" in a docstring's field list as a type named name_b;
+    # jaxbn's classes are CamelCase, so a bare lower-case class target is never one of them
+    (r"py:class", r"[a-z_][a-z0-9_]*"),
 ]
 
 html_theme = "furo"
