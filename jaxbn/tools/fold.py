@@ -85,10 +85,10 @@ def fuse_conv_bn_weights(
     scale: jax.Array | None,
     bn_bias: jax.Array | None,
 ) -> tuple[jax.Array, jax.Array]:
-    """Conv kernel [*window, I, O] and bias [O] with a following batch norm folded in.
+    """Conv kernel ``[*window, I, O]`` and bias [O] with a following batch norm folded in.
 
     Args:
-      kernel: [*window, C_in, C_out] (Flax ``nn.Conv`` layout).
+      kernel: ``[*window, C_in, C_out]`` (Flax ``nn.Conv`` layout).
       bias: [C_out] or None (zeros).
       mean, var: the batch norm's running statistics [C_out].
       eps: the batch norm's eps.
@@ -397,7 +397,9 @@ def fold_batch_norm_variables(
     Args:
       model: a Flax model using jaxbn batch norms.
       variables: its variables, with tracked statistics.
-      *args, method, **kwargs: a sample call, as for :func:`fold_batch_norm`.
+      *args: the sample call's positional inputs, as for :func:`fold_batch_norm`.
+      method: the method to trace (default ``__call__``).
+      **kwargs: more keyword arguments of the sample call.
 
     A layer built with ``use_bias=False`` gets a ``bias``: the copy of the model must build it
     with ``use_bias=True``.
@@ -406,6 +408,7 @@ def fold_batch_norm_variables(
       ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded
         (the message says why, as :func:`fold_batch_norm`'s ``.left``).
     """
+    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)
     plan = _plan(call, variables)
     for path, reason in plan.left.items():
@@ -473,6 +476,7 @@ def fold_batch_norm(
         >>> jaxbn.fold_batch_norm(sequential, variables, x[:1])        # no flag: none passed
         >>> jaxbn.fold_batch_norm(model, variables, x[:1], method="encode")
     """
+    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)
     plan = _plan(call, variables)
     folded_variables = _folded_variables(variables, plan.folded)

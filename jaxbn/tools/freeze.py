@@ -214,13 +214,13 @@ def frozen_call(module: nn.Module, where: str, args: tuple, kwargs: dict) -> jax
     ranks = getattr(module, "expected_ranks", None)
     if ranks is not None and x.ndim not in ranks:
         raise ValueError(module.rank_message.format(ndim=x.ndim))
-    read = lambda name: (
-        module.get_variable("params", name) if module.has_variable("params", name) else None
-    )
+    # get_variable returns a boxed value as stored (nn.with_partitioning); the map needs arrays
+    get = lambda collection, name: nn.meta.unbox(module.get_variable(collection, name))
+    read = lambda name: get("params", name) if module.has_variable("params", name) else None
     y = frozen_batch_norm(
         x,
-        module.get_variable("batch_stats", "mean"),
-        module.get_variable("batch_stats", "var"),
+        get("batch_stats", "mean"),
+        get("batch_stats", "var"),
         read("scale"),
         read("bias"),
         module.eps,

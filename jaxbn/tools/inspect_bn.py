@@ -39,6 +39,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -169,6 +170,7 @@ def inspect_batchnorm(
             "inspect_batchnorm reads the variables' values: call it outside jax.jit / vmap / "
             "scan, on the variables a step returns"
         )
+    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: their values are read
     traced = {} if model is None else _traced(model, variables, args, method, kwargs)
     named_kinds = {_as_path(path): kind for path, kind in (kinds or {}).items()}
     named_kinds.update({path: layer.kind for path, layer in traced.items()})
