@@ -2,7 +2,7 @@
 
 Each function validates shapes at trace time (shapes are static in JAX) with PyTorch's error
 wording, computes in float32 (float64 stays float64), returns the input's dtype, and
-differentiates through :func:`jaxbn._core.normalize.normalize`'s hand-written rule.
+differentiates through the private core's (``jaxbn._core.normalize``) hand-written rule.
 
 Example:
     >>> import jax.numpy as jnp
@@ -267,7 +267,7 @@ def layer_norm(
     """Layer normalization over the trailing dims, ``torch.nn.functional.layer_norm``.
 
     Args:
-      x: [*, *normalized_shape].
+      x: ``[*, *normalized_shape]``.
       normalized_shape: the trailing shape to normalize over.
       weight: normalized_shape-shaped scale or None. bias: same, shift or None.
       eps: added to the (biased) variance.
@@ -446,7 +446,15 @@ def batch_renorm(
       ``(y, new_running_mean, new_running_var)``, ``y`` like ``x`` in ``x``'s dtype.
 
     Example:
-        >>> y, rm, rv = batch_renorm(x, rm, rv, training=True, r_max=3.0, d_max=5.0)
+        >>> import jax.numpy as jnp
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(8.0).reshape(4, 2)                           # [N, C]
+        >>> y, rm, rv = F.batch_renorm(
+        ...     x, jnp.zeros(2), jnp.ones(2), training=True, r_max=3.0, d_max=5.0)
+        >>> rm                                                   # batch_norm's update
+        Array([0.3, 0.4], dtype=float32)
+        >>> print(y[:, 0])            # r, d unclipped: the eval function, (x − 0) / 1
+        [0. 2. 4. 6.]
     """
     if running_mean is None or running_var is None:
         raise ValueError(
@@ -541,7 +549,13 @@ def ghost_batch_norm(
       ``(y, new_running_mean, new_running_var)``.
 
     Example:
-        >>> y, rm, rv = ghost_batch_norm(x, rm, rv, training=True, virtual_batch_size=32)
+        >>> import jax.numpy as jnp
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(16.0).reshape(8, 2)                          # [N, C]
+        >>> y, rm, rv = F.ghost_batch_norm(
+        ...     x, jnp.zeros(2), jnp.ones(2), training=True, virtual_batch_size=4)
+        >>> print(y[:, 0].round(2))              # each run of 4 normalized on its own
+        [-1.34 -0.45  0.45  1.34 -1.34 -0.45  0.45  1.34]
     """
     if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int | np.integer):
         raise TypeError(

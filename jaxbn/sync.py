@@ -12,7 +12,7 @@ jitted function traced without the switch is traced again when called inside it 
 other way round), so no cached trace can run unsynced where sync was asked for, or synced
 where it was not. The explicit alternative is the module field ``axis_name``.
 
-:func:`sync_batch_stats` is the other kind of sync: it averages *running* statistics that were
+:func:`jaxbn.sync_batch_stats` is the other kind of sync: it averages *running* statistics that were
 kept per device (batch norms without an ``axis_name``), like the cross-replica mean Flax's
 ImageNet example applies to ``batch_stats``, keeping ``num_batches_tracked`` an integer. With
 ``axis_name`` (or this switch) the statistics are already identical on every device.

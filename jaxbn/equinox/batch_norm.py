@@ -95,8 +95,9 @@ _INTERNAL_DIRS = tuple(os.path.dirname(module.__file__) + os.sep for module in (
 
 
 def warn_from_user_code(message: str) -> None:
-    """A :class:`jaxbn.MomentumConventionWarning` attributed to the first frame outside jaxbn,
-    Equinox and JAX (the user's line that built the layer); Python shows it once per line."""
+    """A :class:`jaxbn.linen.batch_norm.MomentumConventionWarning` attributed to the first frame
+    outside jaxbn, Equinox and JAX (the user's line that built the layer); Python shows it once
+    per line."""
     frame, level = sys._getframe(1), 2  # stacklevel 2: the caller of this function
     while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
         frame, level = frame.f_back, level + 1

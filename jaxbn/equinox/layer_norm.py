@@ -68,7 +68,7 @@ class LayerNorm(eqx.Module):
         self.elementwise_affine = elementwise_affine
 
     def __call__(self, x: jax.Array, state: Any = _NO_STATE, *, key: Any = None) -> Any:
-        """``x``: [*, *normalized_shape] → ``y`` (or ``(y, state)`` when given a state)."""
+        """``x``: ``[*, *normalized_shape]`` → ``y`` (or ``(y, state)`` when given a state)."""
         del key
         y = functional.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
         return y if state is _NO_STATE else (y, state)

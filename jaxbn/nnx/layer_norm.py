@@ -43,7 +43,7 @@ class LayerNorm(nnx.Module):
       scale_init, bias_init: initializers ``(key, shape, dtype)``; default ones / zeros.
       rngs: ``nnx.Rngs``, needed only by a random initializer.
 
-    Call: ``ln(x, *, train=None)``: ``x`` [*, *normalized_shape] → ``y`` like ``x``; ``train``
+    Call: ``ln(x, *, train=None)``: ``x`` ``[*, *normalized_shape]`` → ``y`` like ``x``; ``train``
     (and ``use_running_average``) are accepted and ignored.
     """
 

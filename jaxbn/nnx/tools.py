@@ -268,7 +268,7 @@ def _is_moments(value: Any) -> bool:
 def fold_batch_norm(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     """Folds the batch norms of an NNX model into the ``nnx.Linear``/``nnx.Conv`` before them.
 
-    Any NNX model: :func:`jaxbn.nnx.fold.fold_batch_norm` (a new NNX model, ``.folded`` and
+    Any NNX model: ``jaxbn.nnx.fold.fold_batch_norm`` (a new NNX model, ``.folded`` and
     ``.left``, the outputs checked). The tutorial models (``jaxbn.nnx.MLP``/``ConvNet``/``ResNet``,
     which have a Linen twin, ``model.linen_twin()``) keep folding through it:
     :func:`jaxbn.fold_batch_norm` of the twin and ``to_linen_variables(model)``, whose result
@@ -276,7 +276,8 @@ def fold_batch_norm(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
 
     Args:
       model: the NNX model (left untouched).
-      *args, **kwargs: the sample call (one example is enough).
+      *args: the sample call's positional inputs (one example is enough).
+      **kwargs: the sample call's keyword arguments.
     """
     _check_model(model, "fold_batch_norm")
     if hasattr(model, "linen_twin"):

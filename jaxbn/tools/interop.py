@@ -10,16 +10,16 @@ name that really ends in ``_<digits>``, ``{"Mixed_5b/branch5x5_1": "Mixed_5b.bra
 or a function of the Flax path (``lambda path: path.replace("/", ".")`` when the Flax names
 are PyTorch's names). Leaves:
 
-=============================  ==============================  ===============================
-Flax (channels-last)           PyTorch                         conversion
-=============================  ==============================  ===============================
-conv ``kernel`` [*k, I, O]     ``weight`` [O, I, *k]           transpose
-dense ``kernel`` [I, O]        ``weight`` [O, I]               transpose (+ flatten permute)
-``bias``                       ``bias``                        as is
-norm ``scale``                 ``weight``                      as is (see ``norm_layouts``)
-``batch_stats/mean``, ``var``  ``running_mean``, ``running_var``  as is
-``num_batches_tracked``        ``num_batches_tracked``         int32 ↔ int64, value kept
-=============================  ==============================  ===============================
+===============================  ==================================  =============================
+Flax (channels-last)             PyTorch                             conversion
+===============================  ==================================  =============================
+conv ``kernel`` ``[*k, I, O]``   ``weight`` ``[O, I, *k]``           transpose
+dense ``kernel`` ``[I, O]``      ``weight`` ``[O, I]``               transpose (+ flatten permute)
+``bias``                         ``bias``                            as is
+norm ``scale``                   ``weight``                          as is (see ``norm_layouts``)
+``batch_stats/mean``, ``var``    ``running_mean``, ``running_var``   as is
+``num_batches_tracked``          ``num_batches_tracked``             int32 ↔ int64, value kept
+===============================  ==================================  =============================
 
 A state_dict without ``num_batches_tracked`` (torch < 0.4.1; torchvision's
 ``FrozenBatchNorm2d`` buffers) loads as torch's ``load_state_dict(strict=True)`` loads it: the
@@ -275,10 +275,10 @@ def verify_port(
     alone do not verify it layer by layer.
 
     The tolerance, unless ``atol``/``rtol`` are given, scales with the precision and the
-    depth (see :func:`_tolerance`): a correct float32 ResNet-50 passes, a float64 port is
-    held to float64's rounding, and a wrong weight, layout or ``eps`` still shows. To measure
-    PyTorch's own rounding at each layer it also runs a float64 copy of a lower-precision
-    torch model (memory: one more copy of the model and its activations).
+    depth (this module's private ``_tolerance``): a correct float32 ResNet-50 passes, a
+    float64 port is held to float64's rounding, and a wrong weight, layout or ``eps`` still
+    shows. To measure PyTorch's own rounding at each layer it also runs a float64 copy of a
+    lower-precision torch model (memory: one more copy of the model and its activations).
 
     Args:
       torch_module: the PyTorch model (``torch.nn.Module``).

@@ -44,6 +44,7 @@ from jaxbn.tools._tree import Path, batch_norm_layers, module_path
 from jaxbn.tools.freeze import WrappedModel
 
 TRAINED, UNTRACKED, FROZEN, GHOST, RENORM = "trained", "untracked", "frozen", "ghost", "renorm"
+#: The layer kinds, as :func:`kind_of` names them (see the table above).
 KINDS = (TRAINED, UNTRACKED, FROZEN, GHOST, RENORM)
 
 #: Kinds whose eval is ``(x − mean)·rsqrt(var + eps)·scale + bias`` with stored statistics:
