@@ -13,6 +13,8 @@ Example (two processes on one machine, each with 2 CPU devices)::
 
 from __future__ import annotations
 
+import os
+import re
 import socket
 import time
 
@@ -28,6 +30,7 @@ def initialize_multihost(
     *,
     timeout_seconds: int = 60,
     heartbeat_seconds: int = 10,
+    collective_timeout_seconds: int = 300,
 ) -> None:
     """Joins the cluster, or raises ``RuntimeError`` within ``timeout_seconds``.
 
@@ -39,6 +42,11 @@ def initialize_multihost(
       timeout_seconds: how long to wait for the coordinator and all peers.
       heartbeat_seconds: after this long without a peer's heartbeat the cluster is declared
         dead and every process stops with an error instead of hanging in a collective.
+      collective_timeout_seconds: a CPU collective (gloo) that waits this long for a peer
+        raises an error naming the collective instead of waiting forever. It bounds how long one
+        process may run ahead of another between two collectives (a compilation, a checkpoint,
+        an evaluation), so it is generous. An explicit
+        ``--xla_cpu_collective_timeout_seconds`` in ``XLA_FLAGS`` wins.
 
     Raises:
       ValueError: a bad address or rank. RuntimeError: JAX has already computed something in
@@ -58,11 +66,14 @@ def initialize_multihost(
     # Only the CPU backend reads this; set before any backend exists (querying one would
     # start it, and initialize must come first).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    # CPU programs are dispatched asynchronously to a thread pool by default; with several
-    # processes, programs holding collectives could then start in a different order on each
-    # process, and gloo pairs collectives by order: on a loaded machine training hung in a
-    # collective. Dispatching in order costs a little host overlap and changes no number.
-    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    # jax_cpu_enable_async_dispatch stays on: off, XLA lets each CPU device hold only one
+    # program in flight, so a launch while the previous program runs blocks one of the client's
+    # few pool threads (max(cores, local devices)); a collective still waiting for that thread
+    # then never starts, and its peers in the other processes wait forever.
+    # A cross-process collective whose peer never comes (a bug, a peer stuck elsewhere) would
+    # wait forever; with this flag it raises "Gloo ... failed: ... Timed out waiting ..." instead.
+    # XLA reads XLA_FLAGS when the backend starts, which has not happened yet (checked above).
+    _set_xla_flag_default("xla_cpu_collective_timeout_seconds", collective_timeout_seconds)
     try:
         jax.distributed.initialize(
             coordinator_address,
@@ -88,6 +99,13 @@ _STARTED = (
     "computation, jax.devices(), jax.device_put, ...): JAX's backend is already running, so it "
     "cannot join the cluster at {address}. Call it first, right after importing jax"
 )
+
+
+def _set_xla_flag_default(name: str, value: int) -> None:
+    """Adds ``--name=value`` to ``XLA_FLAGS`` unless the user already set ``name`` there."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if not re.search(rf"--{name}(=|\s|$)", flags):
+        os.environ["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
 
 
 def _host_and_port(address: str) -> tuple[str, int]:

@@ -7,7 +7,9 @@ the 4 devices on its half of a fixed global batch, and saves its outputs to OUT 
 MODE ``die-after-init`` exits abruptly after joining (to test that the peer does not hang;
 the peer runs as ``survivor``: 5 s without heartbeats declare a process dead, 60 s otherwise);
 ``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator);
-``ipv6-join`` joins at ``[::1]:PORT``, checks the 4 devices and leaves.
+``ipv6-join`` joins at ``[::1]:PORT``, checks the 4 devices and leaves;
+``stuck-collective``: process 1 never enters the first step's collectives (it sleeps, then
+leaves), so process 0's wait must end with the 5 s collective timeout's error.
 The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment (not
 done here, so importing this module from the tests changes nothing).
 
@@ -18,6 +20,7 @@ with a deterministic interruption (see :func:`train_mlp`).
 import functools
 import os
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +30,7 @@ import jaxbn
 from jaxbn.multihost import initialize_multihost
 
 C, ROWS, STEPS = 4, 16, 3
+STUCK_TIMEOUT = 5  # seconds: the collective timeout of mode stuck-collective
 
 
 def global_batches():
@@ -71,10 +75,18 @@ def main(port: str, rank: str, out: str, mode: str = "") -> None:
     heartbeat = 5 if mode in ("survivor", "die-after-init") else 60
     host = "[::1]" if mode == "ipv6-join" else "127.0.0.1"
     initialize_multihost(
-        f"{host}:{port}", 2, int(rank), timeout_seconds=timeout, heartbeat_seconds=heartbeat
+        f"{host}:{port}",
+        2,
+        int(rank),
+        timeout_seconds=timeout,
+        heartbeat_seconds=heartbeat,
+        collective_timeout_seconds=STUCK_TIMEOUT if mode == "stuck-collective" else 300,
     )
     if mode == "die-after-init":
         os._exit(3)
+    if mode == "stuck-collective" and rank == "1":
+        time.sleep(6 * STUCK_TIMEOUT)  # alive (heartbeats go on) but never in the collective
+        os._exit(0)
     if mode == "ipv6-join":
         assert jax.device_count() == 4 and jax.local_device_count() == 2
         jax.distributed.shutdown()

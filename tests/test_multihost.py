@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -15,16 +16,24 @@ import numpy as np
 import pytest
 import torch
 
-from jaxbn.multihost import initialize_multihost
-from tests.multihost_worker import STEPS, C, global_batches
+from jaxbn.multihost import _set_xla_flag_default, initialize_multihost
+from tests.multihost_worker import STEPS, STUCK_TIMEOUT, C, global_batches
 from tests.parity_report import assert_close
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TOL = 2e-5
-#: Time limits only stop a hung process; they are never speed checks. A worker takes 5-40 s
-#: alone, and a loaded machine (2 busy cores, xdist workers, other tests' processes) can make it
-#: many times slower: each limit is 10 minutes or more, which a hang still reaches.
-HANG_LIMIT = 600
+#: Time limits only stop a hung process; they are never speed checks. A worker here takes 5-15 s
+#: and a 2-process training run of tests/test_multihost_training.py ~20 s on an idle machine
+#: (2 cores); a loaded one (busy cores, xdist workers, other tests' processes) makes them several
+#: times slower: 10x the training run. A stuck collective fails sooner, at COLLECTIVE_TIMEOUT.
+HANG_LIMIT = 240
+#: The workers' CPU collective timeout (XLA_FLAGS), below HANG_LIMIT so that a stuck collective
+#: ends in an error naming it rather than in the test's kill.
+COLLECTIVE_TIMEOUT = 120
+WORKER_XLA_FLAGS = (
+    "--xla_force_host_platform_device_count=2 "
+    f"--xla_cpu_collective_timeout_seconds={COLLECTIVE_TIMEOUT}"
+)
 
 
 def free_port() -> int:
@@ -34,8 +43,9 @@ def free_port() -> int:
 
 
 def start_worker(port: int, rank: int, out: pathlib.Path, mode: str = "") -> subprocess.Popen:
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    env["JAX_PLATFORMS"] = "cpu"
+    env = {**os.environ, "XLA_FLAGS": WORKER_XLA_FLAGS, "JAX_PLATFORMS": "cpu"}
+    if mode == "stuck-collective":  # its own, short timeout (initialize_multihost's argument)
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
     return subprocess.Popen(
         [sys.executable, "-m", "tests.multihost_worker", str(port), str(rank), str(out), mode],
         cwd=ROOT,
@@ -75,8 +85,13 @@ def failures(tmp_path_factory):
             start_worker(peers, 1, tmp / "b.npz", "die-after-init"),
             tmp / "a.npz",
         )
+        stuck = free_port()
+        runs["stuck collective"] = (
+            start_worker(stuck, 0, tmp / "s0.npz", "stuck-collective"),
+            start_worker(stuck, 1, tmp / "s1.npz", "stuck-collective"),
+        )
         yield started, runs
-        for proc in [runs["unreachable"][1], *runs["dead peer"][:2]]:
+        for proc in [runs["unreachable"][1], *runs["dead peer"][:2], *runs["stuck collective"]]:
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
@@ -134,6 +149,27 @@ def test_a_dead_peer_stops_the_survivor_with_an_error_instead_of_a_hang(failures
     assert code != 0
     assert "stopped sending heartbeats" in err
     assert not out.exists()
+
+
+def test_a_collective_whose_peer_never_comes_fails_naming_it_instead_of_a_hang(failures):
+    started, runs = failures
+    waiting, _ = runs["stuck collective"]
+    code, err = finish(waiting, started=started)
+    assert code != 0
+    # gloo's words; the step's first collective is the batch norm statistics' all-reduce
+    timeout_ms = STUCK_TIMEOUT * 1000
+    assert re.search(rf"Gloo [\w-]+ failed: .*Timed out waiting {timeout_ms}ms", err), err[-3000:]
+
+
+def test_an_explicit_collective_timeout_in_xla_flags_wins(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_collective_timeout_seconds=7 --other")
+    _set_xla_flag_default("xla_cpu_collective_timeout_seconds", 300)
+    assert os.environ["XLA_FLAGS"] == "--xla_cpu_collective_timeout_seconds=7 --other"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    _set_xla_flag_default("xla_cpu_collective_timeout_seconds", 300)
+    assert os.environ["XLA_FLAGS"] == (
+        "--xla_force_host_platform_device_count=2 --xla_cpu_collective_timeout_seconds=300"
+    )
 
 
 def ipv6_loopback_port() -> int | None:

@@ -13,20 +13,22 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.test_multihost import HANG_LIMIT, ROOT, free_port
+from tests.test_multihost import HANG_LIMIT, ROOT, WORKER_XLA_FLAGS, free_port
+from train.parallel import Pacer
 
 # 1437 // 32 = 44 steps per epoch, 4 epochs: a stop requested during step 5 is agreed on long
 # before the end (after 2 to 30 steps here); the constant schedule makes the first 2 epochs those
 # of a 2-epoch run
 FLAGS = ["--use-bn", "--epochs", "4", "--batch-size", "32", "--schedule", "constant"]
 STEPS = 44
-ENV = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+ENV = {**os.environ, "XLA_FLAGS": WORKER_XLA_FLAGS}
 TIMINGS = ("seconds", "examples_per_second")
 
 
@@ -55,11 +57,22 @@ def start_pair(workdirs, hook: str = "none", *flags: str) -> list[subprocess.Pop
     ]
 
 
-def finish(procs, timeout: float = HANG_LIMIT * 2) -> list[tuple[int, str, list[str]]]:
-    """``(exit status, stdout, stderr lines that are not JAX's or gloo's logs)`` per process."""
+def finish(procs, timeout: float = HANG_LIMIT) -> list[tuple[int, str, list[str]]]:
+    """``(exit status, stdout, stderr lines that are not JAX's or gloo's logs)`` per process;
+    all of them killed, and the test failed with their stderr, if one runs past ``timeout`` s
+    (the same deadline for all)."""
+    deadline = time.monotonic() + timeout
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=timeout)
+        try:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+        except subprocess.TimeoutExpired:
+            tails = []
+            for other in procs:
+                other.kill()
+                tails.append(other.communicate()[1][-2000:])
+            message = f"hung for {timeout} s; stderr:\n" + "\n---\n".join(tails)
+            raise AssertionError(message) from None
         lines = [
             line
             for line in err.splitlines()
@@ -116,7 +129,7 @@ def test_two_processes_train_like_one_process_with_four_devices(straight):
         env={k: v for k, v in os.environ.items() if k != "XLA_FLAGS"},
         capture_output=True,
         text=True,
-        timeout=HANG_LIMIT * 2,
+        timeout=HANG_LIMIT,
     )
     assert single.returncode == 0, single.stderr[-3000:]
     assert len(epoch_lines(results[0][1])) == 4
@@ -195,3 +208,21 @@ def test_a_workdir_per_process_is_refused_on_every_process_in_bounded_time(tmp_p
         )
         assert "epoch" not in out
     assert os.listdir(workdirs[0]) == os.listdir(workdirs[1]) == []  # nothing written
+
+
+def test_an_active_pacer_waits_for_the_outputs_of_the_step_a_window_earlier(monkeypatch):
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", waited.append)
+    pace = Pacer(2, active=True)
+    for step in range(5):
+        pace(f"outputs {step}")
+    assert waited == ["outputs 0", "outputs 1", "outputs 2"]
+
+
+def test_an_inactive_pacer_never_waits(monkeypatch):
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", waited.append)
+    pace = Pacer(2, active=False)
+    for step in range(5):
+        pace(step)
+    assert waited == []

@@ -430,6 +430,7 @@ def train_epoch(
         shown = done
 
     base = (epoch - 1) * steps  # global steps before this epoch
+    pace = s.parallel.pacer()  # bounded host lead in multi-process runs (train.parallel.Pacer)
     try:
         for index, (x, y) in enumerate(s.feed.train(config.seed, epoch, first), start=first):
             if stop is not None and stop.reached(base + index):
@@ -438,6 +439,7 @@ def train_epoch(
                 raise _StoppedError(index, state, *figures)
             state, step_metrics = s.train_step(state, x, y)
             acc = _record(acc, step_metrics, index)
+            pace(step_metrics)  # the metrics, never donated: done means the step is done
             if (index + 1) % CHECK_EVERY == 0:
                 look(index + 1)
         if shown < steps:
@@ -451,7 +453,11 @@ def train_epoch(
 def evaluate(eval_step, state, feed, num_examples: int) -> tuple[float, float]:
     """Mean loss and accuracy over the test set, each example counted exactly once; one
     transfer to the host at the end."""
-    outputs = [eval_step(state, x, y, m) for x, y, m in feed.test()]
+    pace = feed.parallel.pacer()  # bounded host lead in multi-process runs
+    outputs = []
+    for x, y, m in feed.test():
+        outputs.append(eval_step(state, x, y, m))
+        pace(outputs[-1])
     loss_sum = correct = count = 0
     for out in jax.device_get(outputs):  # summed in batch order, in float64, as always
         loss_sum += float(out["loss_sum"])

@@ -10,6 +10,7 @@ devices.
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 from collections.abc import Callable
@@ -25,6 +26,11 @@ from train import step as steps
 
 AXIS = "batch"
 State = steps.State
+
+#: Steps whose programs a multi-process CPU run may queue behind the one running (see
+#: :class:`Pacer`): 3 steps of 3-4 programs each (batch, step, metrics, augmentation) stay far
+#: below XLA's limit of 32 programs in flight per CPU device.
+IN_FLIGHT_STEPS = 2
 
 
 class DataParallel:
@@ -54,6 +60,10 @@ class DataParallel:
                 f"--batch-size {batch_size} does not divide across {self.size} devices; "
                 f"use a multiple of {self.size}"
             )
+
+    def pacer(self) -> Pacer:
+        """A :class:`Pacer` for one loop over steps; it waits only in multi-process CPU runs."""
+        return Pacer(IN_FLIGHT_STEPS, jax.process_count() > 1 and jax.default_backend() == "cpu")
 
     def replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self.replicated)
@@ -98,6 +108,37 @@ class DataParallel:
             out_specs=P(),
         )
         return jax.jit(mapped)
+
+
+class Pacer:
+    """Keeps the host at most ``window`` steps ahead of the devices: called with each step's
+    outputs, it waits for those of the step ``window`` steps earlier (when ``active``).
+
+    Why a multi-process CPU run needs it: XLA's CPU client runs every program on a thread pool
+    of max(cores, local devices) threads (2 here), and a program with a cross-process collective
+    needs one thread per local device at the same time. Launching a program on a device that
+    already has the limit of programs in flight (32; 1 with ``jax_cpu_enable_async_dispatch``
+    off) blocks a pool thread until one finishes; with the host far ahead (the loop looks at the
+    devices every 16 steps, 3 programs a step), a blocked launch can hold the thread that the
+    running collective's second device needs: that process never enters the collective and both
+    processes wait forever (seen under load as one process in the batch gather, the other in a
+    step, all threads idle). With at most ``window`` steps queued no launch ever blocks. Only
+    multi-process runs are paced: that is where the hang was seen, and one process keeps its
+    full host lead.
+
+    Outputs passed in must not be donated later (the step's metrics, not its state).
+    """
+
+    def __init__(self, window: int, active: bool):
+        self.window, self.active = window, active
+        self._pending: collections.deque = collections.deque()
+
+    def __call__(self, outputs: Any) -> None:
+        if not self.active:
+            return
+        self._pending.append(outputs)
+        if len(self._pending) > self.window:
+            jax.block_until_ready(self._pending.popleft())
 
 
 def _why_fewer_devices(requested: int) -> str:
