@@ -78,49 +78,6 @@ html_theme_options = {
 }
 
 
-# The docstrings are the API reference and are being rewritten (issue 27, item 2). Until that
-# lands, markup warnings raised *inside a docstring* are listed at the end of the build instead of
-# failing it; every warning from the pages themselves (a broken link, a reference to a jaxbn name
-# that does not exist, a bad directive) still fails it. JAXBN_DOCS_STRICT=1 makes the docstrings'
-# warnings errors too: the docstrings' owners build with it, and it becomes the default once they
-# are clean (delete this block then).
-DOCSTRING_WARNINGS_ARE_ERRORS = os.environ.get("JAXBN_DOCS_STRICT") == "1"
-
-
-def _docstring_warning_filter(app, collected):
-    import logging
-
-    from sphinx.util.logging import get_node_location
-
-    class Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            location = getattr(record, "location", None)
-            if location is not None and not isinstance(location, (str, tuple)):
-                location = get_node_location(location)
-            if isinstance(location, str) and ".py:docstring of " in location:
-                collected.append(f"{location}: {record.getMessage()}")
-                return False
-            return True
-
-    return Filter()
-
-
-def _report_docstring_warnings(collected):
-    def report(app, exception):
-        if collected and exception is None:
-            from sphinx.util import logging as sphinx_logging
-
-            log = sphinx_logging.getLogger(__name__)
-            log.info(
-                "%d markup warnings inside docstrings (not counted; JAXBN_DOCS_STRICT=1 counts "
-                "them):\n  %s",
-                len(collected),
-                "\n  ".join(collected),
-            )
-
-    return report
-
-
 def _constructor_signature(app, what, name, obj, options, signature, return_annotation):
     """An NNX module's signature is its ``__init__``'s: Flax's metaclass defines ``__call__(cls,
     *args, **kwargs)``, which Sphinx would otherwise show (and its ``-> Any``)."""
@@ -152,12 +109,3 @@ def _class_docstring(app, what, name, obj, options, lines):
 def setup(app):
     app.connect("autodoc-process-signature", _constructor_signature)
     app.connect("autodoc-process-docstring", _class_docstring)
-    if DOCSTRING_WARNINGS_ARE_ERRORS:
-        return
-    import logging
-
-    collected: list[str] = []
-    for handler in logging.getLogger("sphinx").handlers:
-        if handler.level == logging.WARNING:  # Sphinx's warning handler: run first, count nothing
-            handler.filters.insert(0, _docstring_warning_filter(app, collected))
-    app.connect("build-finished", _report_docstring_warnings(collected))

@@ -14,6 +14,7 @@ rank_message``), which both module families define with the same meaning.
 
 from __future__ import annotations
 
+import inspect
 import numbers
 import os
 import sys
@@ -190,6 +191,14 @@ class Ranks3d:
     rank_message: ClassVar[str] = "expected 5D input (got {ndim}D input)"
 
 
+def rank_doc(ranks: type, base: type) -> str:
+    """A rank class's docstring: its own line (torch's class, the input shapes) and then the
+    base's text after its summary (fields, example), so that ``help()`` starts with jaxbn's
+    reference rather than with the inherited Flax text."""
+    _, _, body = inspect.cleandoc(base.__doc__ or "").partition("\n")
+    return f"{ranks.__doc__}\n{body}"
+
+
 def rank_variants(base: type) -> tuple[type, type, type]:
     """``<base>1d``, ``<base>2d``, ``<base>3d``: ``base`` with the input-rank check of
     ``torch.nn.BatchNorm1d/2d/3d``, defined in ``base``'s module (where the caller binds them, so
@@ -197,7 +206,11 @@ def rank_variants(base: type) -> tuple[type, type, type]:
 
     def variant(ranks: type) -> type:
         name = base.__name__ + ranks.__name__[-2:]
-        namespace = {"__doc__": ranks.__doc__, "__module__": base.__module__, "__qualname__": name}
+        namespace = {
+            "__doc__": rank_doc(ranks, base),
+            "__module__": base.__module__,
+            "__qualname__": name,
+        }
         # types.new_class, not type(): it runs the metaclass (NNX's) as a class statement does
         return types.new_class(name, (ranks, base), exec_body=lambda ns: ns.update(namespace))
 

@@ -446,14 +446,14 @@ def batch_renorm(
       ``(y, new_running_mean, new_running_var)``, ``y`` like ``x`` in ``x``'s dtype.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax.numpy as jnp, numpy as np
         >>> from jaxbn import functional as F
         >>> x = jnp.arange(8.0).reshape(4, 2)                           # [N, C]
         >>> y, rm, rv = F.batch_renorm(
         ...     x, jnp.zeros(2), jnp.ones(2), training=True, r_max=3.0, d_max=5.0)
         >>> rm                                                   # batch_norm's update
         Array([0.3, 0.4], dtype=float32)
-        >>> print(y[:, 0])            # r, d unclipped: the eval function, (x − 0) / 1
+        >>> print(np.asarray(y[:, 0]).round(2))      # r, d unclipped: eval's (x − 0) / 1
         [0. 2. 4. 6.]
     """
     if running_mean is None or running_var is None:
@@ -549,12 +549,12 @@ def ghost_batch_norm(
       ``(y, new_running_mean, new_running_var)``.
 
     Example:
-        >>> import jax.numpy as jnp
+        >>> import jax.numpy as jnp, numpy as np
         >>> from jaxbn import functional as F
         >>> x = jnp.arange(16.0).reshape(8, 2)                          # [N, C]
         >>> y, rm, rv = F.ghost_batch_norm(
         ...     x, jnp.zeros(2), jnp.ones(2), training=True, virtual_batch_size=4)
-        >>> print(y[:, 0].round(2))              # each run of 4 normalized on its own
+        >>> print(np.asarray(y[:, 0]).round(2))     # each run of 4 normalized on its own
         [-1.34 -0.45  0.45  1.34 -1.34 -0.45  0.45  1.34]
     """
     if isinstance(virtual_batch_size, bool) or not isinstance(virtual_batch_size, int | np.integer):

@@ -18,11 +18,19 @@ ImageNet example applies to ``batch_stats``, keeping ``num_batches_tracked`` an 
 ``axis_name`` (or this switch) the statistics are already identical on every device.
 
 Example:
-    >>> import functools, jax
-    >>> @functools.partial(jax.pmap, axis_name="batch")
+    >>> import functools, jax, jax.numpy as jnp, jaxbn
+    >>> model = jaxbn.BatchNorm()                              # no axis_name of its own
+    >>> n = jax.local_device_count()
+    >>> x = jnp.arange(8.0 * n).reshape(n, 4, 2)              # [devices, per-device N, C]
+    >>> variables = model.init(jax.random.key(0), x[0], train=False)
+    >>> @functools.partial(jax.pmap, axis_name="batch", in_axes=(None, 0))
     ... @jaxbn.sync_batch_norm("batch")
-    ... def train_forward(variables, x):                        # x: [per-device N, ...]
+    ... def train_forward(variables, x):                        # x: [per-device N, C]
     ...     return model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> y, updates = train_forward(variables, x)
+    >>> mean = updates["batch_stats"]["mean"][0]               # device 0's: the global batch's
+    >>> bool(jnp.allclose(mean, 0.1 * x.reshape(-1, 2).mean(0)))
+    True
 """
 
 from __future__ import annotations
@@ -133,9 +141,18 @@ def sync_batch_stats(
         earlier, e.g. by ``jax.lax.pmean``), or a leaf that is neither float nor integer.
 
     Example:
+        >>> import functools, jax, jax.numpy as jnp, jaxbn
         >>> @functools.partial(jax.pmap, axis_name="batch")
         ... def cross_replica_mean(batch_stats):
         ...     return jaxbn.sync_batch_stats(batch_stats, "batch")
+        >>> n = jax.local_device_count()
+        >>> stats = {"mean": jnp.arange(n * 2.0).reshape(n, 2),        # [devices, C]
+        ...          "num_batches_tracked": jnp.full((n,), 3, jnp.int32)}
+        >>> synced = cross_replica_mean(stats)
+        >>> bool(jnp.allclose(synced["mean"][0], stats["mean"].mean(0)))
+        True
+        >>> synced["num_batches_tracked"].dtype                        # still an integer
+        dtype('int32')
     """
     spec = _spec(axis_name, axis_index_groups, "sync_batch_stats")
     groups = None if spec.axis_index_groups is None else [list(g) for g in spec.axis_index_groups]

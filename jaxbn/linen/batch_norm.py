@@ -23,7 +23,8 @@ the biased running variance (jaxbn and PyTorch the unbiased one), Flax's ``use_r
 is ``not train`` here and ``train`` is required, so forgetting eval mode cannot happen silently.
 Flax averages per-device means with equal weight; jaxbn merges counts, so uneven shards and
 masks are exact. A momentum above 0.5 (likely Flax's convention) warns once per value with a
-:class:`MomentumConventionWarning` unless ``momentum_convention_checked=True``;
+:class:`~jaxbn.linen.batch_norm.MomentumConventionWarning` unless
+``momentum_convention_checked=True``;
 ``jaxbn.flax_compat.BatchNorm`` takes Flax's spelling, and ``jaxbn.from_flax_batch_norm``
 converts Flax's variables (statistics without a counter are refused here, naming it).
 
@@ -227,7 +228,8 @@ class BatchNorm(nn.Module):
         ones. ``nn.initializers.zeros_init()`` zero-initialises the last norm of a residual
         block (torchvision's ``zero_init_residual``).
       bias_init: initializer of ``bias``; default zeros.
-      momentum_convention_checked: silences the :class:`MomentumConventionWarning` that a
+      momentum_convention_checked: silences the
+        :class:`~jaxbn.linen.batch_norm.MomentumConventionWarning` that a
         momentum above 0.5 gets (Flax's ``momentum=0.9`` is ``momentum=0.1`` here). Changes
         no number.
       bias: with ``affine``, learn ``bias`` (PyTorch 2.13's ``BatchNorm2d(C, bias=False)``:
@@ -238,14 +240,18 @@ class BatchNorm(nn.Module):
       scale_metadata, bias_metadata: metadata of the parameter, as
         :class:`jaxbn.nnx.BatchNorm`'s (e.g. ``{"out_sharding": ("model",)}``), stored boxed:
         sharding as ``nn.Partitioned``, anything else as ``flax.nnx.bridge.NNXMeta`` (see
-        :func:`with_metadata`). Flax Linen's own way, a boxed initializer
+        ``jaxbn.linen.batch_norm.with_metadata``). Flax Linen's own way, a boxed initializer
         (``scale_init=nn.with_partitioning(nn.initializers.ones, ("model",))``), works as
         well; give one or the other.
 
-    Call:
-      ``x``: [N, ..., C] (C at ``axis``); ``train`` (keyword, required); optional ``mask``
-      (boolean, broadcastable to ``x``: False elements do not count and output 0).
-      Returns ``y`` shaped like ``x``.
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> bn = jaxbn.BatchNorm()
+        >>> x = jnp.arange(8.0).reshape(4, 2)                        # [N, C]
+        >>> variables = bn.init(jax.random.key(0), x, train=False)
+        >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> updates["batch_stats"]["mean"]                      # 0.9·0 + 0.1·[3, 4]
+        Array([0.3, 0.4], dtype=float32)
     """
 
     num_features: int | None = None
@@ -287,6 +293,37 @@ class BatchNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``: batch statistics in training (and updates the running ones), the
+        running statistics in eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis`` (1d/2d/3d classes: the rank of
+            ``torch.nn.BatchNorm1d/2d/3d``'s input).
+          train: keyword, required: True normalizes with the batch's statistics and updates
+            ``batch_stats`` (pass ``mutable=["batch_stats"]`` to ``apply``); False uses the
+            running statistics and changes nothing.
+          mask: optional boolean, broadcastable to ``x``: False elements do not count in the
+            statistics (they may hold anything, NaN included) and output 0.
+
+        Returns:
+          ``y``, shaped like ``x``, in ``dtype`` (default: ``x``'s dtype).
+
+        Raises:
+          ValueError: an input of the wrong rank for a 1d/2d/3d class ("expected 4D input (got
+            2D input)"), or one value per channel in training ("Expected more than 1 value per
+            channel when training, got input size ...").
+          RuntimeError: statistics or parameters whose size is not the input's channel count
+            ("running_mean should contain 5 elements not 3").
+          TypeError: ``train`` not given (it is required and keyword-only).
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> bn = jaxbn.BatchNorm2d(3)
+            >>> x = jnp.ones((2, 4, 4, 3))                           # [N, H, W, C]
+            >>> variables = bn.init(jax.random.key(0), x, train=False)
+            >>> bn.apply(variables, x, train=False).shape
+            (2, 4, 4, 3)
+        """
         train = train_flag(train)
         x, features = logic.input_features(self, x, affine=has_params(self))
         weight, bias = self._affine_params(features)

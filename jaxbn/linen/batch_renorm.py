@@ -50,6 +50,7 @@ Example:
     >>> x = jnp.ones((4, 8))                                           # [N, C]
     >>> variables = bn.init(jax.random.key(0), x, train=False)
     >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> step = updates["batch_stats"]["num_batches_tracked"]          # 1: still warming up
     >>> r_max, d_max = jaxbn.renorm_schedule(step)                    # the paper's relaxation
     >>> y, updates = bn.apply(variables, x, train=True, r_max=r_max, d_max=d_max,
     ...                       mutable=["batch_stats"])
@@ -108,8 +109,10 @@ def renorm_schedule(
 class BatchRenorm(UpdatingVariantFields):
     """Batch Renormalization with PyTorch-style fields (see the module docstring).
 
-    Attributes (``num_features`` by position or keyword, the rest by keyword only; shared with
-    the other variants in :mod:`jaxbn.linen.variant_fields`):
+    ``num_features`` goes by position or keyword, the rest by keyword only (the fields shared
+    with the other variants are in ``jaxbn.linen.variant_fields``).
+
+    Attributes:
       num_features: C, the size of the feature axis; inferred from the input when None.
       eps: added to the variances (PyTorch's 1e-5; Keras's is 1e-3).
       momentum: weight of the new batch in the running averages (PyTorch's meaning; Keras's
@@ -131,10 +134,14 @@ class BatchRenorm(UpdatingVariantFields):
         (``bias=False``: ``scale`` only).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
 
-    Call:
-      ``x``: [N, ..., C]; ``train`` (keyword, required); optional ``mask`` (as BatchNorm's);
-      optional ``r_max``, ``d_max``: this call's clipping (floats or traced scalars, e.g. from
-      :func:`renorm_schedule`), replacing the fields and the warm-up.
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jaxbn
+        >>> bn = jaxbn.BatchRenorm(2, r_max=3.0, d_max=5.0)
+        >>> x = jnp.arange(8.0).reshape(4, 2)                        # [N, C]
+        >>> variables = bn.init(jax.random.key(0), x, train=False)
+        >>> y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> print(np.asarray(y[:, 0]).round(2))      # r, d unclipped: eval's (x − 0) / 1
+        [0. 2. 4. 6.]
     """
 
     _: dataclasses.KW_ONLY
@@ -163,6 +170,34 @@ class BatchRenorm(UpdatingVariantFields):
         r_max: float | jax.Array | None = None,
         d_max: float | jax.Array | None = None,
     ) -> jax.Array:
+        """Batch renormalization of ``x`` in training (running statistics updated), batch
+        norm's eval with the running statistics in eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis``.
+          train: keyword, required: True corrects the batch statistics and updates
+            ``batch_stats`` (``mutable=["batch_stats"]``); False uses the running statistics.
+          mask: optional boolean, broadcastable to ``x``, as :class:`jaxbn.BatchNorm`'s.
+          r_max: this call's clipping of ``r`` (a float or a traced scalar, e.g. from
+            :func:`renorm_schedule`), replacing the field and the warm-up; None: the field.
+          d_max: the same for ``d``.
+
+        Returns:
+          ``y``, shaped like ``x``, in ``dtype`` (default: ``x``'s dtype).
+
+        Raises:
+          ValueError: one value per channel in training ("Expected more than 1 value per
+            channel when training, got input size ..."), or ``r_max`` < 1 / ``d_max`` < 0.
+          RuntimeError: an input whose channel count is not the variables'.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> bn = jaxbn.BatchRenorm(3)
+            >>> x = jnp.ones((2, 3))
+            >>> variables = bn.init(jax.random.key(0), x, train=False)
+            >>> bn.apply(variables, x, train=False, r_max=2.0, d_max=1.0).shape
+            (2, 3)
+        """
         train = train_flag(train)
         x, features = logic.input_features(self, x, affine=has_params(self))
         weight, bias = affine_params(self, features)

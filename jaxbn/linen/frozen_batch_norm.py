@@ -72,8 +72,10 @@ def frozen_batch_norm(
 class FrozenBatchNorm(VariantFields):
     """Frozen batch norm (see module docstring): a BatchNorm's variables, all constant.
 
-    Attributes (``num_features`` and ``eps`` by position or keyword, the rest by keyword only;
-    shared with the other variants in :mod:`jaxbn.linen.variant_fields`):
+    ``num_features`` and ``eps`` go by position or keyword, the rest by keyword only (the
+    fields shared with the other variants are in ``jaxbn.linen.variant_fields``).
+
+    Attributes:
       num_features: C; inferred from the input when None.
       eps: added to the variance (torchvision's 1e-5).
       affine: whether ``params: scale, bias`` exist (as the BatchNorm it replaces).
@@ -84,8 +86,14 @@ class FrozenBatchNorm(VariantFields):
       bias, use_scale, use_bias, scale_metadata, bias_metadata: as :class:`jaxbn.BatchNorm`'s
         (which parameters exist, as in the BatchNorm it replaces).
 
-    Call:
-      ``x``: [N, ..., C]; ``train`` accepted and ignored; optional ``mask``.
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jaxbn
+        >>> bn = jaxbn.FrozenBatchNorm(2)
+        >>> x = jnp.arange(8.0).reshape(4, 2)                        # [N, C]
+        >>> variables = bn.init(jax.random.key(0), x)
+        >>> y = bn.apply(variables, x, train=True)               # (x − 0) / sqrt(1 + eps)
+        >>> print(np.asarray(y[:, 0]).round(2))
+        [0. 2. 4. 6.]
     """
 
     # positional like torchvision's FrozenBatchNorm2d(num_features, eps); the rest by keyword
@@ -100,6 +108,26 @@ class FrozenBatchNorm(VariantFields):
     def __call__(
         self, x: jax.Array, *, train: bool | None = None, mask: jax.Array | None = None
     ) -> jax.Array:
+        """``(x − mean)·rsqrt(var + eps)·scale + bias``, the same in train and eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis``.
+          train: accepted and ignored (uniform model code); nothing is updated.
+          mask: optional boolean, broadcastable to ``x``: False elements output 0.
+
+        Returns:
+          ``y``, shaped like ``x``, in ``dtype`` (default: ``x``'s dtype).
+
+        Raises:
+          RuntimeError: an input whose channel count is not the variables'.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> bn = jaxbn.FrozenBatchNorm(3)
+            >>> variables = bn.init(jax.random.key(0), jnp.ones((2, 3)))
+            >>> bn.apply(variables, jnp.ones((2, 3))).shape
+            (2, 3)
+        """
         del train  # the same in train and eval
         x, features = logic.input_features(self, x, affine=has_params(self))
         scale, bias = affine_params(self, features)

@@ -53,8 +53,10 @@ __all__ = ["GhostBatchNorm"]
 class GhostBatchNorm(UpdatingVariantFields):
     """Batch norm with statistics over virtual batches in training (see module docstring).
 
-    Attributes (``num_features`` and ``virtual_batch_size`` by position or keyword, the rest by
-    keyword only; shared with the other variants in :mod:`jaxbn.linen.variant_fields`):
+    ``num_features`` and ``virtual_batch_size`` go by position or keyword, the rest by keyword
+    only (the fields shared with the other variants are in ``jaxbn.linen.variant_fields``).
+
+    Attributes:
       num_features: C; inferred from the input when None.
       virtual_batch_size: examples per virtual batch (required); must divide the batch size
         in training.
@@ -71,8 +73,14 @@ class GhostBatchNorm(UpdatingVariantFields):
         (``bias=False``: ``scale`` only).
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
 
-    Call:
-      ``x``: [N, ..., C]; ``train`` (keyword, required); optional ``mask``.
+    Example:
+        >>> import jax, jax.numpy as jnp, numpy as np, jaxbn
+        >>> bn = jaxbn.GhostBatchNorm(2, virtual_batch_size=4)
+        >>> x = jnp.arange(16.0).reshape(8, 2)                       # [N, C]
+        >>> variables = bn.init(jax.random.key(0), x, train=False)
+        >>> y, _ = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> print(np.asarray(y[:, 0]).round(2))     # each run of 4 normalized on its own
+        [-1.34 -0.45  0.45  1.34 -1.34 -0.45  0.45  1.34]
     """
 
     virtual_batch_size: int | None = None
@@ -88,6 +96,30 @@ class GhostBatchNorm(UpdatingVariantFields):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, mask: jax.Array | None = None) -> jax.Array:
+        """Batch norm of each run of ``virtual_batch_size`` examples in training; the running
+        statistics in eval.
+
+        Args:
+          x: [N, ..., C], the batch on axis 0, the features at ``axis``.
+          train: keyword, required: True normalizes per virtual batch and updates
+            ``batch_stats`` once per virtual batch (``mutable=["batch_stats"]``).
+          mask: optional boolean, broadcastable to ``x``, as :class:`jaxbn.BatchNorm`'s.
+
+        Returns:
+          ``y``, shaped like ``x``, in ``dtype`` (default: ``x``'s dtype).
+
+        Raises:
+          ValueError: a batch size that ``virtual_batch_size`` does not divide where batch
+            statistics are used, or one value per channel in a virtual batch.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> bn = jaxbn.GhostBatchNorm(3, virtual_batch_size=2)
+            >>> x = jnp.ones((4, 3))
+            >>> variables = bn.init(jax.random.key(0), x, train=False)
+            >>> bn.apply(variables, x, train=False).shape
+            (4, 3)
+        """
         train = logic.train_flag(train)
         x, features = logic.input_features(self, x, affine=linen_bn.has_params(self))
         weight, bias = linen_bn.affine_params(self, features)

@@ -60,7 +60,7 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        """``x``: [*, *normalized_shape] → y like ``x``. ``train`` is accepted and ignored."""
+        """``x``: ``[*, *normalized_shape]`` → y like ``x``. ``train`` is accepted and ignored."""
         del train  # same in train and eval; accepted so model code can pass it uniformly
         shape = as_shape(self.normalized_shape)
         weight = bias = None

@@ -260,10 +260,12 @@ class BatchNorm(nnx.Module):
       momentum_convention_checked: silences the warning a momentum above 0.5 gets.
       rngs: ``nnx.Rngs``, needed only by a random ``scale_init`` / ``bias_init``.
 
-    Call:
-      ``bn(x, use_running_average=None, *, train=None, mask=None)``: ``x`` [N, ..., C] (C at
-      ``axis``); ``mask`` boolean, broadcastable to ``x`` (False elements do not count and
-      output 0). Returns ``y`` shaped like ``x``.
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> bn = jaxbn.nnx.BatchNorm(2)
+        >>> bn.train(); y = bn(jnp.arange(8.0).reshape(4, 2))                 # [N, C]
+        >>> bn.mean[...]                                         # 0.9·0 + 0.1·[3, 4]
+        Array([0.3, 0.4], dtype=float32)
     """
 
     #: input ranks accepted (None: any) and the message when not; set by the 1d/2d/3d classes.
@@ -342,6 +344,37 @@ class BatchNorm(nnx.Module):
         train: bool | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
+        """Normalizes ``x``: batch statistics in training (and updates ``mean``/``var``/
+        ``num_batches_tracked`` in place), the running statistics in eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis`` (1d/2d/3d classes: the rank of
+            ``torch.nn.BatchNorm1d/2d/3d``'s input).
+          use_running_average: ``flax.nnx.BatchNorm``'s per-call mode (True: eval); None
+            uses ``train`` or the module's mode.
+          train: keyword: this call's mode (True: training), overriding the module's
+            (``.train()`` / ``.eval()``); None uses the module's.
+          mask: optional boolean, broadcastable to ``x``: False elements do not count in the
+            statistics (they may hold anything, NaN included) and output 0.
+
+        Returns:
+          ``y``, shaped like ``x``, in ``dtype`` (default: ``x``'s dtype).
+
+        Raises:
+          TypeError: no mode: neither ``train``/``use_running_average`` nor ``.train()`` /
+            ``.eval()`` set one (jaxbn has no default mode).
+          ValueError: an input of the wrong rank for a 1d/2d/3d class ("expected 4D input (got
+            2D input)"), or one value per channel in training ("Expected more than 1 value per
+            channel when training, got input size ...").
+          RuntimeError: an input whose channel count is not ``num_features``.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> bn = jaxbn.nnx.BatchNorm2d(3)
+            >>> x = jnp.ones((2, 4, 4, 3))                           # [N, H, W, C]
+            >>> bn(x, train=False).shape
+            (2, 4, 4, 3)
+        """
         training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
         if stats is not None and training and logic.sync_axis(self)[0] is None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)

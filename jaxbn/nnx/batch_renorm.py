@@ -17,9 +17,13 @@ raises, as :class:`jaxbn.nnx.BatchNorm`).
 Example:
     >>> import jax.numpy as jnp, jaxbn.nnx
     >>> bn = jaxbn.nnx.BatchRenorm(8, r_max=3.0, d_max=5.0, warmup_steps=5000)
-    >>> bn.train(); y = bn(jnp.ones((4, 8)) * jnp.arange(4.0)[:, None])          # [N, C]
+    >>> x = jnp.ones((4, 8)) * jnp.arange(4.0)[:, None]                    # [N, C]
+    >>> bn.train(); y = bn(x)
+    >>> step = bn.num_batches_tracked[...]                   # 1: still warming up
     >>> r_max, d_max = jaxbn.renorm_schedule(step)                 # the paper's relaxation
     >>> y = bn(x, r_max=r_max, d_max=d_max)
+    >>> y.shape
+    (4, 8)
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ Example:
     >>> from flax import nnx
     >>> bn = jaxbn.nnx.FrozenBatchNorm(8)          # usually loaded (torch_to_nnx) or frozen
     >>> y = bn(jnp.ones((4, 8)))                                            # [N, C]
+    >>> model = nnx.Sequential(nnx.Linear(8, 8, rngs=nnx.Rngs(0)), bn)
     >>> opt = nnx.Optimizer(model, optax.adamw(1e-4), wrt=jaxbn.nnx.trainable)
+    >>> y.shape
+    (4, 8)
 """
 
 from __future__ import annotations

@@ -16,10 +16,20 @@ variable trees work on an NNX model through them:
   through their Linen twin, as before.
 
 Example:
-    >>> model = jaxbn.nnx.ConvNet(1, 8, (8, 16, 32), 32, rngs=nnx.Rngs(0))
-    >>> jaxbn.nnx.torch_to_nnx(net.state_dict(), model,
-    ...                        flatten_shapes=model.torch_flatten_shapes(8, 8))
-    >>> print(jaxbn.nnx.inspect_batchnorm(model))
+    >>> import jax.numpy as jnp, jaxbn.nnx
+    >>> from flax import nnx
+    >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+    >>> state_dict = jaxbn.nnx.nnx_to_torch(model)          # torch's names, numpy arrays
+    >>> sorted(state_dict)[:5]
+    ['layers.0.bias', 'layers.0.weight', 'layers.1.bias', 'layers.1.num_batches_tracked',
+     'layers.1.running_mean']
+    >>> other = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(1))
+    >>> other = jaxbn.nnx.torch_to_nnx(state_dict, other)   # in place (a torch state_dict too)
+    >>> print(jaxbn.nnx.inspect_batchnorm(other))           # fresh statistics are flagged
+    layer    kind          C  steps ... flags
+    ------...
+    layers_1 trained       8      0 ...  statistics never updated (...)
+    layers_4 trained       4      0 ...  statistics never updated (...)
 """
 
 from __future__ import annotations

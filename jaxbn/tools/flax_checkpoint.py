@@ -27,9 +27,15 @@ by ``n/(n-1)`` although it is already unbiased (on a ResNet-50 that moved the lo
 0.124).
 
 Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+    >>> flax_bn = nn.BatchNorm(use_running_average=False, momentum=0.9)
+    >>> x = jnp.ones((256, 7, 7, 4))                                  # [N, H, W, C]
+    >>> flax_variables = flax_bn.init(jax.random.key(0), x)
     >>> variables = jaxbn.from_flax_batch_norm(
-    ...     flax_variables, batch_count=256 * 7 * 7, num_batches_tracked=int(state.step),
+    ...     flax_variables, batch_count=256 * 7 * 7, num_batches_tracked=100,
     ...     flax_momentum=0.9)
+    >>> sorted(variables["batch_stats"])
+    ['mean', 'num_batches_tracked', 'var']
 """
 
 from __future__ import annotations

@@ -29,9 +29,18 @@ What each batch norm kind (:mod:`jaxbn.tools.layers`) becomes:
 - ``flax.linen.BatchNorm``: kept and named (it is not a jaxbn layer).
 
 Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)     # Dense → BatchNorm → relu
+    >>> x = jax.random.normal(jax.random.key(0), (16, 5))            # [N, features]
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> variables = {**variables, **updates}                         # one training step
     >>> folded_model, folded_vars = jaxbn.fold_batch_norm(model, variables, x[:1])
-    >>> folded_model.apply(folded_vars, x, train=False)        # == model.apply(..., train=False)
+    >>> y = folded_model.apply(folded_vars, x, train=False)
+    >>> bool(jnp.allclose(y, model.apply(variables, x, train=False), atol=1e-5))
+    True
     >>> jaxbn.fold_batch_norm(model, variables, x[:1]).left    # {bn path: why it was kept}
+    {}
 """
 
 from __future__ import annotations
@@ -470,11 +479,18 @@ def fold_batch_norm(
         original's on the sample beyond rounding (the message names the largest difference).
 
     Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)     # Dense → BatchNorm → relu
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))            # [N, features]
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> variables = {**variables, **updates}                         # one training step
         >>> result = jaxbn.fold_batch_norm(model, variables, x[:1])
         >>> folded_model, folded_vars = result
-        >>> result.folded, result.left           # {"bn1": "conv1", ...}, {"bn2": "why", ...}
-        >>> jaxbn.fold_batch_norm(sequential, variables, x[:1])        # no flag: none passed
-        >>> jaxbn.fold_batch_norm(model, variables, x[:1], method="encode")
+        >>> result.folded, result.left                 # {bn path: the layer it went into}
+        ({'layers_1': 'layers_0', 'layers_4': 'layers_3'}, {})
+        >>> type(folded_model).__name__, folded_model.norm      # the model without norms
+        ('MLP', 'none')
     """
     variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)

@@ -25,10 +25,20 @@ gradient if it has weight decay or momentum left over; the result's ``param_labe
     # loss = f(frozen_model.apply(variables, x, train=True)): no mutable=["batch_stats"] needed
 
 Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)     # Dense → BatchNorm → relu
+    >>> x = jax.random.normal(jax.random.key(0), (16, 5))            # [N, features]
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> variables = {**variables, **updates}                         # one training step
     >>> result = jaxbn.freeze_batch_norm(model, variables)
     >>> frozen_model, same_variables = result
-    >>> frozen_model.apply(variables, x, train=True)      # BNs use their running statistics
-    >>> model, _ = jaxbn.unfreeze_batch_norm(frozen_model, variables)
+    >>> y = frozen_model.apply(variables, x, train=True)  # BNs use their running statistics
+    >>> bool(jnp.allclose(y, model.apply(variables, x, train=False)))
+    True
+    >>> original, _ = jaxbn.unfreeze_batch_norm(frozen_model, variables)
+    >>> original == model
+    True
 """
 
 from __future__ import annotations

@@ -26,9 +26,23 @@ Rows come in the order the model created its layers when the tree still has it (
 ``features_10``. With the model, rows come in the order of the traced call.
 
 Example:
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)     # Dense → BatchNorm → relu
+    >>> x = jax.random.normal(jax.random.key(0), (16, 5))            # [N, features]
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> variables = {**variables, **updates}                         # one training step
     >>> report = jaxbn.inspect_batchnorm(variables)
     >>> print(report)                 # the table; report.layers / report.problems for code
+    layer        C  steps          mean (avg, range)         var (avg, range) ... flags
+    -----...
+    layers_1     8      1 ...  ok
+    layers_4     4      1 ...  ok
     >>> print(jaxbn.inspect_batchnorm(variables, model, x[:2]))     # with a "kind" column
+    layer    kind          C  steps ... flags
+    -----...
+    layers_1 trained       8      1 ...  ok
+    layers_4 trained       4      1 ...  ok
 """
 
 from __future__ import annotations

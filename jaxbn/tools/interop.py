@@ -42,11 +42,21 @@ MobileNetV2 takes 18 s on 2 cores) and :func:`torch_to_flax` accepts its ``Shape
 leaves.
 
 Example:
-    >>> net = ConvNetWithBN()                                   # the PyTorch model
-    >>> model = jaxbn.models.ConvNet()
+    >>> import torch, jaxbn
+    >>> class Net(torch.nn.Module):                              # the PyTorch model
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.layers = torch.nn.Sequential(
+    ...             torch.nn.Linear(5, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+    ...             torch.nn.Linear(8, 4), torch.nn.BatchNorm1d(4), torch.nn.ReLU(),
+    ...             torch.nn.Linear(4, 3))
+    ...     def forward(self, x):
+    ...         return self.layers(x)
+    >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)  # layers_0, layers_1, ...
     >>> variables = jaxbn.interop.torch_module_to_flax(
-    ...     net, model, torch.randn(8, 3, 32, 32), input_layout="channels_first",
-    ...     flatten_shapes=model.torch_flatten_shapes(32, 32))  # raises if any layer differs
+    ...     Net(), model, torch.randn(16, 5))                   # raises if any layer differs
+    >>> sorted(variables["batch_stats"])
+    ['layers_1', 'layers_4']
 """
 
 from __future__ import annotations
@@ -421,11 +431,16 @@ def torch_module_to_flax(
       ``sample_input`` layer by layer.
 
     Example:
-        >>> net = tests.torch_models.NetWithoutBN(64, (32, 16))   # layers.0 / .2 / .4
+        >>> import torch, jaxbn
+        >>> net = torch.nn.Sequential(                            # 0 / 2 / 4
+        ...     torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16),
+        ...     torch.nn.ReLU(), torch.nn.Linear(16, 10))
         >>> model = jaxbn.models.MLP(hidden=(32, 16), norm="none")  # layers_0 / _3 / _6
         >>> variables = jaxbn.interop.torch_module_to_flax(
         ...     net, model, torch.randn(16, 64),
-        ...     rename={"layers_3": "layers.2", "layers_6": "layers.4"})
+        ...     rename={"layers_0": "0", "layers_3": "2", "layers_6": "4"})
+        >>> variables["params"]["layers_3"]["kernel"].shape       # torch's [16, 32], transposed
+        (32, 16)
     """
     import torch
 

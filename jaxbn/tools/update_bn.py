@@ -37,7 +37,16 @@ no batch reached, is not distinguishable here from a frozen one, and a frozen la
 be reset).
 
 Example:
-    >>> variables = jaxbn.update_bn(model.apply, variables, (x for x, _ in train_batches))
+    >>> import jax, jax.numpy as jnp, jaxbn
+    >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)     # Dense → BatchNorm → relu
+    >>> x = jax.random.normal(jax.random.key(0), (16, 5))            # [N, features]
+    >>> variables = model.init(jax.random.key(1), x, train=False)
+    >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    >>> variables = {**variables, **updates}                         # one training step
+    >>> batches = [x[:8], x[8:]]                       # any iterable of model inputs
+    >>> variables = jaxbn.update_bn(model.apply, variables, batches)
+    >>> variables["batch_stats"]["layers_1"]["num_batches_tracked"]   # the batches averaged
+    Array(2, dtype=int32)
 """
 
 from __future__ import annotations
