@@ -55,6 +55,9 @@ napoleon_use_ivar = True  # a module's fields as one compact list, not a block p
 nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(jax|jaxlib|flax|numpy|np|jnp|torch|optax|typing|collections|types)(\..*)?"),
+    (r"py:.*", r"(equinox|eqx)(\..*)?"),
+    # a private sentinel type in a signature's default (``_Unset``) is not an API name
+    (r"py:class", r"jaxbn\..*\._[A-Za-z]\w*"),
     (r"py:.*", r"(Array|ArrayLike|PRNGKey|Shape|Dtype|DTypeLike|PyTree|Any|Callable|Sequence)"),
     (r"py:.*", r"(Mapping|Iterable|Iterator|Hashable|NamedTuple|Literal|Union|Optional)"),
     (r"py:.*", r"(int|float|bool|str|tuple|list|dict|None|object|type|bytes|Ellipsis)"),

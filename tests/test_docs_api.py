@@ -2,9 +2,10 @@
 
 The public names are those in ``jaxbn.__all__`` and in the ``__all__`` of every jaxbn module
 reachable from it (``jaxbn.linen``, ``jaxbn.nnx``, ``jaxbn.tools``, ``jaxbn.interop``, ...), plus
-``jaxbn.sync``. A name is documented when an autodoc directive (``.. autoclass::``,
-``.. autofunction::``, ``.. autodata::``, ``.. automodule::``, ...) names it, or names the same
-object under another public path (``jaxbn.linen.BatchNorm`` is ``jaxbn.BatchNorm``).
+``jaxbn.sync`` and ``jaxbn.equinox`` (with its ``models``, ``interop`` and ``tools``). A name is
+documented when an autodoc directive (``.. autoclass::``, ``.. autofunction::``,
+``.. autodata::``, ``.. automodule::``, ...) names it, or names the same object under another
+public path (``jaxbn.linen.BatchNorm`` is ``jaxbn.BatchNorm``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ API = pathlib.Path(__file__).resolve().parents[1] / "docs" / "api"
 DIRECTIVE = re.compile(
     r"^\.\. auto(?:class|function|data|module|exception|attribute)::\s+(\S+)", re.M
 )
-EXTRA_MODULES = ("jaxbn.sync",)  # public, though only its functions are in jaxbn.__all__
+# public, though not in jaxbn.__all__: jaxbn.sync (only its functions are), and jaxbn.equinox
+# (an optional extra, which `import jaxbn` does not import; the test extra installs Equinox)
+EXTRA_MODULES = ("jaxbn.sync", "jaxbn.equinox")
 
 
 def resolve(path: str):
@@ -96,4 +99,7 @@ def test_the_public_names_include_every_subpackage():
         "jaxbn.linen.BatchNorm",
         "jaxbn.nnx.torch_to_nnx",
         "jaxbn.tools.interop.verify_port",
+        "jaxbn.equinox.BatchNorm2d",
+        "jaxbn.equinox.models.ConvNet",
+        "jaxbn.equinox.tools.update_bn",
     } <= set(public_names())

@@ -1,7 +1,7 @@
 """jaxbn's batch norms as Equinox layers: PyTorch's numbers in ``eqx.nn.BatchNorm``'s slot.
 
 ``import jaxbn.equinox`` needs Equinox (``pip install "jaxbn[equinox]"``); ``import jaxbn``
-does not. The layers are thin shells over :mod:`jaxbn._module_logic` and
+does not. The layers are thin shells over ``jaxbn._module_logic`` and
 :mod:`jaxbn.functional`: the statistics are the same code as the Flax modules'.
 :mod:`.models` holds the tutorial's ConvNet, :mod:`.interop` torch state dicts ⇄ Equinox
 models, :mod:`.tools` ``update_bn`` and ``inspect_batch_norm``.

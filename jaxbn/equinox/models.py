@@ -30,7 +30,7 @@ from jaxbn.equinox.batch_norm import BatchNorm1d, BatchNorm2d
 __all__ = ["TORCH_RENAME", "ConvNet"]
 
 #: :class:`ConvNet`'s module paths → the tutorial's PyTorch ``ConvNetWithBN`` (``features`` and
-#: ``classifier`` Sequentials), for :func:`jaxbn.equinox.interop.torch_to_equinox`'s ``rename``.
+#: ``classifier`` Sequentials), for :func:`jaxbn.equinox.torch_to_equinox`'s ``rename``.
 TORCH_RENAME = {
     "convs.0": "features.0",
     "norms.0": "features.1",
