@@ -1,14 +1,15 @@
 """``inspect_batch_norm`` and ``update_bn`` for Equinox models with jaxbn.equinox batch norms.
 
 * :func:`~jaxbn.equinox.inspect_batch_norm` — the table of :func:`jaxbn.inspect_batchnorm`
-  (running mean/var, counter, γ, β per layer; never-updated statistics, NaN/Inf, collapsed variance and dead
-  channels flagged) for an Equinox model and its state. Rows: ``BatchNorm*`` (kind
-  ``trained``, or ``untracked`` without running statistics) and ``FrozenBatchNorm``
-  (``frozen``: constants, never flagged as not updated), in the model's order.
+  (running mean/var, counter, γ, β per layer; never-updated statistics, NaN/Inf, collapsed
+  variance and dead channels flagged) for an Equinox model and its state. Rows:
+  ``BatchNorm*`` (kind ``trained``, or ``untracked`` without running statistics) and
+  ``FrozenBatchNorm`` (``frozen``: constants, never flagged as not updated), in the model's
+  order.
 * :func:`~jaxbn.equinox.update_bn` — ``torch.optim.swa_utils.update_bn``: every tracking
-  ``BatchNorm``'s statistics are reset and re-estimated over the given batches as the cumulative average
-  (``momentum=None``), the counter ends at the number of batches; the model itself (weights,
-  momentum) comes back unchanged, frozen layers are left alone.
+  ``BatchNorm``'s statistics are reset and re-estimated over the given batches as the
+  cumulative average (``momentum=None``), the counter ends at the number of batches; the model
+  itself (weights, momentum) comes back unchanged, frozen layers are left alone.
 
 Example:
     >>> import jaxbn.equinox as jbn
