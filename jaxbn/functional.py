@@ -89,7 +89,21 @@ def batch_norm(
       element are not updated, nor is the running variance of a channel with one.
 
     Raises:
-      ValueError / RuntimeError / TypeError with PyTorch's wording, at trace time.
+      ValueError: one value per channel in training ("Expected more than 1 value per channel
+        when training, got input size ..."), ``eps`` ≤ 0 in training, only one of the two
+        running statistics given, a bad ``axis`` or ``mask`` shape.
+      RuntimeError: eval without running statistics ("running_mean must be defined in
+        evaluation mode"), statistics or parameters of the wrong size ("running_mean should
+        contain 5 elements not 3").
+      TypeError: a non-float ``eps``, a non-boolean ``mask``, an integer input.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(8.0).reshape(4, 2)                           # [N, C]
+        >>> y, rm, rv = F.batch_norm(x, jnp.zeros(2), jnp.ones(2), training=True)
+        >>> print(np.asarray(rv).round(4))         # 0.9·1 + 0.1·(unbiased var 20/3)
+        [1.5667 1.5667]
     """
     options = {"axis": axis, "axis_name": axis_name, "axis_index_groups": axis_index_groups}
     y, new_mean, new_var, _ = batch_norm_with_moments(
@@ -215,6 +229,19 @@ def group_norm(
 
     Returns:
       y: like ``x``, in ``x``'s dtype.
+
+    Raises:
+      ValueError: ``num_groups`` does not divide C ("num_channels (6) must be divisible by
+        num_groups (4)"), one value per group, or ``axis`` 0 (the batch axis).
+      RuntimeError: fewer than 2 dims, or ``weight``/``bias`` not of size C.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(8.0).reshape(1, 2, 4)                        # [N, L, C]
+        >>> print(np.asarray(F.group_norm(x, num_groups=2)).round(2))   # groups {0,1}, {2,3}
+        [[[-1.21 -0.73 -1.21 -0.73]
+          [ 0.73  1.21  0.73  1.21]]]
     """
     x = jnp.asarray(x)
     check_floating_input(x, "group_norm")
@@ -274,6 +301,19 @@ def layer_norm(
 
     Returns:
       y: like ``x``, in ``x``'s dtype.
+
+    Raises:
+      RuntimeError: trailing dims of ``x`` other than ``normalized_shape`` ("Given
+        normalized_shape=[3], expected input with shape [*, 3], but got input of size[2, 4]"),
+        or ``weight``/``bias`` not shaped ``normalized_shape``.
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(6.0).reshape(2, 3)                           # [N, D]
+        >>> print(np.asarray(F.layer_norm(x, 3)).round(2))
+        [[-1.22  0.    1.22]
+         [-1.22  0.    1.22]]
     """
     x = jnp.asarray(x)
     check_floating_input(x, "layer_norm")
@@ -445,6 +485,10 @@ def batch_renorm(
     Returns:
       ``(y, new_running_mean, new_running_var)``, ``y`` like ``x`` in ``x``'s dtype.
 
+    Raises:
+      ValueError: running statistics not given (they are required), an ``update_rule`` other
+        than ``"torch"``/``"keras"``, or any of :func:`batch_norm`'s cases.
+
     Example:
         >>> import jax.numpy as jnp, numpy as np
         >>> from jaxbn import functional as F
@@ -547,6 +591,12 @@ def ghost_batch_norm(
 
     Returns:
       ``(y, new_running_mean, new_running_var)``.
+
+    Raises:
+      ValueError: a ``virtual_batch_size`` < 1 or one that does not divide N where batch
+        statistics are used, a per-batch ``momentum`` of the wrong length, ``axis`` 0, or any
+        of :func:`batch_norm`'s cases.
+      TypeError: a ``virtual_batch_size`` that is not an int.
 
     Example:
         >>> import jax.numpy as jnp, numpy as np
