@@ -95,6 +95,25 @@ def renorm_schedule(
     linearly relaxed to reach ``r_max`` at step ``r_max_steps`` and ``d_max`` at
     ``d_max_steps`` (Ioffe 2017, §4: 5000, 40k and 25k steps for 3 and 5). ``step`` may be
     traced (e.g. an optimizer's step count, or ``num_batches_tracked``).
+
+    Args:
+      step: the training step, a Python int or a (traced) scalar.
+      r_max: the final ``r_max`` (≥ 1).
+      d_max: the final ``d_max`` (≥ 0).
+      warmup_steps: steps of plain batch norm (``r_max=1, d_max=0``) before relaxing.
+      r_max_steps: the step at which ``r_max`` is reached.
+      d_max_steps: the step at which ``d_max`` is reached.
+
+    Returns:
+      ``(r_max, d_max)`` at ``step``: two float32 scalars, to pass to a ``BatchRenorm`` call.
+
+    Raises:
+      ValueError: a ``step`` that is not a number or a numeric array (a string).
+
+    Example:
+        >>> import jaxbn
+        >>> [float(v) for v in jaxbn.renorm_schedule(22_500)]    # r half-way, d 7/8
+        [2.0, 4.375]
     """
     step = jnp.asarray(step, jnp.float32)
 

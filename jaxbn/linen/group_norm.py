@@ -63,7 +63,27 @@ class GroupNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        """``x``: [N, ..., C] → y like ``x``. ``train`` is accepted and ignored."""
+        """Group norm of ``x``, the same in train and eval.
+
+        Args:
+          x: [N, ..., C], the channels at ``axis``.
+          train: accepted and ignored (uniform model code).
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          ValueError: ``num_groups`` does not divide C, or one value per group.
+          RuntimeError: fewer than 2 dims, or C other than ``num_channels``.
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> gn = jaxbn.GroupNorm(num_groups=2)
+            >>> x = jnp.ones((2, 4, 4, 6))                           # [N, H, W, C]
+            >>> variables = gn.init(jax.random.key(0), x)
+            >>> gn.apply(variables, x).shape
+            (2, 4, 4, 6)
+        """
         del train  # same in train and eval; accepted so model code can pass it uniformly
         x = jnp.asarray(x)
         channels = logic.group_norm_channels(self.num_channels, self.affine, self.axis, x)

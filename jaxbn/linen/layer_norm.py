@@ -60,7 +60,28 @@ class LayerNorm(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool | None = None) -> jax.Array:
-        """``x``: ``[*, *normalized_shape]`` → y like ``x``. ``train`` is accepted and ignored."""
+        """Layer norm of ``x`` over its trailing ``normalized_shape``, the same in train and eval.
+
+        Args:
+          x: ``[*, *normalized_shape]``.
+          train: accepted and ignored (uniform model code).
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          RuntimeError: trailing dims other than ``normalized_shape`` ("Given
+            normalized_shape=[3], expected input with shape [*, 3], but got input of
+            size[2, 4]").
+
+        Example:
+            >>> import jax, jax.numpy as jnp, jaxbn
+            >>> ln = jaxbn.LayerNorm((4, 4, 6))
+            >>> x = jnp.ones((2, 4, 4, 6))                           # [N, H, W, C]
+            >>> variables = ln.init(jax.random.key(0), x)
+            >>> ln.apply(variables, x).shape
+            (2, 4, 4, 6)
+        """
         del train  # same in train and eval; accepted so model code can pass it uniformly
         shape = as_shape(self.normalized_shape)
         weight = bias = None
