@@ -98,6 +98,26 @@ def sync_batch_norm(
     Args:
       axis_name: the pmap / shard_map / vmap axis name (or names) the batch is split over.
       axis_index_groups: optional device groups, each synced separately (pmap only).
+
+    Returns:
+      A context manager that also decorates a function; entered, it gives the
+      :class:`SyncSpec` in force.
+
+    Raises:
+      TypeError: an ``axis_name`` that is not a string or a sequence of strings.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> bn = jaxbn.BatchNorm()
+        >>> x = jnp.arange(8.0).reshape(2, 2, 2)                  # [vmapped, N, C]
+        >>> variables = bn.init(jax.random.key(0), x[0], train=False)
+        >>> def step(x):
+        ...     with jaxbn.sync_batch_norm("batch"):
+        ...         return bn.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> _, updates = jax.vmap(step, axis_name="batch")(x)
+        >>> updates["batch_stats"]["mean"]            # the same on both: 0.1·[3, 4]
+        Array([[0.3, 0.4],
+               [0.3, 0.4]], dtype=float32)
     """
     spec = _spec(axis_name, axis_index_groups)
     with _SYNC(spec):

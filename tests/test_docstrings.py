@@ -73,12 +73,9 @@ SECTION_GAPS: dict[str, list[str]] = {
     "jaxbn.FreezeResult": ["Raises", "Example"],
     "jaxbn.FrozenModel": ["Raises", "Example"],
     "jaxbn.fold_batch_norm_variables": ["Returns", "Example"],
-    "jaxbn.freeze_batch_norm": ["Example"],
-    "jaxbn.from_flax_batch_norm": ["Example"],
     "jaxbn.functional.BatchMoments": ["Args", "Raises", "Example"],
     "jaxbn.functional.batch_norm_with_moments": ["Args", "Returns", "Raises", "Example"],
     "jaxbn.fuse_conv_bn_weights": ["Raises", "Example"],
-    "jaxbn.inspect_batchnorm": ["Example"],
     "jaxbn.nnx.BatchRenorm": ["Raises", "Example"],
     "jaxbn.nnx.ConvNet": ["Args", "Raises", "Example"],
     "jaxbn.nnx.FoldedBatchNorm": ["Raises", "Example"],
@@ -100,9 +97,6 @@ SECTION_GAPS: dict[str, list[str]] = {
     "jaxbn.nnx.torch_to_nnx": ["Args", "Returns", "Raises", "Example"],
     "jaxbn.nnx.unfreeze_batch_norm": ["Args", "Returns", "Raises", "Example"],
     "jaxbn.nnx.update_bn": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.sync_batch_norm": ["Returns", "Raises", "Example"],
-    "jaxbn.unfreeze_batch_norm": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.update_bn": ["Example"],
 }
 
 

@@ -86,6 +86,15 @@ def from_flax_batch_norm(
         (it has a counter), ``mean`` without ``var``, a ``batch_count`` below 2 or missing
         for a layer, a counter or momentum out of range.
       TypeError: non-integer ``batch_count`` / ``num_batches_tracked``, non-float momentum.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+        >>> x = jnp.ones((8, 4))                                         # [N, C]
+        >>> flax_variables = nn.BatchNorm(use_running_average=True).init(jax.random.key(0), x)
+        >>> variables = jaxbn.from_flax_batch_norm(
+        ...     flax_variables, batch_count=8, num_batches_tracked=10, flax_momentum=0.9)
+        >>> variables["batch_stats"]["num_batches_tracked"]
+        Array(10, dtype=int32)
     """
     _check_int(num_batches_tracked, "num_batches_tracked", low=0, high=jnp.iinfo(jnp.int32).max)
     if isinstance(flax_momentum, bool) or not isinstance(flax_momentum, numbers.Real):

@@ -262,6 +262,17 @@ def freeze_batch_norm(
 
     Raises:
       ValueError: ``where`` selects no batch norm with running statistics.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))        # [N, features]
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> result = jaxbn.freeze_batch_norm(model, variables)
+        >>> result.frozen
+        ('layers_1', 'layers_4')
+        >>> sorted(result.param_labels["layers_1"].items())
+        [('bias', 'frozen'), ('scale', 'frozen')]
     """
     layers = ["/".join(path) for path, _, _ in batch_norm_layers(variables)]
     previous: tuple[str, ...] | None = ()
@@ -290,7 +301,27 @@ def freeze_batch_norm(
 def unfreeze_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> FreezeResult:
     """The original model of a :func:`freeze_batch_norm` result (a model that is not frozen
     comes back as it is; a folded one keeps its folds), the same variables, and every parameter
-    labelled ``"trainable"``."""
+    labelled ``"trainable"``.
+
+    Args:
+      model: a :class:`FrozenModel`, a folded-and-frozen model, or any Flax linen model.
+      variables: its variables (returned unchanged).
+
+    Returns:
+      A :class:`FreezeResult` ``(model, variables)`` with ``.frozen == ()``.
+
+    Raises:
+      Nothing of its own: any model is accepted.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)
+        >>> variables = model.init(jax.random.key(0), jnp.ones((2, 5)), train=False)
+        >>> frozen_model, _ = jaxbn.freeze_batch_norm(model, variables)
+        >>> original, _ = jaxbn.unfreeze_batch_norm(frozen_model, variables)
+        >>> original == model
+        True
+    """
     if isinstance(model, FrozenModel):
         model = model.model
     elif isinstance(model, WrappedModel):

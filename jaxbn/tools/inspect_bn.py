@@ -178,6 +178,15 @@ def inspect_batchnorm(
     Raises:
       TypeError: a model without an example input.
       ValueError: the model's eval call could not be traced with these variables.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))        # [N, features]
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> report = jaxbn.inspect_batchnorm(variables, model, x[:2])
+        >>> [(layer.path, layer.kind) for layer in report.layers]
+        [('layers_1', 'trained'), ('layers_4', 'trained')]
     """
     if any(isinstance(leaf, jax.core.Tracer) for leaf in jax.tree.leaves(variables)):
         raise TypeError(

@@ -106,6 +106,15 @@ def update_bn(
         ``update_bn`` (``apply_fn`` dropped ``mutable``, or an ``nn.scan``/``nn.vmap`` does not
         lift ``"batch_moments"``), or reported a number or shape of statistics that does not
         match its updates; the message says what to do.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))        # [N, features]
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> variables = jaxbn.update_bn(model.apply, variables, [x[:8], x[8:]])
+        >>> variables["batch_stats"]["layers_4"]["num_batches_tracked"]
+        Array(2, dtype=int32)
     """
     variables = flax.core.unfreeze(variables)  # a mutable copy, also of a FrozenDict
     variables.pop(MOMENTS_COLLECTION, None)  # reports of an earlier call are not batches
