@@ -303,8 +303,8 @@ def layer_norm(
       y: like ``x``, in ``x``'s dtype.
 
     Raises:
-      RuntimeError: trailing dims of ``x`` other than ``normalized_shape`` ("Given
-        normalized_shape=[3], expected input with shape [*, 3], but got input of size[2, 4]"),
+      RuntimeError: trailing dims of ``x`` other than ``normalized_shape`` (``Given
+        normalized_shape=[3], expected input with shape [*, 3], but got input of size[2, 4]``),
         or ``weight``/``bias`` not shaped ``normalized_shape``.
 
     Example:

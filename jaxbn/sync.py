@@ -101,7 +101,7 @@ def sync_batch_norm(
 
     Returns:
       A context manager that also decorates a function; entered, it gives the
-      :class:`SyncSpec` in force.
+      :class:`jaxbn.sync.SyncSpec` in force.
 
     Raises:
       TypeError: an ``axis_name`` that is not a string or a sequence of strings.

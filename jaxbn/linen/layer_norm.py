@@ -70,9 +70,9 @@ class LayerNorm(nn.Module):
           ``y``, shaped like ``x``.
 
         Raises:
-          RuntimeError: trailing dims other than ``normalized_shape`` ("Given
+          RuntimeError: trailing dims other than ``normalized_shape`` (``Given
             normalized_shape=[3], expected input with shape [*, 3], but got input of
-            size[2, 4]").
+            size[2, 4]``).
 
         Example:
             >>> import jax, jax.numpy as jnp, jaxbn

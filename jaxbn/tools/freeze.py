@@ -311,7 +311,7 @@ def unfreeze_batch_norm(model: nn.Module, variables: Mapping[str, Any]) -> Freez
       A :class:`FreezeResult` ``(model, variables)`` with ``.frozen == ()``.
 
     Raises:
-      Nothing of its own: any model is accepted.
+      TypeError: ``variables`` that is not a mapping (any model is accepted).
 
     Example:
         >>> import jax, jax.numpy as jnp, jaxbn
