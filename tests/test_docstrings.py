@@ -89,14 +89,7 @@ SECTION_GAPS: dict[str, list[str]] = {
     "jaxbn.nnx.ResidualBlock": ["Args", "Raises", "Example"],
     "jaxbn.nnx.fold_batch_norm": ["Returns", "Raises", "Example"],
     "jaxbn.nnx.freeze_batch_norm": ["Example"],
-    "jaxbn.nnx.from_linen_variables": ["Args", "Returns", "Example"],
-    "jaxbn.nnx.inspect_batchnorm": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.nnx.nnx_to_torch": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.nnx.to_linen_variables": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.nnx.torch_names": ["Args", "Raises", "Example"],
-    "jaxbn.nnx.torch_to_nnx": ["Args", "Returns", "Raises", "Example"],
     "jaxbn.nnx.unfreeze_batch_norm": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.nnx.update_bn": ["Args", "Returns", "Raises", "Example"],
 }
 
 

@@ -63,6 +63,24 @@ def to_linen_variables(model: nnx.Module) -> dict[str, Any]:
     (a collection without leaves is left out, as Linen's ``init`` does); list indices become
     strings. Other variable types (RNG state, intermediates) are not variables of a Linen
     tree and are left out. The arrays are the model's, not copies.
+
+    Args:
+      model: an NNX model.
+
+    Returns:
+      ``{"params": {...}, "batch_stats": {...}}``, Linen's layout.
+
+    Raises:
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> variables = jaxbn.nnx.to_linen_variables(model)
+        >>> sorted(variables["batch_stats"]["layers_1"])
+        ['mean', 'num_batches_tracked', 'var']
     """
     _check_model(model, "to_linen_variables")
     out = {}
@@ -77,11 +95,29 @@ def from_linen_variables(model: nnx.Module, variables: Mapping[str, Any]) -> nnx
     """Sets the model's ``nnx.Param`` / ``nnx.BatchStat`` values from a Linen variables tree.
 
     The tree must hold exactly the model's leaves (names as :func:`to_linen_variables` gives
-    them) with the same shapes; values keep their dtypes. Returns ``model``, updated in place.
+    them) with the same shapes; values keep their dtypes.
+
+    Args:
+      model: an NNX model.
+      variables: a Linen variables tree with exactly the model's leaves.
+
+    Returns:
+      ``model``, updated in place.
 
     Raises:
       KeyError: naming the missing and the unexpected leaves.
       ValueError: naming a leaf whose shape differs.
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> other = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(1))
+        >>> _ = jaxbn.nnx.from_linen_variables(other, jaxbn.nnx.to_linen_variables(model))
+        >>> bool(jnp.array_equal(other.layers_0.kernel[...], model.layers_0.kernel[...]))
+        True
     """
     _check_model(model, "from_linen_variables")
     unknown = sorted(set(variables) - {c for c, _ in COLLECTIONS})
@@ -118,6 +154,30 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: nnx.Module, **kwargs: Any
     torch names are the attribute paths (:func:`torch_names`: ``blocks.0.conv.weight``; an
     ``nnx.Sequential``'s ``layers`` is left out, as in ``torch.nn.Sequential``) unless
     ``rename`` is given; the tutorial models keep their Linen twins' names.
+
+    Args:
+      state_dict: a torch ``state_dict`` (tensors or numpy arrays).
+      model: the NNX model to load into (its shapes and dtypes are the template).
+      **kwargs: :func:`jaxbn.interop.torch_to_flax`'s options.
+
+    Returns:
+      ``model``, loaded in place.
+
+    Raises:
+      KeyError: torch names without a leaf in the model, or leaves without a torch name.
+      ValueError: a weight whose shape fits neither layout.
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> state_dict = jaxbn.nnx.nnx_to_torch(model)
+        >>> other = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(1))
+        >>> other = jaxbn.nnx.torch_to_nnx(state_dict, other)
+        >>> bool(jnp.array_equal(other.layers_6.kernel[...], model.layers_6.kernel[...]))
+        True
     """
     template = to_linen_variables(model)
     kwargs = _with_torch_names(model, kwargs)
@@ -126,7 +186,28 @@ def torch_to_nnx(state_dict: Mapping[str, Any], model: nnx.Module, **kwargs: Any
 
 def nnx_to_torch(model: nnx.Module, **kwargs: Any) -> dict[str, Any]:
     """A torch ``state_dict`` (numpy arrays) of an NNX model: :func:`jaxbn.interop.flax_to_torch`
-    on its Linen layout, named as :func:`torch_to_nnx` reads them; ``kwargs`` are its."""
+    on its Linen layout, named as :func:`torch_to_nnx` reads them; ``kwargs`` are its.
+
+    Args:
+      model: an NNX model.
+      **kwargs: :func:`jaxbn.interop.flax_to_torch`'s options.
+
+    Returns:
+      ``{torch name: numpy array}``, loadable by ``torch_module.load_state_dict`` (after
+      ``torch.as_tensor``).
+
+    Raises:
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> state_dict = jaxbn.nnx.nnx_to_torch(model)
+        >>> state_dict["layers.0.weight"].shape                    # torch's [out, in]
+        (8, 5)
+    """
     kwargs = _with_torch_names(model, kwargs)
     return _interop.flax_to_torch(to_linen_variables(model), **kwargs)
 
@@ -136,9 +217,23 @@ def torch_names(model: nnx.Module) -> Callable[[str], str]:
     dots (``blocks/0/conv`` → ``blocks.0.conv``), without the ``layers`` attribute of an
     ``nnx.Sequential`` (``torch.nn.Sequential`` numbers its children itself).
 
+    Args:
+      model: an NNX model.
+
     Returns:
       ``"/"``-joined module path → torch module path (a ``rename`` for
       :func:`jaxbn.interop.torch_to_flax`).
+
+    Raises:
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), jaxbn.nnx.BatchNorm(3))
+        >>> jaxbn.nnx.torch_names(model)("layers/1")
+        '1'
     """
     _check_model(model, "torch_names")
     hidden = {
@@ -169,6 +264,24 @@ def inspect_batchnorm(model: nnx.Module) -> _inspect.BatchNormReport:
     get a row per member (``blocks/bn[2]``); ``track_running_stats=False`` layers a row
     without statistics; a frozen layer's counter of 0 is not flagged (its statistics are
     constants).
+
+    Args:
+      model: an NNX model.
+
+    Returns:
+      A :class:`jaxbn.BatchNormReport`; ``print`` it for the table.
+
+    Raises:
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> report = jaxbn.nnx.inspect_batchnorm(model)
+        >>> [(layer.path, layer.kind) for layer in report.layers]
+        [('layers_1', 'trained'), ('layers_4', 'trained')]
     """
     _check_model(model, "inspect_batchnorm")
     kinds = {}
@@ -189,8 +302,28 @@ def update_bn(model: nnx.Module, batches: Iterable[Any], **call_kwargs: Any) -> 
     counts one report per virtual batch, a ``BatchRenorm`` its batch's mean and unbiased
     variance. The model runs on a copy in training mode (``use_running_average=False``;
     dropout is left as it is) and is called as ``model(x, **call_kwargs)``. ``batches``:
-    inputs, or tuples whose first element is the input. Returns ``model``, whose mode is left
-    as it was.
+    inputs, or tuples whose first element is the input.
+
+    Args:
+      model: an NNX model with jaxbn batch norms.
+      batches: an iterable of inputs, or of tuples whose first element is the input.
+      **call_kwargs: more keyword arguments of ``model(x, ...)``.
+
+    Returns:
+      ``model``, updated in place; its mode is left as it was.
+
+    Raises:
+      TypeError: ``model`` that is not a ``flax.nnx.Module`` (a Linen tree goes to the
+        jaxbn tools directly).
+
+    Example:
+        >>> import jax.numpy as jnp, jaxbn.nnx
+        >>> from flax import nnx
+        >>> model = jaxbn.nnx.MLP(5, hidden=(8, 4), num_classes=3, rngs=nnx.Rngs(0))
+        >>> x = jnp.arange(80.0).reshape(16, 5) / 80
+        >>> model = jaxbn.nnx.update_bn(model, [x[:8], x[8:]])
+        >>> model.layers_1.num_batches_tracked[...]
+        Array(2, dtype=int32)
     """
     _check_model(model, "update_bn")
     graphdef, state = nnx.split(_nnx_fold.instrumented(model, _report_moments, _reports_itself))
