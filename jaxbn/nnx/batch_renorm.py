@@ -157,6 +157,31 @@ class BatchRenorm(nnx.Module):
         r_max: float | jax.Array | None = None,
         d_max: float | jax.Array | None = None,
     ) -> jax.Array:
+        """Batch renormalization in training (statistics updated in place), batch norm's eval
+        with the running statistics in eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis``.
+          use_running_average: ``flax.nnx.BatchNorm``'s per-call mode (True: eval).
+          train: keyword: this call's mode, overriding the module's; None uses the module's.
+          mask: optional boolean, broadcastable to ``x``, as :class:`jaxbn.nnx.BatchNorm`'s.
+          r_max: this call's clipping of ``r`` (float or traced scalar), replacing the field
+            and the warm-up; None: the field.
+          d_max: the same for ``d``.
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          TypeError: no mode (neither an argument nor ``.train()`` / ``.eval()``).
+          ValueError: one value per channel in training.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> bn = jaxbn.nnx.BatchRenorm(3)
+            >>> bn(jnp.arange(12.0).reshape(4, 3), train=True, r_max=2.0, d_max=1.0).shape
+            (4, 3)
+        """
         training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
         if training and logic.sync_axis(self)[0] is None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)

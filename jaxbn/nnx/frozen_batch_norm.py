@@ -125,6 +125,26 @@ class FrozenBatchNorm(nnx.Module):
         train: Any = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
+        """``(x − mean)·rsqrt(var + eps)·scale + bias``, the same in train and eval.
+
+        Args:
+          x: [N, ..., C], the features at ``axis``.
+          use_running_average: accepted and ignored (uniform model code).
+          train: accepted and ignored; nothing is updated.
+          mask: optional boolean, broadcastable to ``x``: False elements output 0.
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          RuntimeError: an input whose channel count is not ``num_features``.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> bn = jaxbn.nnx.FrozenBatchNorm(3)
+            >>> bn(jnp.ones((2, 3))).shape
+            (2, 3)
+        """
         del use_running_average, train  # the same in train and eval
         x, features = logic.input_features(self, x)
         scale = None if self.scale is None else self.scale[...]

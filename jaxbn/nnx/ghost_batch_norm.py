@@ -121,6 +121,28 @@ class GhostBatchNorm(nnx.Module):
         train: bool | None = None,
         mask: jax.Array | None = None,
     ) -> jax.Array:
+        """Batch norm of each run of ``virtual_batch_size`` examples in training (statistics
+        updated in place, once per virtual batch); the running statistics in eval.
+
+        Args:
+          x: [N, ..., C], the batch on axis 0, the features at ``axis``.
+          use_running_average: ``flax.nnx.BatchNorm``'s per-call mode (True: eval).
+          train: keyword: this call's mode, overriding the module's; None uses the module's.
+          mask: optional boolean, broadcastable to ``x``, as :class:`jaxbn.nnx.BatchNorm`'s.
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          TypeError: no mode (neither an argument nor ``.train()`` / ``.eval()``).
+          ValueError: a batch size that ``virtual_batch_size`` does not divide in training.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> bn = jaxbn.nnx.GhostBatchNorm(3, virtual_batch_size=2)
+            >>> bn(jnp.arange(12.0).reshape(4, 3), train=True).shape
+            (4, 3)
+        """
         training, x, weight, bias, stats = call_inputs(self, x, train, use_running_average)
         if training and stats is not None:
             logic.check_vmapped_update(f"jaxbn.nnx.{type(self).__name__}", x, stats)

@@ -76,6 +76,26 @@ class GroupNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, use_running_average: Any = None, *, train: Any = None
     ) -> jax.Array:
+        """Group norm of ``x``, the same in train and eval.
+
+        Args:
+          x: [N, ..., C], the channels at ``axis``.
+          use_running_average: accepted and ignored (uniform model code).
+          train: accepted and ignored.
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          ValueError: ``num_groups`` does not divide C, or one value per group.
+          RuntimeError: fewer than 2 dims, or C other than ``num_channels``.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> gn = jaxbn.nnx.GroupNorm(2, 6)
+            >>> gn(jnp.ones((2, 4, 4, 6))).shape                     # [N, H, W, C]
+            (2, 4, 4, 6)
+        """
         del use_running_average, train  # the same in train and eval
         logic.group_norm_channels(self.num_channels, self.affine, self.axis, x)
         weight = None if self.scale is None else self.scale[...]

@@ -70,6 +70,25 @@ class LayerNorm(nnx.Module):
     def __call__(
         self, x: jax.Array, use_running_average: Any = None, *, train: Any = None
     ) -> jax.Array:
+        """Layer norm of ``x`` over its trailing ``normalized_shape``, the same in train and eval.
+
+        Args:
+          x: ``[*, *normalized_shape]``.
+          use_running_average: accepted and ignored (uniform model code).
+          train: accepted and ignored.
+
+        Returns:
+          ``y``, shaped like ``x``.
+
+        Raises:
+          RuntimeError: trailing dims other than ``normalized_shape``.
+
+        Example:
+            >>> import jax.numpy as jnp, jaxbn.nnx
+            >>> ln = jaxbn.nnx.LayerNorm(6)
+            >>> ln(jnp.ones((2, 6))).shape
+            (2, 6)
+        """
         del use_running_average, train  # the same in train and eval
         weight = None if self.scale is None else self.scale[...]
         bias = None if self.bias is None else self.bias[...]
