@@ -105,6 +105,18 @@ def fuse_conv_bn_weights(
 
     Returns:
       ``(kernel', bias')`` in the dtypes of ``kernel`` and ``bias`` (or ``kernel``).
+
+    Raises:
+      ValueError: statistics or parameters whose size is not ``C_out`` (JAX's broadcasting
+        error).
+
+    Example:
+        >>> import jax.numpy as jnp, numpy as np, jaxbn
+        >>> kernel = jnp.ones((3, 3, 2, 4))                       # [*window, C_in, C_out]
+        >>> k, b = jaxbn.fuse_conv_bn_weights(
+        ...     kernel, None, jnp.zeros(4), jnp.full(4, 3.0), 1.0, None, None)
+        >>> print(np.asarray(k[0, 0, 0]))                         # 1 / sqrt(3 + 1)
+        [0.5 0.5 0.5 0.5]
     """
     factor = jax.lax.rsqrt(var + eps)
     if scale is not None:
@@ -413,9 +425,23 @@ def fold_batch_norm_variables(
     A layer built with ``use_bias=False`` gets a ``bias``: the copy of the model must build it
     with ``use_bias=True``.
 
+    Returns:
+      The variables of the model without batch norms: ``params`` with each batch norm folded
+      into its producer's ``kernel``/``bias``, and no ``batch_stats`` left for them.
+
     Raises:
       ValueError: a batch norm whose statistics were never tracked, or one that cannot be folded
         (the message says why, as :func:`fold_batch_norm`'s ``.left``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8, 4), num_classes=3)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> folded = jaxbn.fold_batch_norm_variables(model, {**variables, **updates}, x[:1])
+        >>> sorted(folded["params"])                  # run them with model.clone(norm="none")
+        ['layers_0', 'layers_3', 'layers_6']
     """
     variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)
