@@ -34,7 +34,9 @@ def test_the_library_needs_jax_flax_and_numpy_and_the_scripts_the_train_extra():
         "torch",
         "ruff",
         "keras",
+        "equinox",
     }
+    assert names(extras["equinox"]) == {"equinox"}
     assert PROJECT["license"] == "Apache-2.0"
     assert "Apache License" in (ROOT / "LICENSE").read_text()
 

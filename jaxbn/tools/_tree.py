@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import flax.linen as nn
+
 Path = tuple[str, ...]
 
 
@@ -58,3 +60,15 @@ def module_path(module: Any) -> Path:
         names.append(scope.name)
         scope = scope.parent
     return (*scope.path, *reversed(names))
+
+
+def unboxed(tree: Any) -> Any:
+    """``tree`` with Flax's metadata boxes (``nn.with_partitioning``'s ``Partitioned``, ...)
+    replaced by their values, every dict keeping its key order (``nn.meta.unbox`` maps with
+    ``jax.tree.map``, which sorts keys, and the order a model created its layers in is what
+    the tools report them in)."""
+    if isinstance(tree, nn.meta.AxisMetadata):
+        return tree.unbox()
+    if isinstance(tree, Mapping):
+        return {key: unboxed(value) for key, value in tree.items()}
+    return tree

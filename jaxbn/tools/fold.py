@@ -58,7 +58,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxbn.tools._tree import Path, batch_norm_layers, get_path, module_path, set_path
+from jaxbn.tools._tree import (
+    Path,
+    batch_norm_layers,
+    get_path,
+    module_path,
+    set_path,
+    unboxed,
+)
 from jaxbn.tools.freeze import (
     FrozenModel,
     WrappedModel,
@@ -443,7 +450,7 @@ def fold_batch_norm_variables(
         >>> sorted(folded["params"])                  # run them with model.clone(norm="none")
         ['layers_0', 'layers_3', 'layers_6']
     """
-    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
+    variables = unboxed(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)
     plan = _plan(call, variables)
     for path, reason in plan.left.items():
@@ -518,7 +525,7 @@ def fold_batch_norm(
         >>> type(folded_model).__name__, folded_model.norm      # the model without norms
         ('MLP', 'none')
     """
-    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: the values are folded
+    variables = unboxed(variables)  # nn.with_partitioning boxes: the values are folded
     call = _Call.of(model, args, method, kwargs)
     plan = _plan(call, variables)
     folded_variables = _folded_variables(variables, plan.folded)

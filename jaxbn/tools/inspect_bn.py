@@ -53,11 +53,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
-from jaxbn.tools._tree import Path, batch_norm_layers
+from jaxbn.tools._tree import Path, batch_norm_layers, unboxed
 
 __all__ = ["BatchNormReport", "LayerSummary", "inspect_batchnorm"]
 
@@ -193,7 +192,7 @@ def inspect_batchnorm(
             "inspect_batchnorm reads the variables' values: call it outside jax.jit / vmap / "
             "scan, on the variables a step returns"
         )
-    variables = nn.meta.unbox(variables)  # nn.with_partitioning boxes: their values are read
+    variables = unboxed(variables)  # nn.with_partitioning boxes: their values are read
     traced = {} if model is None else _traced(model, variables, args, method, kwargs)
     named_kinds = {_as_path(path): kind for path, kind in (kinds or {}).items()}
     named_kinds.update({path: layer.kind for path, layer in traced.items()})
