@@ -8,8 +8,8 @@ MODE ``die-after-init`` exits abruptly after joining (to test that the peer does
 the peer runs as ``survivor``: 5 s without heartbeats declare a process dead, 60 s otherwise);
 ``short-timeout`` gives up joining after 3 s (to test an unreachable coordinator);
 ``ipv6-join`` joins at ``[::1]:PORT``, checks the 4 devices and leaves;
-``stuck-collective``: process 1 never enters the first step's collectives (it sleeps, then
-leaves), so process 0's wait must end with the 5 s collective timeout's error.
+``stuck-collective``: process 1 never enters the second step's collectives (it sleeps until
+killed), so process 0's wait must end with the 5 s collective timeout's error.
 The parent sets ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` in the environment (not
 done here, so importing this module from the tests changes nothing).
 
@@ -84,9 +84,6 @@ def main(port: str, rank: str, out: str, mode: str = "") -> None:
     )
     if mode == "die-after-init":
         os._exit(3)
-    if mode == "stuck-collective" and rank == "1":
-        time.sleep(6 * STUCK_TIMEOUT)  # alive (heartbeats go on) but never in the collective
-        os._exit(0)
     if mode == "ipv6-join":
         assert jax.device_count() == 4 and jax.local_device_count() == 2
         jax.distributed.shutdown()
@@ -106,6 +103,16 @@ def main(port: str, rank: str, out: str, mode: str = "") -> None:
     for i, (x, g) in enumerate(global_batches()):
         xs = x[local].reshape(2, ROWS // 4, 3, 3, C)
         gs = g[local].reshape(2, ROWS // 4, 3, 3, C)
+        if mode == "stuck-collective" and i == 1:  # both ran step 0 (and set up gloo)
+            if rank == "1":
+                # alive (heartbeats go on) but never in step 1's collectives, until process 0
+                # has failed, however slowly a loaded machine runs, and the test kills this one
+                time.sleep(600)
+            try:  # process 0: the step must fail, naming the collective
+                jax.block_until_ready(step(variables, xs, gs))
+            except Exception as err:
+                print(err, file=sys.stderr, flush=True)
+                os._exit(1)  # not exit's jax.distributed shutdown, which waits for the peer
         y, dx, dparams, stats = step(variables, xs, gs)
         y, dx, dparams, stats = jax.tree.map(local_rows, (y, dx, dparams, stats))
         variables = {**variables, "batch_stats": jax.tree.map(lambda a: a[0], stats)}
