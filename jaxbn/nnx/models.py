@@ -132,6 +132,40 @@ class MLP(_Normalized):
     :class:`jaxbn.models.MLP` and the PyTorch ``nn.Sequential``.
 
     Call: ``x`` [N, ...] (flattened to [N, in_features]) → logits [N, num_classes].
+
+    Args:
+      in_features: the flattened input size (784).
+      hidden: the widths of the Linear → norm → ReLU blocks ((256, 128)).
+      num_classes: the number of logits (10).
+      rngs: the ``nnx.Rngs`` that initialize the parameters.
+      **norm_options: ``norm`` (``"batch"`` (default), ``"group"``, ``"layer"``, ``"none"``,
+        or a factory called as ``factory(num_features, rngs=rngs)``), ``bn_momentum`` (0.1,
+        ``norm="batch"`` only), ``dtype`` (computation; None: Flax's promotion) and
+        ``param_dtype`` (parameters; float32).
+      train: at the call: True uses (and updates) the batch statistics, False the running
+        ones; None (default): the mode set by ``model.train()`` / ``model.eval()``.
+
+    Raises:
+      TypeError: an unknown keyword, e.g. ``MLP() got an unexpected keyword argument
+        'foo'``; a ``norm`` that is neither a name nor a factory (``norm must be one of
+        ('batch', 'group', 'layer', 'none') or a factory called as factory(num_features,
+        rngs=rngs), got int (3)``); or, at the call, a batch norm with no mode
+        (``jaxbn.nnx.BatchNorm1d was called without a mode (train): call model.train() or
+        model.eval() first ...``).
+      ValueError: an unknown ``norm`` name (``norm must be one of ('batch', 'group', 'layer',
+        'none') or a factory ..., got 'batchy'``), or ``bn_momentum`` with a norm factory
+        (``bn_momentum=0.5 applies to norm='batch' only; with a norm factory set the
+        momentum in the factory``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> model = jaxbn.nnx.MLP(4, (8,), 3, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((2, 4)), train=True).shape
+      (2, 3)
+      >>> type(model.layers_1).__name__
+      'BatchNorm1d'
     """
 
     def __init__(
@@ -171,7 +205,42 @@ class ConvNet(_Normalized):
     the first two), then Linear → norm → ReLU → Linear. Names as :class:`jaxbn.models.ConvNet`
     (``features_0`` conv, ``features_1`` norm, …, ``classifier_0/1/3``).
 
-    Call: ``x`` [N, image_size, image_size, in_channels] (side divisible by 4) → logits.
+    Call: ``x`` [N, image_size, image_size, in_channels] (side divisible by 4) → logits
+    [N, num_classes].
+
+    Args:
+      in_channels: the input's channels (3).
+      image_size: the input's side H (= W) (32).
+      widths: the three conv blocks' channels ((64, 128, 256)).
+      hidden: the width of ``classifier_0`` (512).
+      num_classes: the number of logits (10).
+      rngs: the ``nnx.Rngs`` that initialize the parameters.
+      **norm_options: ``norm`` (``"batch"`` (default), ``"group"``, ``"layer"``, ``"none"``,
+        or a factory called as ``factory(num_features, rngs=rngs)``), ``bn_momentum`` (0.1,
+        ``norm="batch"`` only), ``dtype`` (computation; None: Flax's promotion) and
+        ``param_dtype`` (parameters; float32).
+      train: at the call: True uses (and updates) the batch statistics, False the running
+        ones; None (default): the mode set by ``model.train()`` / ``model.eval()``.
+
+    Raises:
+      TypeError: an unknown keyword, e.g. ``ConvNet() got an unexpected keyword argument
+        'foo'``; a ``norm`` that is neither a name nor a factory (``norm must be one of
+        ('batch', 'group', 'layer', 'none') or a factory called as factory(num_features,
+        rngs=rngs), got int (3)``); or, at the call, a batch norm with no mode
+        (``jaxbn.nnx.BatchNorm2d was called without a mode (train): call model.train() or
+        model.eval() first ...``).
+      ValueError: an unknown ``norm`` name (``norm must be one of ('batch', 'group', 'layer',
+        'none') or a factory ..., got 'batchy'``), or ``bn_momentum`` with a norm factory
+        (``bn_momentum=0.5 applies to norm='batch' only; with a norm factory set the
+        momentum in the factory``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> model = jaxbn.nnx.ConvNet(1, 8, (4, 8, 8), 16, 3, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((2, 8, 8, 1)), train=True).shape
+      (2, 3)
     """
 
     def __init__(
@@ -227,8 +296,41 @@ class ConvNet(_Normalized):
 class ResidualBlock(_Normalized):
     """``x`` [N, H, W, in_channels] → [N, H/stride, W/stride, out_channels]: conv3x3(stride) →
     norm → ReLU → conv3x3 → norm, plus a shortcut (identity, or conv1x1(stride) → norm), ReLU.
-    Names ``conv1, bn1, conv2, bn2, shortcut_0, shortcut_1``. ``image_size``: the input's H
-    (= W), needed by ``norm="layer"``."""
+    Names ``conv1, bn1, conv2, bn2, shortcut_0, shortcut_1``.
+
+    Args:
+      in_channels: the input's channels.
+      out_channels: the output's channels.
+      stride: the stride of ``conv1`` and of the shortcut (1).
+      image_size: the input's H (= W), needed by ``norm="layer"`` (32).
+      rngs: the ``nnx.Rngs`` that initialize the parameters.
+      **norm_options: ``norm`` (``"batch"`` (default), ``"group"``, ``"layer"``, ``"none"``,
+        or a factory called as ``factory(num_features, rngs=rngs)``), ``bn_momentum`` (0.1,
+        ``norm="batch"`` only), ``dtype`` (computation; None: Flax's promotion) and
+        ``param_dtype`` (parameters; float32).
+      train: at the call: True uses (and updates) the batch statistics, False the running
+        ones; None (default): the mode set by ``model.train()`` / ``model.eval()``.
+
+    Raises:
+      TypeError: an unknown keyword, e.g. ``ResidualBlock() got an unexpected keyword argument
+        'foo'``; a ``norm`` that is neither a name nor a factory (``norm must be one of
+        ('batch', 'group', 'layer', 'none') or a factory called as factory(num_features,
+        rngs=rngs), got int (3)``); or, at the call, a batch norm with no mode
+        (``jaxbn.nnx.BatchNorm2d was called without a mode (train): call model.train() or
+        model.eval() first ...``).
+      ValueError: an unknown ``norm`` name (``norm must be one of ('batch', 'group', 'layer',
+        'none') or a factory ..., got 'batchy'``), or ``bn_momentum`` with a norm factory
+        (``bn_momentum=0.5 applies to norm='batch' only; with a norm factory set the
+        momentum in the factory``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> block = jaxbn.nnx.ResidualBlock(4, 8, 2, image_size=8, rngs=nnx.Rngs(0))
+      >>> block(jnp.ones((2, 8, 8, 4)), train=True).shape
+      (2, 4, 4, 8)
+    """
 
     def __init__(
         self,
@@ -270,6 +372,44 @@ class ResNet(_Normalized):
     :class:`jaxbn.models.ResNet`.
 
     Call: ``x`` [N, image_size, image_size, in_channels] → logits [N, num_classes].
+
+    Args:
+      in_channels: the input's channels (3).
+      image_size: the input's side H (= W) (32).
+      stage_sizes: the number of blocks in each stage ((2, 2, 2, 2)).
+      widths: each stage's channels ((64, 128, 256, 512)); stages after the first halve H
+        and W.
+      num_classes: the number of logits (10).
+      rngs: the ``nnx.Rngs`` that initialize the parameters.
+      **norm_options: ``norm`` (``"batch"`` (default), ``"group"``, ``"layer"``, ``"none"``,
+        or a factory called as ``factory(num_features, rngs=rngs)``), ``bn_momentum`` (0.1,
+        ``norm="batch"`` only), ``dtype`` (computation; None: Flax's promotion) and
+        ``param_dtype`` (parameters; float32).
+      train: at the call: True uses (and updates) the batch statistics, False the running
+        ones; None (default): the mode set by ``model.train()`` / ``model.eval()``.
+
+    Raises:
+      TypeError: an unknown keyword, e.g. ``ResNet() got an unexpected keyword argument
+        'foo'``; a ``norm`` that is neither a name nor a factory (``norm must be one of
+        ('batch', 'group', 'layer', 'none') or a factory called as factory(num_features,
+        rngs=rngs), got int (3)``); or, at the call, a batch norm with no mode
+        (``jaxbn.nnx.BatchNorm2d was called without a mode (train): call model.train() or
+        model.eval() first ...``).
+      ValueError: an unknown ``norm`` name (``norm must be one of ('batch', 'group', 'layer',
+        'none') or a factory ..., got 'batchy'``), or ``bn_momentum`` with a norm factory
+        (``bn_momentum=0.5 applies to norm='batch' only; with a norm factory set the
+        momentum in the factory``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> model = jaxbn.nnx.ResNet(3, 8, (1, 1), (4, 8), 5, rngs=nnx.Rngs(0))
+      >>> model(jnp.ones((2, 8, 8, 3)), train=True).shape
+      (2, 5)
+      >>> model.eval()
+      >>> model(jnp.ones((2, 8, 8, 3))).shape
+      (2, 5)
     """
 
     def __init__(
