@@ -95,6 +95,25 @@ class FoldedBatchNorm(nnx.Module):
 
     Call:
       ``bn(x, *mode)``: ``x`` [N, ..., C] → ``x`` (cast to ``dtype``).
+
+    Raises:
+      ValueError: a call with a ``mask`` (the folded weights hold the unmasked statistics):
+        ``this batch norm was folded into {folded_into} by fold_batch_norm, whose sample call
+        passed it no mask; a masked call needs the batch norm: fold with a sample call that
+        passes the mask, and it is kept``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxbn.nnx import FoldedBatchNorm
+      >>> bn = FoldedBatchNorm(3, "linear", dtype=jnp.float16)
+      >>> bn(jnp.ones((2, 3)), train=False).dtype
+      dtype('float16')
+      >>> bn(jnp.ones((2, 3)), mask=jnp.ones(2, bool))
+      Traceback (most recent call last):
+      ...
+      ValueError: this batch norm was folded into linear by fold_batch_norm, whose sample call
+      passed it no mask; a masked call needs the batch norm: fold with a sample call that
+      passes the mask, and it is kept
     """
 
     def __init__(self, num_features: int, folded_into: str, dtype: Any = None) -> None:

@@ -421,6 +421,45 @@ def fold_batch_norm(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
       model: the NNX model (left untouched).
       *args: the sample call's positional inputs (one example is enough).
       **kwargs: the sample call's keyword arguments.
+
+    Returns:
+      For a tutorial model, :func:`jaxbn.fold_batch_norm`'s :class:`jaxbn.FoldResult` (the
+      folded Linen model and its variables, ``.folded``, ``.left``); for any other NNX model,
+      a :class:`jaxbn.nnx.fold.FoldResult` (``.model``, a new NNX model in eval, ``.folded``
+      and ``.left``, ``{batch norm path: Linear/Conv path}`` and ``{batch norm path: why}``).
+
+    Raises:
+      TypeError: ``model`` is not an NNX module (``jaxbn.nnx.fold_batch_norm takes a
+        flax.nnx.Module, got dict; for a Linen variables tree use the jaxbn tools directly``),
+        or no sample input (``fold_batch_norm needs a sample input: fold_batch_norm(model,
+        x)``).
+      ValueError: a batch norm to fold was never trained (``cannot fold the batch norm at bn:
+        its statistics were never tracked (num_batches_tracked == 0); train it or run
+        jaxbn.update_bn first``), or the folded outputs differ from the original's on the
+        sample input (``folding changed the model's eval outputs on the sample input: ...``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> class Net(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.linear = nnx.Linear(4, 3, rngs=rngs)
+      ...         self.bn = jaxbn.nnx.BatchNorm1d(3, rngs=rngs)
+      ...     def __call__(self, x, train=None):
+      ...         return self.bn(self.linear(x), train=train)
+      >>> net, x = Net(nnx.Rngs(0)), jnp.arange(8.0).reshape(2, 4)
+      >>> jaxbn.nnx.fold_batch_norm(net, x)
+      Traceback (most recent call last):
+      ...
+      ValueError: cannot fold the batch norm at bn: its statistics were never tracked
+      (num_batches_tracked == 0); train it or run jaxbn.update_bn first
+      >>> _ = net(x, train=True)  # one training step: running statistics to fold
+      >>> result = jaxbn.nnx.fold_batch_norm(net, x)
+      >>> result
+      FoldResult(model=Net(...), folded={'bn': 'linear'}, left={})
+      >>> bool(jnp.allclose(result.model(x), net(x, train=False), atol=1e-5))
+      True
     """
     _check_model(model, "fold_batch_norm")
     if hasattr(model, "linen_twin"):
