@@ -74,9 +74,6 @@ SECTION_GAPS: dict[str, list[str]] = {
     "jaxbn.FrozenModel": ["Raises", "Example"],
     "jaxbn.functional.BatchMoments": ["Args", "Raises", "Example"],
     "jaxbn.functional.batch_norm_with_moments": ["Args", "Returns", "Raises", "Example"],
-    "jaxbn.nnx.FrozenParam": ["Args", "Raises", "Example"],
-    "jaxbn.nnx.freeze_batch_norm": ["Example"],
-    "jaxbn.nnx.unfreeze_batch_norm": ["Args", "Returns", "Raises", "Example"],
 }
 
 

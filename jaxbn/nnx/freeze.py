@@ -50,7 +50,25 @@ def freeze_batch_norm(model: Any, *, where: Callable[[str], bool] | None = None)
       The model (the same object; a batch norm given as the model comes back frozen).
 
     Raises:
-      ValueError: a selected batch norm has no running statistics, or ``where`` selects none.
+      ValueError: a selected batch norm has no running statistics (``cannot freeze the batch
+        norm at (top): it has no running statistics (track_running_stats=False); leave it out
+        with freeze_batch_norm(..., where=...)``), or ``where`` selects none (``where=
+        selects none of the batch norms with running statistics``).
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> model = jaxbn.nnx.MLP(4, (8,), 3, rngs=nnx.Rngs(0))
+      >>> model = jaxbn.nnx.freeze_batch_norm(model)
+      >>> type(model.layers_1).__name__, type(model.layers_1.scale).__name__
+      ('FrozenBatchNorm', 'FrozenParam')
+      >>> [path for path, _ in nnx.to_flat_state(nnx.state(model, jaxbn.nnx.trainable))]
+      [('layers_0', 'bias'), ('layers_0', 'kernel'),
+       ('layers_3', 'bias'), ('layers_3', 'kernel')]
+      >>> jaxbn.nnx.freeze_batch_norm(model, where=lambda path: path.startswith("head"))
+      Traceback (most recent call last):
+      ...
+      ValueError: where= selects none of the batch norms with running statistics
     """
     found = [
         (path, node)
@@ -73,8 +91,29 @@ def freeze_batch_norm(model: Any, *, where: Callable[[str], bool] | None = None)
 
 def unfreeze_batch_norm(model: Any) -> Any:
     """Puts back the batch norms :func:`freeze_batch_norm` replaced, with their current values
-    (a :class:`FrozenBatchNorm` built as one stays). Returns the model, as
-    :func:`freeze_batch_norm`."""
+    (a :class:`FrozenBatchNorm` built as one stays).
+
+    Args:
+      model: any NNX model (or a :class:`FrozenBatchNorm`); one with no frozen batch norm
+        comes back unchanged.
+
+    Returns:
+      The model (the same object, changed in place; a frozen batch norm given as the model
+      comes back as the original kind of layer): each replaced batch norm is its original
+      class and fields again, with ``scale``/``bias`` as ``nnx.Param`` (trained again) and the
+      running statistics of the frozen layer.
+
+    Raises:
+      No exception of its own: every layer it puts back was checked when it was frozen.
+
+    Example:
+      >>> from flax import nnx
+      >>> import jaxbn.nnx
+      >>> model = jaxbn.nnx.freeze_batch_norm(jaxbn.nnx.MLP(4, (8,), 3, rngs=nnx.Rngs(0)))
+      >>> model = jaxbn.nnx.unfreeze_batch_norm(model)
+      >>> type(model.layers_1).__name__, type(model.layers_1.scale).__name__
+      ('BatchNorm1d', 'Param')
+    """
     found = [
         (path, node)
         for path, node in nnx.iter_graph(model)

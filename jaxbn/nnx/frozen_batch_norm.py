@@ -40,7 +40,34 @@ __all__ = ["FrozenBatchNorm", "FrozenParam", "trainable"]
 
 
 class FrozenParam(nnx.Param):
-    """A frozen batch norm's ``scale`` / ``bias``: an ``nnx.Param`` that is not trained."""
+    """A frozen batch norm's ``scale`` / ``bias``: an ``nnx.Param`` that is not trained.
+
+    :func:`jaxbn.nnx.freeze_batch_norm` makes them; ``jaxbn.nnx.trainable`` (``nnx.Param``
+    but not ``FrozenParam``) leaves them out of an optimizer's ``wrt`` and of a gradient's
+    ``nnx.DiffState``, while ``nnx.Param`` still selects them (checkpoints, ``nnx.state``).
+
+    Args:
+      value: the array, [C] (the batch norm's ``num_features``).
+      **metadata: ``nnx.Variable`` metadata (e.g. sharding), kept as given.
+
+    Raises:
+      TypeError: no value, as any ``nnx.Variable`` (``Variable.__init__() missing 1 required
+        positional argument: 'value'``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> from jaxbn.nnx import FrozenParam, trainable
+      >>> scale = FrozenParam(jnp.ones(3))
+      >>> isinstance(scale, nnx.Param), scale.shape
+      (True, (3,))
+      >>> class Affine(nnx.Module):
+      ...     def __init__(self):
+      ...         self.scale = FrozenParam(jnp.ones(3))
+      ...         self.bias = nnx.Param(jnp.zeros(3))
+      >>> [path for path, _ in nnx.to_flat_state(nnx.state(Affine(), trainable))]
+      [('bias',)]
+    """
 
 
 #: ``nnx.Param`` but not :class:`FrozenParam`: the ``wrt`` of an optimizer (and the

@@ -425,7 +425,7 @@ def fold_batch_norm(model: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     Returns:
       For a tutorial model, :func:`jaxbn.fold_batch_norm`'s :class:`jaxbn.FoldResult` (the
       folded Linen model and its variables, ``.folded``, ``.left``); for any other NNX model,
-      a :class:`jaxbn.nnx.fold.FoldResult` (``.model``, a new NNX model in eval, ``.folded``
+      a ``jaxbn.nnx.fold.FoldResult`` (``.model``, a new NNX model in eval, ``.folded``
       and ``.left``, ``{batch norm path: Linear/Conv path}`` and ``{batch norm path: why}``).
 
     Raises:
