@@ -118,8 +118,49 @@ def batch_norm_with_moments(
     """:func:`batch_norm`, and also the batch's :class:`BatchMoments` (None in eval).
 
     What ``jaxbn.update_bn`` averages: the modules report these moments when asked.
-    ``check_count=False`` lets a single value per channel through (module initialization,
-    whose statistics are never kept). ``kw``: :func:`batch_norm`'s keyword-only arguments.
+
+    Args:
+      x: [N, ..., C] with the feature axis at ``axis`` (as :func:`batch_norm`).
+      running_mean: [C] or None (no tracking: then ``training`` must be True).
+      running_var: [C] or None, together with ``running_mean``.
+      weight: [C] scale γ, or None for ones.
+      bias: [C] shift β, or None for zeros.
+      training: use (and report) the batch statistics and update the running ones.
+      momentum: weight of the new batch in the running average (PyTorch's meaning).
+      eps: added to the variance.
+      check_count: False lets a single value per channel through (module initialization,
+        whose statistics are never kept).
+      **kw: :func:`batch_norm`'s keyword-only arguments (``axis``, ``axis_name``,
+        ``axis_index_groups``, ``mask``).
+
+    Returns:
+      ``(y, new_running_mean, new_running_var, moments)``: the first three as
+      :func:`batch_norm` returns them; ``moments`` a :class:`BatchMoments` (``count``,
+      ``mean`` and biased ``var``, each [C], merged over ``axis_name``) in training, None in
+      eval.
+
+    Raises:
+      ValueError: one value per channel in training with ``check_count=True`` ("Expected
+        more than 1 value per channel when training, got input size (1, 2)"), and the other
+        errors of :func:`batch_norm`.
+      RuntimeError: eval without running statistics ("running_mean must be defined in
+        evaluation mode"), statistics of the wrong size ("running_mean should contain 2
+        elements not 3").
+      TypeError: a keyword that :func:`batch_norm` does not take ("_batch_norm_options() got
+        an unexpected keyword argument 'foo'"), and the type errors of :func:`batch_norm`.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(8.0).reshape(4, 2)                           # [N, C]
+        >>> y, rm, rv, moments = F.batch_norm_with_moments(
+        ...     x, jnp.zeros(2), jnp.ones(2), None, None, True, 0.1, 1e-5
+        ... )
+        >>> moments
+        BatchMoments(count=Array([4., 4.], dtype=float32), mean=Array([3., 4.], dtype=float32),
+                     var=Array([5., 5.], dtype=float32))
+        >>> print(F.batch_norm_with_moments(x, rm, rv, None, None, False, 0.1, 1e-5)[3])
+        None
     """
     axis, axis_name, axis_index_groups, mask = _batch_norm_options(**kw)
     x = jnp.asarray(x)

@@ -73,7 +73,6 @@ SECTION_GAPS: dict[str, list[str]] = {
     "jaxbn.FreezeResult": ["Raises", "Example"],
     "jaxbn.FrozenModel": ["Raises", "Example"],
     "jaxbn.functional.BatchMoments": ["Args", "Raises", "Example"],
-    "jaxbn.functional.batch_norm_with_moments": ["Args", "Returns", "Raises", "Example"],
 }
 
 
