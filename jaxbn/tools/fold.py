@@ -156,6 +156,26 @@ class FoldResult(_ModelAndVariables):
         (paths ``/``-joined, as in the variables tree), those of a folded model given to
         :func:`fold_batch_norm` included.
       left: ``{batch norm path: why}`` for each batch norm that was kept as it is.
+
+    Raises:
+      No exception of its own: a ``NamedTuple`` of what :func:`fold_batch_norm` computed.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+        >>> class Net(nn.Module):                       # Dense → BatchNorm1d, no norm switch
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return jaxbn.BatchNorm1d(3)(nn.Dense(3)(x), train=train)
+        >>> model, x = Net(), jnp.arange(8.0).reshape(2, 4)                # x: [N, features]
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> variables = {**variables, **updates}                         # one training step
+        >>> result = jaxbn.fold_batch_norm(model, variables, x)
+        >>> result
+        FoldResult(model=FoldedModel(...), folded={'BatchNorm1d_0': 'Dense_0'}, left={})
+        >>> folded_model, folded_variables = result                      # unpacks as a pair
+        >>> sorted(folded_variables)                                      # no batch_stats left
+        ['params']
     """
 
     folded: dict[str, str]
@@ -201,6 +221,32 @@ class FoldedModel(WrappedModel):
         is folded, or a folded model frozen.
       into: the Conv/Dense path each of ``folded`` was folded into, in the same order (for
         the report of a later fold; changes nothing that runs).
+
+    Raises:
+      TypeError: a wrapped model given as ``model`` (``FoldedModel of a FrozenModel: two
+        wrappers would both claim the scope name 'model'; use jaxbn.freeze_batch_norm /
+        jaxbn.fold_batch_norm on it, which return one wrapper``).
+      ValueError: a call that passes a ``mask`` to a folded batch norm (``the batch norm at
+        BatchNorm1d_0 was folded by fold_batch_norm, whose sample call passed it no mask; a
+        masked call needs the batch norm: fold with a sample call that passes the mask, and
+        it is kept``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+        >>> class Net(nn.Module):                       # Dense → BatchNorm1d, no norm switch
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return jaxbn.BatchNorm1d(3)(nn.Dense(3)(x), train=train)
+        >>> model, x = Net(), jnp.arange(8.0).reshape(2, 4)                # x: [N, features]
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> variables = {**variables, **updates}                         # one training step
+        >>> folded_model, folded_variables = jaxbn.fold_batch_norm(model, variables, x)
+        >>> type(folded_model).__name__, folded_model.folded, folded_model.into
+        ('FoldedModel', ('BatchNorm1d_0',), ('Dense_0',))
+        >>> y = folded_model.apply(folded_variables, x)                   # [N, 3], no batch norm
+        >>> bool(jnp.allclose(y, model.apply(variables, x), atol=1e-5))
+        True
     """
 
     folded: tuple[str, ...] = ()

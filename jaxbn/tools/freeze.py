@@ -87,6 +87,28 @@ class FreezeResult(_ModelAndVariables):
       param_labels: ``variables["params"]``'s tree with ``"frozen"`` for the frozen batch
         norms' ``scale``/``bias`` and ``"trainable"`` elsewhere: the labels for
         ``optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()}, labels)``.
+
+    Raises:
+      No exception of its own: a ``NamedTuple`` of what :func:`freeze_batch_norm` computed.
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+        >>> class Net(nn.Module):                       # Dense → BatchNorm1d, no norm switch
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return jaxbn.BatchNorm1d(3)(nn.Dense(3)(x), train=train)
+        >>> model, x = Net(), jnp.arange(8.0).reshape(2, 4)                # x: [N, features]
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> variables = {**variables, **updates}                         # one training step
+        >>> result = jaxbn.freeze_batch_norm(model, variables)
+        >>> result
+        FreezeResult(model=FrozenModel(...), frozen=('BatchNorm1d_0',))
+        >>> result.param_labels["BatchNorm1d_0"], result.param_labels["Dense_0"]["kernel"]
+        ({'scale': 'frozen', 'bias': 'frozen'}, 'trainable')
+        >>> frozen_model, same_variables = result                         # unpacks as a pair
+        >>> same_variables == variables
+        True
     """
 
     frozen: tuple[str, ...]
@@ -193,6 +215,40 @@ class FrozenModel(WrappedModel):
       model: the original model; its variable names are kept (not nested under ``model``).
       frozen: ``/``-joined paths (relative to ``model``) of the batch norms to freeze, or None
         for every one.
+
+    Call:
+      As ``model``'s (``frozen_model.apply(variables, x, train=True)``): ``x`` [N, ..., C]
+      into each frozen batch norm, no ``mutable`` needed (the statistics stay as they are).
+
+    Raises:
+      TypeError: a wrapped model given as ``model`` (``FrozenModel of a FoldedModel: two
+        wrappers would both claim the scope name 'model'; use jaxbn.freeze_batch_norm /
+        jaxbn.fold_batch_norm on it, which return one wrapper``).
+      ValueError: at the call, a selected batch norm without running statistics (``cannot
+        freeze the batch norm at BatchNorm1d_0: it has no running statistics
+        (track_running_stats=False); leave it out with freeze_batch_norm(..., where=...)``),
+        or an input rank the batch norm does not take (``expected 2D or 3D input (got 1D
+        input)``).
+
+    Example:
+        >>> import jax, jax.numpy as jnp, flax.linen as nn, jaxbn
+        >>> class Net(nn.Module):                       # Dense → BatchNorm1d, no norm switch
+        ...     @nn.compact
+        ...     def __call__(self, x, train=False):
+        ...         return jaxbn.BatchNorm1d(3)(nn.Dense(3)(x), train=train)
+        >>> model, x = Net(), jnp.arange(8.0).reshape(2, 4)                # x: [N, features]
+        >>> variables = model.init(jax.random.key(0), x)
+        >>> _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+        >>> variables = {**variables, **updates}                         # one training step
+        >>> frozen_model = jaxbn.tools.freeze.FrozenModel(model)   # jaxbn.freeze_batch_norm's
+        >>> y = frozen_model.apply(variables, x, train=True)     # running statistics, even so
+        >>> bool(jnp.allclose(y, model.apply(variables, x, train=False)))
+        True
+        >>> try:
+        ...     frozen_model.apply(variables, x[0], train=True)      # one example: [features]
+        ... except ValueError as error:
+        ...     print(error)
+        expected 2D or 3D input (got 1D input)
     """
 
     frozen: tuple[str, ...] | None = None

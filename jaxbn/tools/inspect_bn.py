@@ -101,7 +101,37 @@ class LayerSummary:
 
 @dataclass
 class BatchNormReport:
-    """All batch norm layers of a variables tree; ``str()`` is the table."""
+    """All batch norm layers of a variables tree; ``str()`` is the table.
+
+    What :func:`inspect_batchnorm` returns; ``print(report)`` shows one row per layer (path,
+    kind where known, C, steps, mean/var summaries, scale/bias averages, flags).
+
+    Args:
+      layers (list): one ``LayerSummary`` per batch norm (its ``path``, ``channels``,
+        ``num_batches_tracked``, ``mean``/``var``/``scale``/``bias`` as NumPy [C] arrays or
+        None, ``problems`` and ``kind``), in the model's order.
+
+    ``report.problems`` (a property) lists every layer's problems as ``"path: problem"``
+    strings; empty when every layer looks healthy.
+
+    Raises:
+      TypeError: built without ``layers`` (``BatchNormReport.__init__() missing 1 required
+        positional argument: 'layers'``); :func:`inspect_batchnorm` builds it.
+
+    Example:
+        >>> import jax, jaxbn
+        >>> model = jaxbn.models.MLP(hidden=(8,), num_classes=3)
+        >>> x = jax.random.normal(jax.random.key(0), (16, 5))        # [N, features]
+        >>> variables = model.init(jax.random.key(1), x, train=False)
+        >>> report = jaxbn.inspect_batchnorm(variables)
+        >>> [(layer.path, layer.channels) for layer in report.layers]
+        [('layers_1', 8)]
+        >>> report.problems
+        ['layers_1: statistics never updated (trained with train=False, or loaded without
+        batch_stats?)']
+        >>> print(jaxbn.tools.inspect_bn.BatchNormReport([]))
+        no batch norm layers with running statistics
+    """
 
     layers: list[LayerSummary]
 
