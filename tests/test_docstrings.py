@@ -6,9 +6,7 @@ once). A class is read with its own ``__call__`` (where the call's ``Args``/``Re
 ``Raises`` live); its fields count as ``Args`` when listed under ``Attributes:``. A class has
 no ``Returns`` to give.
 
-``SECTION_GAPS`` lists, per name, the sections its docstring still lacks (issue 27, item 2).
-The check is an equality, so the list can only shrink: a docstring that gains a section fails
-until its entry is shortened, and one that loses a section fails outright.
+Every one has all of them: a docstring that loses a section fails.
 """
 
 from __future__ import annotations
@@ -66,9 +64,6 @@ def missing_sections(obj) -> list[str]:
 PUBLIC = public_callables()
 
 # What each docstring still lacks (see the module docstring); shrink it, never grow it.
-SECTION_GAPS: dict[str, list[str]] = {
-    "jaxbn.functional.BatchMoments": ["Args", "Raises", "Example"],
-}
 
 
 def test_the_walk_finds_the_public_callables():
@@ -82,12 +77,7 @@ def test_the_docstring_has_a_summary_and_every_section(path):
     obj = PUBLIC[path]
     summary = (inspect.getdoc(obj) or "").strip().splitlines()
     assert summary and summary[0].strip(), f"{path} has no summary line"
-    assert missing_sections(obj) == SECTION_GAPS.get(path, [])
-
-
-@pytest.mark.parametrize("path", sorted(SECTION_GAPS))
-def test_a_listed_gap_is_still_missing(path):
-    assert path in PUBLIC, f"{path} is no longer public: remove it from SECTION_GAPS"
+    assert missing_sections(obj) == []
 
 
 @pytest.mark.parametrize("path", ["jaxbn.BatchNorm2d", "jaxbn.nnx.BatchNorm2d"])

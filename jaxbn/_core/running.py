@@ -11,8 +11,27 @@ import jax.numpy as jnp
 class BatchMoments(NamedTuple):
     """A training batch's statistics per channel, merged over devices when synced.
 
-    ``count`` (elements that counted), ``mean`` and the **biased** ``var``, each [C] in the
-    compute dtype (float32, or float64 for float64 input).
+    What :func:`jaxbn.functional.batch_norm_with_moments` returns in training (None in eval),
+    and what ``jaxbn.update_bn`` averages.
+
+    Args:
+      count: [C] the elements that counted (a mask's False elements do not).
+      mean: [C] the batch mean.
+      var: [C] the **biased** batch variance.
+
+    Each is in the compute dtype (float32, or float64 for float64 input).
+
+    Raises:
+      TypeError: a field missing, as any ``NamedTuple`` (``BatchMoments.__new__() missing 1
+        required positional argument: 'var'``).
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from jaxbn import functional as F
+        >>> x = jnp.arange(8.0).reshape(4, 2)                           # [N, C]
+        >>> moments = F.batch_norm_with_moments(x, None, None, None, None, True, 0.1, 1e-5)[3]
+        >>> print(moments.count, moments.mean, moments.var)
+        [4. 4.] [3. 4.] [5. 5.]
     """
 
     count: jax.Array
