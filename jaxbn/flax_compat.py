@@ -56,8 +56,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxbn import functional
-from jaxbn._module_logic import check_axis, check_eps, sync_axis, train_flag
+from jaxbn import _module_logic as logic
+from jaxbn._module_logic import check_axis, check_eps, train_flag
 from jaxbn.linen.batch_norm import BatchNorm as _JaxbnBatchNorm
 from jaxbn.linen.batch_norm import Initializer, check_initializer, warn_momentum_convention
 
@@ -222,23 +222,11 @@ class BatchNorm(nn.Module):
         """``(x − μ)·rsqrt(σ² + ε)·scale + bias`` on every element of ``x`` ([N, ..., C]), with
         the batch's ``μ`` and biased ``σ²`` taken over the elements where ``mask`` is True
         (merged over ``axis_name`` as the child's are, so they equal the ones it stored)."""
-        axis_name, axis_index_groups = sync_axis(self.norm, synced=not self.is_initializing())
         # The moments are differentiable outputs (their tangents are exact, masked and synced):
-        # the gradient flows through μ and σ² from every element, as in Flax.
-        _, _, _, moments = functional.batch_norm_with_moments(
-            x,
-            None,
-            None,
-            None,
-            None,
-            True,
-            0.0,
-            self.epsilon,
-            axis=self.axis,
-            axis_name=axis_name,
-            axis_index_groups=axis_index_groups,
-            mask=mask,
-            check_count=False,  # the child's call has already checked the count
+        # the gradient flows through μ and σ² from every element, as in Flax. The child's own
+        # eps, axis and sync axis, so they equal the ones it stored; it has checked the count.
+        moments = logic.batch_moments(
+            self.norm, x, mask, synced=not self.is_initializing(), check_count=False
         )
         ax = self.axis % x.ndim
         stat_shape = tuple(x.shape[ax] if i == ax else 1 for i in range(x.ndim))

@@ -41,8 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxbn import functional
-from jaxbn._module_logic import sync_axis
+from jaxbn import _module_logic as logic
 from jaxbn.linen.batch_norm import MOMENTS_COLLECTION
 from jaxbn.nnx import fold as _nnx_fold
 from jaxbn.nnx.batch_norm import MOMENTS_NAME, resolve_mode
@@ -366,23 +365,11 @@ def _report_moments(node, key, call, args, kwargs):
         mask = kwargs.get("mask")
         mask = None if mask is None else jnp.broadcast_to(mask, x.shape)
         size = getattr(node, "virtual_batch_size", None) or x.shape[0]
-        axis_name, groups = sync_axis(node) if hasattr(node, "axis_name") else (None, None)
+        synced = hasattr(node, "axis_name")  # the NNX GhostBatchNorm has no sync axis
         for start in range(0, x.shape[0], size):
             part = slice(start, start + size)
-            moments = functional.batch_norm_with_moments(
-                x[part],
-                None,
-                None,
-                None,
-                None,
-                True,
-                0.0,
-                node.eps,
-                axis=node.axis,
-                mask=None if mask is None else mask[part],
-                **({} if axis_name is None else {"axis_name": axis_name}),
-                **({} if groups is None else {"axis_index_groups": groups}),
-            )[3]
+            part_mask = None if mask is None else mask[part]
+            moments = logic.batch_moments(node, x[part], part_mask, synced=synced)
             node.sow(nnx.Intermediate, MOMENTS_NAME, dict(moments._asdict()))
     return call(node, *args, **kwargs)
 
