@@ -226,3 +226,12 @@ def test_an_inactive_pacer_never_waits(monkeypatch):
     for step in range(5):
         pace(step)
     assert waited == []
+
+
+def test_cpu_runs_over_several_devices_are_paced_and_one_device_runs_are_not():
+    # one process over several CPU devices starves like several processes (an aborted
+    # rendezvous under load); one device has no collective to starve
+    from train.parallel import DataParallel
+
+    assert DataParallel(4).pacer().active
+    assert not DataParallel(1).pacer().active

@@ -430,7 +430,7 @@ def train_epoch(
         shown = done
 
     base = (epoch - 1) * steps  # global steps before this epoch
-    pace = s.parallel.pacer()  # bounded host lead in multi-process runs (train.parallel.Pacer)
+    pace = s.parallel.pacer()  # bounded host lead over several CPU devices (parallel.Pacer)
     try:
         for index, (x, y) in enumerate(s.feed.train(config.seed, epoch, first), start=first):
             if stop is not None and stop.reached(base + index):
@@ -453,7 +453,7 @@ def train_epoch(
 def evaluate(eval_step, state, feed, num_examples: int) -> tuple[float, float]:
     """Mean loss and accuracy over the test set, each example counted exactly once; one
     transfer to the host at the end."""
-    pace = feed.parallel.pacer()  # bounded host lead in multi-process runs
+    pace = feed.parallel.pacer()  # bounded host lead in CPU runs over several devices
     outputs = []
     for x, y, m in feed.test():
         outputs.append(eval_step(state, x, y, m))

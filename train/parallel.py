@@ -27,7 +27,7 @@ from train import step as steps
 AXIS = "batch"
 State = steps.State
 
-#: Steps whose programs a multi-process CPU run may queue behind the one running (see
+#: Steps whose programs a CPU run over several devices may queue behind the one running (see
 #: :class:`Pacer`): 3 steps of 3-4 programs each (batch, step, metrics, augmentation) stay far
 #: below XLA's limit of 32 programs in flight per CPU device.
 IN_FLIGHT_STEPS = 2
@@ -62,8 +62,9 @@ class DataParallel:
             )
 
     def pacer(self) -> Pacer:
-        """A :class:`Pacer` for one loop over steps; it waits only in multi-process CPU runs."""
-        return Pacer(IN_FLIGHT_STEPS, jax.process_count() > 1 and jax.default_backend() == "cpu")
+        """A :class:`Pacer` for one loop over steps; it waits only in CPU runs over several
+        devices (one process or many), whose steps hold collectives."""
+        return Pacer(IN_FLIGHT_STEPS, self.size > 1 and jax.default_backend() == "cpu")
 
     def replicate(self, tree: Any) -> Any:
         return jax.device_put(tree, self.replicated)
@@ -114,7 +115,7 @@ class Pacer:
     """Keeps the host at most ``window`` steps ahead of the devices: called with each step's
     outputs, it waits for those of the step ``window`` steps earlier (when ``active``).
 
-    Why a multi-process CPU run needs it: XLA's CPU client runs every program on a thread pool
+    Why a CPU run over several devices needs it: XLA's CPU client runs every program on a pool
     of max(cores, local devices) threads (2 here), and a program with a cross-process collective
     needs one thread per local device at the same time. Launching a program on a device that
     already has the limit of programs in flight (32; 1 with ``jax_cpu_enable_async_dispatch``
@@ -122,9 +123,11 @@ class Pacer:
     devices every 16 steps, 3 programs a step), a blocked launch can hold the thread that the
     running collective's second device needs: that process never enters the collective and both
     processes wait forever (seen under load as one process in the batch gather, the other in a
-    step, all threads idle). With at most ``window`` steps queued no launch ever blocks. Only
-    multi-process runs are paced: that is where the hang was seen, and one process keeps its
-    full host lead.
+    step, all threads idle). One process over several devices starves the same way: its
+    collective's rendezvous waits for a device thread a blocked launch holds, and XLA aborts
+    the process after its rendezvous timeout (seen under load with 4 devices on 2 cores). With
+    at most ``window`` steps queued no launch ever blocks; a run on one device has no
+    collective and keeps its full host lead.
 
     Outputs passed in must not be donated later (the step's metrics, not its state).
     """
